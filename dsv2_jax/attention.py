@@ -1,0 +1,99 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1).
+
+Queries come from a low-rank q_a -> norm -> q_b path (or a plain q_proj). Keys and values come from one shared
+latent c_kv = norm(kv_a(x))[:kv_lora_rank], expanded per head by k_b / v_b (the two halves of the released
+kv_b_proj), plus one decoupled RoPE key k_pe shared by all heads.
+
+The expanded path here serves training and prefill: keys and values are expanded for every head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig
+from .layers import cast, param, rms_norm
+from .rope import apply_rope
+from .sharding import constrain
+
+
+class MLA(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.dtype = dtype
+        std = c.initializer_range
+        H, D = c.num_attention_heads, c.hidden_size
+        if c.q_lora_rank is None:
+            self.q_proj = param(rngs, (D, H, c.qk_head_dim), ("embed", "heads", "head_dim"), param_dtype, std)
+        else:
+            self.q_a_proj = param(rngs, (D, c.q_lora_rank), ("embed", "q_lora"), param_dtype, std)
+            self.q_a_norm = param(None, (c.q_lora_rank,), ("norm",), param_dtype)
+            self.q_b_proj = param(rngs, (c.q_lora_rank, H, c.qk_head_dim), ("q_lora", "heads", "head_dim"),
+                                  param_dtype, std)
+        self.kv_a_proj = param(rngs, (D, c.kv_lora_rank + c.qk_rope_head_dim), ("embed", "kv_lora"), param_dtype, std)
+        self.kv_a_norm = param(None, (c.kv_lora_rank,), ("norm",), param_dtype)
+        self.k_b_proj = param(rngs, (c.kv_lora_rank, H, c.qk_nope_head_dim), ("kv_lora", "heads", "head_dim"),
+                              param_dtype, std)
+        self.v_b_proj = param(rngs, (c.kv_lora_rank, H, c.v_head_dim), ("kv_lora", "heads", "head_dim"),
+                              param_dtype, std)
+        self.o_proj = param(rngs, (H, c.v_head_dim, D), ("heads", "head_dim", "embed"), param_dtype, std)
+
+    # ------------------------------------------------------------------ projections
+    def query(self, x, cos, sin):
+        """q_nope [B, S, H, nope] and roped q_pe [B, S, H, rope]."""
+        c, dt = self.config, self.dtype
+        if c.q_lora_rank is None:
+            q = jnp.einsum("bsd,dhk->bshk", x, cast(self.q_proj, dt))
+        else:
+            q_lat = rms_norm(x @ cast(self.q_a_proj, dt), self.q_a_norm[...], c.rms_norm_eps, dt)
+            q = jnp.einsum("bsr,rhk->bshk", q_lat, cast(self.q_b_proj, dt))
+        q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+        q_nope, q_pe = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def latent(self, x, cos, sin):
+        """The cached quantities: normalised c_kv [B, S, kv_lora_rank] and roped k_pe [B, S, rope]."""
+        c, dt = self.config, self.dtype
+        kv = x @ cast(self.kv_a_proj, dt)
+        c_kv = rms_norm(kv[..., : c.kv_lora_rank], self.kv_a_norm[...], c.rms_norm_eps, dt)
+        k_pe = apply_rope(kv[..., c.kv_lora_rank:], cos, sin)
+        return c_kv, k_pe
+
+    # ------------------------------------------------------------------ expanded attention
+    def expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Attention with per-head keys/values expanded from the latent.
+
+        q_*: [B, Sq, H, *]; c_kv, k_pe: [B, Sk, *]; mask: bool [B, Sq, Sk], True where a query may attend.
+        Returns [B, Sq, D].
+        """
+        dt = self.dtype
+        k_nope = constrain(jnp.einsum("bsc,chk->bshk", c_kv, cast(self.k_b_proj, dt)),
+                           ("batch", "seq", "heads", "head_dim"))
+        v = constrain(jnp.einsum("bsc,chk->bshk", c_kv, cast(self.v_b_proj, dt)),
+                      ("batch", "seq", "heads", "head_dim"))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=jnp.float32)
+        scores = scores * self.config.softmax_scale
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bhqk,bkhv->bqhv", probs, v)
+        out = constrain(out, ("batch", "seq", "heads", "head_dim"))
+        return jnp.einsum("bqhv,hvd->bqd", out, cast(self.o_proj, dt))
+
+    def __call__(self, x, cos, sin, mask):
+        """Training / prefill without a cache: x [B, S, D] -> [B, S, D]."""
+        x = x.astype(self.dtype)
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        return self.expanded(q_nope, q_pe, c_kv, k_pe, mask)
+
+
+def causal_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """bool [B, S, S]: query i sees key j when j <= i and both lie in the same segment (packed documents)."""
+    S = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((S, S), dtype=bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal[None] & same

@@ -1,0 +1,68 @@
+"""The small shared pieces: parameters with logical axis names, RMSNorm, SwiGLU MLP, embedding."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .sharding import constrain
+
+
+def param(rngs: nnx.Rngs | None, shape, axes: tuple, dtype, std: float | None = None) -> nnx.Param:
+    """A parameter carrying its logical axis names; normal(0, std) when std is given, else ones (norms)."""
+    if len(shape) != len(axes):
+        raise ValueError(f"shape {shape} and axes {axes} differ in rank")
+    if std is None:
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, axes=tuple(axes))
+
+
+def cast(p: nnx.Param, dtype) -> jnp.ndarray:
+    return p[...].astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) in float32, cast back to the compute dtype, times the weight."""
+
+    def __init__(self, size: int, eps: float, *, dtype, param_dtype, axis_name: str = "norm"):
+        self.eps = eps
+        self.dtype = dtype
+        self.weight = param(None, (size,), (axis_name,), param_dtype)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return rms_norm(x, self.weight[...], self.eps, self.dtype)
+
+
+def rms_norm(x, weight, eps, dtype):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return xf.astype(dtype) * weight.astype(dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Used for dense layers and the shared experts."""
+
+    def __init__(self, hidden: int, intermediate: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.gate_proj = param(rngs, (hidden, intermediate), ("embed", "mlp"), param_dtype, std)
+        self.up_proj = param(rngs, (hidden, intermediate), ("embed", "mlp"), param_dtype, std)
+        self.down_proj = param(rngs, (intermediate, hidden), ("mlp", "embed"), param_dtype, std)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x = x.astype(self.dtype)
+        gate = x @ cast(self.gate_proj, self.dtype)
+        up = x @ cast(self.up_proj, self.dtype)
+        h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        return h @ cast(self.down_proj, self.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, hidden: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = param(rngs, (vocab, hidden), ("vocab", "embed"), param_dtype, std)
+
+    def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)

@@ -1,0 +1,176 @@
+"""The DeepSeek-V2 causal LM: embedding, scanned decoder-layer stacks (dense, MoE), final norm, lm_head.
+
+Layers of one kind are stored stacked ([L, ...]) and run with `jax.lax.scan`: one stack for the dense layers
+(the leading `first_k_dense_replace` ones, and those skipped by `moe_layer_freq`), one for the MoE layers. The
+layers run in config order; with moe_layer_freq == 1 that is exactly one scan per stack.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .attention import MLA, causal_mask
+from .config import ModelConfig
+from .layers import MLP, Embed, RMSNorm, cast, param
+from .moe import MoE, RouterOutput
+from .rope import rope_cos_sin
+from .sharding import constrain
+
+REMAT_POLICIES = ("none", "full", "save_dots")
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then + ffn(norm(x)); ffn is a dense SwiGLU or DeepSeekMoE."""
+
+    def __init__(self, config: ModelConfig, moe: bool, *, dtype, param_dtype, rngs: nnx.Rngs):
+        c = config
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.attn = MLA(c, rngs=rngs, **kw)
+        self.post_attention_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.is_moe = moe
+        if moe:
+            self.mlp = MoE(c, rngs=rngs, **kw)
+        else:
+            self.mlp = MLP(c.hidden_size, c.intermediate_size, std=c.initializer_range, rngs=rngs, **kw)
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.attn(self.input_norm(x), cos, sin, mask)
+        h = self.post_attention_norm(x)
+        if self.is_moe:
+            y, router = self.mlp(h)
+        else:
+            y, router = self.mlp(h), None
+        return constrain(x + y, ("batch", "seq", "embed")), router
+
+
+def stacked_layers(make, n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """n modules from `make(rngs)` stored as one module with a leading 'layers' axis on every parameter."""
+    keys = jax.random.split(rngs.params(), n)
+    stack = nnx.vmap(lambda key: make(nnx.Rngs(params=key)), in_axes=0, out_axes=0)(keys)
+    for _, var in nnx.iter_graph(stack):
+        if isinstance(var, nnx.Param):
+            var.set_metadata("axes", ("layers",) + tuple(var.get_metadata()["axes"]))
+    return stack
+
+
+class ForwardOutput(NamedTuple):
+    logits: jnp.ndarray  # [B, S, V] float32
+    router: RouterOutput | None  # per MoE layer, stacked: weights/experts [L_moe, B*S, K], scores [L_moe, B*S, E]
+
+
+def layer_runs(config: ModelConfig) -> list[tuple[str, int, int]]:
+    """Consecutive layers of one kind as (kind, first index in that kind's stack, count), in model order."""
+    runs: list[list] = []
+    seen = {"dense": 0, "moe": 0}
+    for kind in config.layer_kinds:
+        if runs and runs[-1][0] == kind:
+            runs[-1][2] += 1
+        else:
+            runs.append([kind, seen[kind], 1])
+        seen[kind] += 1
+    return [tuple(r) for r in runs]
+
+
+def remat_policy(name: str):
+    if name == "save_dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {name!r}")
+
+
+class DeepseekV2(nnx.Module):
+    """DeepSeek-V2 causal language model. `model(input_ids, positions, segment_ids)` -> float32 logits."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        c = config
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = c
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, std=c.initializer_range, rngs=rngs, **kw)
+        self.dense_layers = nnx.data(None)
+        self.moe_layers = nnx.data(None)
+        if c.num_dense_layers:
+            self.dense_layers = stacked_layers(lambda r: DecoderLayer(c, False, rngs=r, **kw), c.num_dense_layers, rngs)
+        if c.num_moe_layers:
+            self.moe_layers = stacked_layers(lambda r: DecoderLayer(c, True, rngs=r, **kw), c.num_moe_layers, rngs)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.lm_head = nnx.data(None)
+        if not c.tie_word_embeddings:
+            self.lm_head = param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), param_dtype,
+                                 c.initializer_range)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None):
+        return self.forward(input_ids, positions, segment_ids).logits
+
+    def forward(self, input_ids, positions=None, segment_ids=None, *, remat: str = "none") -> ForwardOutput:
+        """Logits and the routing of every MoE layer.
+
+        input_ids, positions, segment_ids: int [B, S]. positions default to 0..S-1; segment_ids (default all
+        ones) mark packed documents: a token attends only to earlier tokens of its own segment.
+        remat: 'none', 'full' (recompute each layer in the backward pass) or 'save_dots' (keep matmul outputs).
+        """
+        B, S = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, S), jnp.int32)
+        cos, sin = rope_cos_sin(self.config, positions)
+        mask = causal_mask(segment_ids)
+        x = constrain(self.embed_tokens(input_ids), ("batch", "seq", "embed"))
+        routers = []
+        for kind, start, count in layer_runs(self.config):
+            stack = self.moe_layers if kind == "moe" else self.dense_layers
+            x, router = scan_layers(stack, start, count, x, (cos, sin, mask), remat)
+            if router is not None:
+                routers.append(router)
+        x = self.norm(x)
+        if self.lm_head is None:
+            head = cast(self.embed_tokens.embedding, self.dtype).T
+        else:
+            head = cast(self.lm_head, self.dtype)
+        logits = jnp.einsum("bsd,dv->bsv", x, head, preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "seq", "vocab"))
+        router = jax.tree.map(lambda *a: jnp.concatenate(a), *routers) if routers else None
+        return ForwardOutput(logits, router)
+
+
+def scan_layers(stack: nnx.Module, start: int, count: int, x, args, remat: str = "none"):
+    """Runs layers [start, start + count) of a stacked module over x with lax.scan."""
+    graphdef, state = nnx.split(stack)
+    if (start, count) != (0, jax.tree.leaves(state)[0].shape[0]):
+        state = jax.tree.map(lambda a: a[start:start + count], state)
+
+    def body(h, layer_state):
+        layer = nnx.merge(graphdef, layer_state)
+        return layer(h, *args)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
+    return jax.lax.scan(body, x, state)
+
+
+def abstract_model(config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32) -> DeepseekV2:
+    """The model with ShapeDtypeStructs in place of weights: nothing is allocated."""
+    return nnx.eval_shape(lambda: DeepseekV2(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+
+
+def count_params(config: ModelConfig) -> tuple[int, int]:
+    """(total parameters, parameters activated per token excluding the input embedding)."""
+    state = nnx.state(abstract_model(config), nnx.Param)
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+    embedding = config.vocab_size * config.hidden_size
+    inactive_experts = config.num_experts - (config.num_experts_per_tok or 0)
+    per_expert = 3 * config.hidden_size * config.moe_intermediate_size
+    activated = total - embedding - config.num_moe_layers * inactive_experts * per_expert
+    if config.tie_word_embeddings:  # the shared matrix still works as the output head
+        activated += embedding
+    return total, activated

@@ -1,0 +1,112 @@
+"""Model behaviour that transformers cannot check: packing, moe_layer_freq, dtypes, parameter counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dsv2_jax
+from dsv2_jax import ModelConfig, count_params
+from dsv2_jax.model import DeepseekV2, layer_runs
+
+TINY = ModelConfig.from_preset("tiny")
+
+
+def random_model(config, seed=0, **kw):
+    return DeepseekV2(config, rngs=nnx.Rngs(seed), **kw)
+
+
+@nnx.jit
+def logits(model, ids, positions=None, segment_ids=None):
+    return model(ids, positions, segment_ids)
+
+
+def test_param_counts_of_released_configs():
+    assert count_params(ModelConfig.from_preset("deepseek-v2")) == (235_741_434_880, 20_851_512_320)
+    assert count_params(ModelConfig.from_preset("deepseek-v2-lite")) == (15_706_484_224, 2_451_435_008)
+
+
+def test_packed_segments_equal_separate_sequences():
+    config = TINY.replace(initializer_range=0.1)
+    model = random_model(config)
+    docs = np.random.default_rng(0).integers(0, config.vocab_size, (3, 8))
+    n, length = docs.shape
+    segs = np.repeat(np.arange(1, n + 1), length)[None]
+    pos = np.tile(np.arange(length), n)[None]
+    packed = np.asarray(logits(model, jnp.asarray(docs.reshape(1, -1)), jnp.asarray(pos), jnp.asarray(segs)))
+    alone = np.asarray(logits(model, jnp.asarray(docs)))  # one document per row
+    np.testing.assert_allclose(packed.reshape(alone.shape), alone, rtol=1e-5, atol=1e-5 * np.abs(alone).max())
+
+
+def test_layer_runs_follow_moe_layer_freq():
+    c = TINY.replace(num_hidden_layers=7, first_k_dense_replace=1, moe_layer_freq=2)
+    assert c.layer_kinds == ("dense", "dense", "moe", "dense", "moe", "dense", "moe")
+    assert layer_runs(c) == [("dense", 0, 2), ("moe", 0, 1), ("dense", 2, 1), ("moe", 1, 1), ("dense", 3, 1),
+                             ("moe", 2, 1)]
+    assert layer_runs(TINY) == [("dense", 0, 1), ("moe", 0, 3)]
+
+
+def test_interleaved_layers_run_in_config_order():
+    """moe_layer_freq=2: the scanned stacks equal running each layer by hand in config order."""
+    c = TINY.replace(num_hidden_layers=5, first_k_dense_replace=1, moe_layer_freq=2, initializer_range=0.1)
+    model = random_model(c)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, c.vocab_size, (2, 9)))
+    got = np.asarray(logits(model, ids))
+
+    from dsv2_jax.attention import causal_mask
+    from dsv2_jax.rope import rope_cos_sin
+
+    @nnx.jit
+    def layer_by_layer(model, ids):
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        cos, sin = rope_cos_sin(c, positions)
+        mask = causal_mask(jnp.ones(ids.shape, jnp.int32))
+        x = model.embed_tokens(ids)
+        index = {"dense": 0, "moe": 0}
+        for kind in c.layer_kinds:
+            stack = model.moe_layers if kind == "moe" else model.dense_layers
+            graphdef, state = nnx.split(stack)
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[index[kind]], state))
+            x, _ = layer(x, cos, sin, mask)
+            index[kind] += 1
+        return jnp.einsum("bsd,dv->bsv", model.norm(x), model.lm_head[...])
+
+    want = np.asarray(layer_by_layer(model, ids))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_router_outputs_cover_every_moe_layer():
+    model = random_model(TINY)
+    out = nnx.jit(lambda m, ids: m.forward(ids))(model, jnp.zeros((2, 6), jnp.int32))
+    L, T = TINY.num_moe_layers, 12
+    assert out.router.experts.shape == (L, T, TINY.num_experts_per_tok)
+    assert out.router.scores.shape == (L, T, TINY.num_experts)
+    np.testing.assert_allclose(np.asarray(out.router.scores).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_bf16_compute_with_fp32_params_tracks_fp32():
+    config = TINY.replace(initializer_range=0.05)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 16)))
+    f32 = random_model(config)
+    bf16 = random_model(config, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    assert jax.tree.leaves(nnx.state(bf16, nnx.Param))[0].dtype == jnp.float32
+    a, b = np.asarray(logits(f32, ids)), np.asarray(logits(bf16, ids))
+    assert b.dtype == np.float32
+    assert np.abs(a - b).max() / np.abs(a).max() < 5e-2
+    assert np.mean(a.argmax(-1) == b.argmax(-1)) > 0.9
+
+
+def test_remat_policies_do_not_change_gradients():
+    model = random_model(TINY)
+    graphdef, state = nnx.split(model)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 8)))
+
+    def loss(state, remat):
+        return nnx.merge(graphdef, state).forward(ids, remat=remat).logits.mean()
+
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g0 = grad(state, "none")
+    for remat in ("full", "save_dots"):
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(grad(state, remat))):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
