@@ -181,6 +181,11 @@ class PieceArrayHandler(jax_array_handlers.ArrayHandler):
 
     async def serialize(self, values, infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
+        # Like ArrayHandler, write in the commit future: the directories exist once its signals arrive.
+        return [ocp.future.CommitFutureAwaitingContractedSignals(
+            self._write(values, infos, args), name="piece_array_handler")]
+
+    async def _write(self, values, infos, args):
         metadatas = []
         for value, info, arg in zip(values, infos, args):
             await info.await_path_creation()
@@ -203,7 +208,6 @@ class PieceArrayHandler(jax_array_handlers.ArrayHandler):
                                                process_index=multihost.process_index())
         await jax_array_handlers._async_serialize_shardings(  # the `_sharding` file, as ArrayHandler writes it
             shardings=[v.sharding for v in values], infos=infos, primary_host=0)
-        return []
 
 
 def save_params_in_pieces(step_dir: str | os.PathLike, params: dict, config: ModelConfig,

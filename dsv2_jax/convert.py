@@ -126,7 +126,7 @@ class SafetensorsFolder:
         out = np.empty(shape, dtype)
         with open(os.path.join(self.folder, file), "rb") as f:
             f.seek(offset)
-            got = f.readinto(memoryview(out.reshape(-1)).cast("B"))
+            got = f.readinto(out.reshape(-1).view(np.uint8))
         if got != out.nbytes:
             raise ValueError(f"tensor {name!r} in {file}: read {got} of {out.nbytes} bytes; is the file truncated?")
         return out
@@ -269,7 +269,7 @@ def write_safetensors(path: str, entries: list[tuple[str, tuple[int, ...], np.dt
             if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
                 raise ValueError(f"tensor {name}: got {array.dtype}{list(array.shape)}, "
                                  f"expected {np.dtype(dtype)}{list(shape)}")
-            f.write(memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B"))
+            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
 def plan_shards(entries: list[tuple[str, tuple[int, ...], np.dtype]], max_bytes: int) -> list[list[int]]:
