@@ -29,8 +29,8 @@ import numpy as np
 
 from . import checkpoint
 from .config import ModelConfig
-from .weights import INDEX_FILE, IGNORED_HF_TENSORS, BlockReader, Tensor, check_hf_tensors, hf_tensors, \
-    ours_to_hf, param_shapes
+from .weights import INDEX_FILE, IGNORED_HF_TENSORS, BlockReader, Tensor, _slice_shapes, check_hf_tensors, \
+    hf_tensors, hf_to_ours, ours_to_hf, param_shapes
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float16": np.dtype(np.float16)}
@@ -122,10 +122,15 @@ class SafetensorsFolder:
         return self.entries[name][3]
 
     def read(self, name: str) -> np.ndarray:
+        return self.read_rows(name, 0, (self.shape(name) or (1,))[0]).reshape(self.shape(name))
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor's first axis."""
         file, offset, shape, dtype = self.entries[name]
-        out = np.empty(shape, dtype)
+        row_shape = tuple(shape[1:])
+        out = np.empty((stop - start,) + row_shape, dtype)
         with open(os.path.join(self.folder, file), "rb") as f:
-            f.seek(offset)
+            f.seek(offset + start * math.prod(row_shape) * dtype.itemsize)
             got = f.readinto(out.reshape(-1).view(np.uint8))
         if got != out.nbytes:
             raise ValueError(f"tensor {name!r} in {file}: read {got} of {out.nbytes} bytes; is the file truncated?")
@@ -226,7 +231,11 @@ class TorchBinFolder:
         return DTYPES["bfloat16"] if t.dtype == self._torch.bfloat16 else np.dtype(str(t.dtype).split(".")[-1])
 
     def read(self, name: str) -> np.ndarray:
-        t = self.tensors[name].contiguous()
+        return self.read_rows(name, 0, None)
+
+    def read_rows(self, name: str, start: int, stop: int | None) -> np.ndarray:
+        t = self.tensors[name]
+        t = (t if t.dim() == 0 or (start == 0 and stop is None) else t[start:stop]).contiguous()
         if t.dtype == self._torch.bfloat16:
             return t.view(self._torch.int16).numpy().view(DTYPES["bfloat16"]).copy()
         return t.numpy().copy()
@@ -251,8 +260,9 @@ ST_CODE_OF = {v: k for k, v in ST_CODES.items()}
 
 
 def write_safetensors(path: str, entries: list[tuple[str, tuple[int, ...], np.dtype]],
-                      arrays: Iterator[np.ndarray], metadata: dict | None = None) -> None:
-    """Writes a safetensors file whose tensors (name, shape, dtype) come one at a time from `arrays`."""
+                      arrays: Iterator, metadata: dict | None = None) -> None:
+    """Writes a safetensors file whose tensors (name, shape, dtype) come one at a time from `arrays`: each
+    an array, or an iterable of row blocks (consecutive pieces along the first axis)."""
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name, shape, dtype in entries:
@@ -265,11 +275,16 @@ def write_safetensors(path: str, entries: list[tuple[str, tuple[int, ...], np.dt
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for (name, shape, dtype), array in zip(entries, arrays, strict=True):
-            if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
-                raise ValueError(f"tensor {name}: got {array.dtype}{list(array.shape)}, "
-                                 f"expected {np.dtype(dtype)}{list(shape)}")
-            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        for (name, shape, dtype), blocks in zip(entries, arrays, strict=True):
+            rows = 0
+            for block in [blocks] if isinstance(blocks, np.ndarray) else blocks:
+                if block.dtype != np.dtype(dtype) or block.shape[1:] != tuple(shape[1:]):
+                    raise ValueError(f"tensor {name}: got a block {block.dtype}{list(block.shape)}, "
+                                     f"expected {np.dtype(dtype)}{list(shape)}")
+                f.write(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+                rows += block.shape[0] if block.ndim else 1
+            if rows != (shape[0] if shape else 1):
+                raise ValueError(f"tensor {name}: wrote {rows} rows, expected {list(shape)}")
 
 
 def plan_shards(entries: list[tuple[str, tuple[int, ...], np.dtype]], max_bytes: int) -> list[list[int]]:
@@ -309,11 +324,11 @@ def hf_to_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype=No
     target = parse_dtype(dtype) or weights.dtype(expected[0].name)
     if target not in DTYPES.values():
         raise ValueError(f"source dtype {target} is not supported; pass dtype (--dtype) float32/bfloat16/float16")
-    reader = BlockReader(config, shapes, weights.read)
+    pieces = {path: list(_pieces(weights, path, entries, shapes, target))
+              for path, entries in BlockReader(config, shapes, weights.read).by_param.items()}
     total = sum(math.prod(s) for s in shapes.values()) * target.itemsize
-    bar = Progress(total, sum(len(reader.by_param[p]) for p in shapes), "hf -> checkpoint", progress,
-                   unit="pieces")
-    params = {p: _piece_array(reader, p, shape, target) for p, shape in shapes.items()}
+    bar = Progress(total, sum(map(len, pieces.values())), "hf -> checkpoint", progress, unit="pieces")
+    params = {p: _piece_array(shapes[p], target, pieces[p]) for p in shapes}
     try:
         with checkpoint.staged_output(out, force) as staging:
             checkpoint.save_params_in_pieces(staging, checkpoint._nest(params), config, on_piece=bar.update)
@@ -322,18 +337,53 @@ def hf_to_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype=No
     return out
 
 
-def _piece_array(reader: BlockReader, path: tuple[str, ...], shape: tuple[int, ...], dtype: np.dtype):
-    """Our parameter `path` as pieces of one HF tensor each: [1, ...] per layer, [1, 1, ...] per expert."""
-    keys = sorted(reader.by_param[path], key=lambda k: (k[0] or 0, k[1] or 0))
-    lead = sum(k is not None for k in keys[0])
-    chunk = (1,) * lead + tuple(shape[lead:])
+# Top-level tensors (embedding, lm_head) are converted in row blocks of about this many bytes.
+ROW_BLOCK_BYTES = 64 << 20
 
-    def pieces():
-        for layer, expert in keys:
+
+def _row_blocks(t: Tensor, itemsize: int) -> list[tuple[int, int]]:
+    rows = t.shape[0] if t.shape else 1
+    step = max(1, ROW_BLOCK_BYTES // max(1, math.prod(t.shape[1:]) * itemsize))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def _pieces(weights, path, entries: dict, shapes: dict, dtype: np.dtype):
+    """(index into our parameter, thunk giving the block) for every piece of `path`, in storage order.
+
+    A stacked parameter has one piece per HF tensor: [1, ...] per layer, [1, 1, ...] per layer and expert.
+    A top-level one (no layer axis; never split over parts) has one piece per row block of its HF tensor:
+    our rows when it is stored as is, our columns when transposed (lm_head)."""
+    for (layer, expert), (t, part) in sorted(entries.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1] or 0)):
+        slices = _slice_shapes(t.spec, shapes, t.stack)
+        lead = (1 if t.stack else 0) + (1 if t.spec.per_expert else 0)
+        if lead:
             index = tuple(slice(i, i + 1) for i in (layer, expert)[:lead])
-            yield index, np.ascontiguousarray(reader.block(path, index, dtype=dtype))
+            yield index, lambda t=t, part=part, slices=slices, lead=lead: hf_to_ours(
+                t.spec, weights.read(t.name), slices)[part].astype(dtype, copy=False)[(None,) * lead]
+            continue
+        if len(t.spec.parts) != 1 or (t.spec.transpose and (len(t.shape) != 2 or t.spec.n_in != 1)):
+            raise NotImplementedError(f"no row-block conversion for {t.name}")
+        for r0, r1 in _row_blocks(t, dtype.itemsize):
+            rows = slice(r0, r1) if t.shape else slice(None)
+            index = (slice(None), rows) if t.spec.transpose else (rows,)
+            yield index, lambda t=t, r0=r0, r1=r1: _read_rows(weights, t, r0, r1, dtype)
 
-    return checkpoint.PieceArray(tuple(shape), dtype, chunk, pieces)
+
+def _read_rows(weights, t: Tensor, r0: int, r1: int, dtype: np.dtype) -> np.ndarray:
+    x = weights.read_rows(t.name, r0, r1) if t.shape else weights.read(t.name)
+    return (x.T if t.spec.transpose else x).astype(dtype, copy=False)
+
+
+def _piece_array(shape: tuple[int, ...], dtype: np.dtype, pieces: list) -> checkpoint.PieceArray:
+    first, _ = pieces[0]
+    chunk = tuple(len(range(n)[i]) if isinstance(i, slice) else 1 for i, n in zip(first, shape))
+    chunk += tuple(shape[len(first):])
+
+    def generate():
+        for index, read in pieces:
+            yield index, read()
+
+    return checkpoint.PieceArray(tuple(shape), dtype, chunk, generate)
 
 
 # ---------------------------------------------------------------------- checkpoint -> HF
@@ -370,11 +420,16 @@ def checkpoint_to_hf(ckpt: str | os.PathLike, out_hf: str | os.PathLike, dtype=N
     total = sum(math.prod(s) for _, s, _ in entries) * target.itemsize
     bar = Progress(total, len(tensors), "checkpoint -> hf", progress)
 
+    def blocks(t: Tensor):
+        for block in _hf_tensor_blocks(stored, t):
+            block = block.astype(target, copy=False)
+            bar.update(block.nbytes, tensors=0)
+            yield block
+        bar.update(0)
+
     def arrays(indices):
         for i in indices:
-            x = _hf_tensor(stored, tensors[i]).astype(target, copy=False)
-            bar.update(x.nbytes)
-            yield x
+            yield blocks(tensors[i])
 
     try:
         with checkpoint.staged_output(out_hf, force) as staging:
@@ -393,11 +448,19 @@ def checkpoint_to_hf(ckpt: str | os.PathLike, out_hf: str | os.PathLike, dtype=N
     return out_hf
 
 
-def _hf_tensor(stored: checkpoint.StoredParams, t: Tensor) -> np.ndarray:
-    """One HF tensor from the slices of our parameter(s) that hold it."""
+def _hf_tensor_blocks(stored: checkpoint.StoredParams, t: Tensor) -> Iterator[np.ndarray]:
+    """One HF tensor from the slices of our parameter(s) that hold it; top-level ones in row blocks."""
+    if t.stack is None:
+        (path,) = t.spec.parts
+        if not t.shape:
+            yield stored.read(path)
+        for r0, r1 in _row_blocks(t, stored.dtype(path).itemsize) if t.shape else []:
+            yield stored.read(path, (slice(None), slice(r0, r1))).T if t.spec.transpose else \
+                stored.read(path, (slice(r0, r1),))
+        return
     index = tuple(i for i in (t.layer, t.expert) if i is not None)
-    parts = [stored.read(((t.stack,) if t.stack else ()) + p, index) for p in t.spec.parts]
-    return ours_to_hf(t.spec, parts)
+    parts = [stored.read((t.stack,) + p, index) for p in t.spec.parts]
+    yield ours_to_hf(t.spec, parts)
 
 
 # ---------------------------------------------------------------------- comparing folders (tests, checks)
