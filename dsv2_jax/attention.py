@@ -4,7 +4,9 @@ Queries come from a low-rank q_a -> norm -> q_b path (or a plain q_proj). Keys a
 latent c_kv = norm(kv_a(x))[:kv_lora_rank], expanded per head by k_b / v_b (the two halves of the released
 kv_b_proj), plus one decoupled RoPE key k_pe shared by all heads.
 
-The expanded path here serves training and prefill: keys and values are expanded for every head.
+The expanded path serves training and prefill: keys and values are expanded for every head. The absorbed path
+serves decoding from the latent KV cache (see generate.py): W_UK is folded into the query and W_UV applied after
+the weighted sum, so keys and values are never expanded.
 """
 
 from __future__ import annotations
@@ -81,6 +83,26 @@ class MLA(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bhqk,bkhv->bqhv", probs, v)
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
+        return jnp.einsum("bqhv,hvd->bqd", out, cast(self.o_proj, dt))
+
+    # ------------------------------------------------------------------ absorbed attention (decode)
+    def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """The same attention as `expanded`, computed against the latent without expanding keys or values.
+
+        W_UK (k_b) is folded into the query: score_nope = (q_nope · W_UK) · c_kvᵀ; W_UV (v_b) is applied after the
+        attention-weighted sum of c_kv, then o_proj. Shapes as in `expanded`; returns [B, Sq, D].
+        """
+        dt = self.dtype
+        q_lat = jnp.einsum("bqhk,chk->bqhc", q_nope, cast(self.k_b_proj, dt))
+        q_lat = constrain(q_lat, ("batch", "seq", "heads", "kv_lora"))
+        scores = jnp.einsum("bqhc,bkc->bhqk", q_lat, c_kv, preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=jnp.float32)
+        scores = scores * self.config.softmax_scale
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        o_lat = jnp.einsum("bhqk,bkc->bqhc", probs, c_kv)
+        o_lat = constrain(o_lat, ("batch", "seq", "heads", "kv_lora"))
+        out = jnp.einsum("bqhc,chv->bqhv", o_lat, cast(self.v_b_proj, dt))
         return jnp.einsum("bqhv,hvd->bqd", out, cast(self.o_proj, dt))
 
     def __call__(self, x, cos, sin, mask):

@@ -1,0 +1,441 @@
+"""Generation with the latent KV cache: chunked expanded prefill, absorbed decode, sampling.
+
+The cache holds, per layer and token, only what MLA needs to attend later: the normalised latent c_kv
+[kv_lora_rank] and the roped decoupled key k_pe [qk_rope_head_dim], stacked over all layers in model order,
+plus the number of tokens each row holds. Prompts are left-aligned: row b's token i sits in slot i and has
+position i, so the slot of a token is its position.
+
+- Prefill runs the expanded path (keys/values expanded per head) over the cache and the current chunk of
+  prompt tokens; long prompts go in fixed-size chunks, so activation memory is bounded by chunk × cache length.
+- Decode runs the absorbed path (MLA.absorbed): attention scores against c_kv directly, keys and values are never
+  expanded. Many tokens are decoded in one jitted `lax.while_loop`; a streaming caller runs the same compiled loop
+  one token at a time.
+- Both jitted programs are compiled once per shape bucket (batch, chunk, cache length, output length); the cache
+  is donated, so it is updated in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from .config import ModelConfig
+from .layers import cast
+from .model import layer_runs
+from .rope import rope_cos_sin
+from .sharding import activation_mesh, constrain, logical_to_spec, param_sharding
+
+
+class KVCache(NamedTuple):
+    """The latent KV cache; layers in model order, rows left-aligned (slot i holds position i)."""
+
+    c_kv: jax.Array  # [L, B, T, kv_lora_rank]: normalised latent
+    k_pe: jax.Array  # [L, B, T, qk_rope_head_dim]: roped decoupled key, shared by all heads
+    lengths: jax.Array  # [B] int32: tokens held by each row
+
+
+CACHE_AXES = KVCache(("layers", "batch", "seq", "kv_lora"), ("layers", "batch", "seq", "head_dim"), ("batch",))
+
+
+def cache_shardings(mesh) -> KVCache:
+    """The NamedSharding of each cache array on `mesh`: split over batch (rows)."""
+    return KVCache(*(NamedSharding(mesh, logical_to_spec(axes)) for axes in CACHE_AXES))
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.bfloat16, mesh=None) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_len` tokens; with a mesh, created in its sharding."""
+    for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"init_cache: {name} must be a positive integer, got {value!r}")
+    L, B, T = config.num_hidden_layers, int(batch_size), int(max_len)
+
+    def make():
+        return KVCache(jnp.zeros((L, B, T, config.kv_lora_rank), dtype),
+                       jnp.zeros((L, B, T, config.qk_rope_head_dim), dtype),
+                       jnp.zeros((B,), jnp.int32))
+
+    if mesh is None:
+        return make()
+    return jax.jit(make, out_shardings=cache_shardings(mesh))()
+
+
+def cache_bytes_per_token(cache: KVCache) -> int:
+    """Bytes the cache spends on one token of one row in one layer, measured on its arrays."""
+    L, B, T = cache.c_kv.shape[:3]
+    return (cache.c_kv.nbytes + cache.k_pe.nbytes) // (L * B * T)
+
+
+# ---------------------------------------------------------------------------------------------- the cached forward
+def _run_layers(model, x, c_kv, k_pe, attend):
+    """All decoder layers in model order over x [B, S, D], threading the cache arrays through the scans.
+
+    attend(attn, h, layer_index, c_kv, k_pe) -> (attention output, c_kv, k_pe) writes the layer's new latent
+    into the cache and attends over it.
+    """
+    first = 0
+    for kind, start, count in layer_runs(model.config):
+        stack = model.moe_layers if kind == "moe" else model.dense_layers
+        graphdef, state = nnx.split(stack)
+        if (start, count) != (0, jax.tree.leaves(state)[0].shape[0]):
+            state = jax.tree.map(lambda a: a[start:start + count], state)
+
+        def body(carry, xs, graphdef=graphdef):
+            h, c_kv, k_pe = carry
+            layer_state, li = xs
+            layer = nnx.merge(graphdef, layer_state)
+            a, c_kv, k_pe = attend(layer.attn, layer.input_norm(h), li, c_kv, k_pe)
+            h = h + a
+            y = layer.mlp(layer.post_attention_norm(h))
+            if layer.is_moe:
+                y = y[0]
+            h = constrain(h + y, ("batch", "seq", "embed"))
+            return (h, constrain(c_kv, CACHE_AXES.c_kv), constrain(k_pe, CACHE_AXES.k_pe)), None
+
+        layer_index = first + jnp.arange(count, dtype=jnp.int32)
+        (x, c_kv, k_pe), _ = jax.lax.scan(body, (x, c_kv, k_pe), (state, layer_index))
+        first += count
+    return x, c_kv, k_pe
+
+
+def _head(model, x):
+    """Final norm and lm_head (the tied embedding when lm_head is None): float32 logits."""
+    x = model.norm(x)
+    if model.lm_head is None:
+        head = cast(model.embed_tokens.embedding, model.dtype).T
+    else:
+        head = cast(model.lm_head, model.dtype)
+    return jnp.einsum("bsd,dv->bsv", x, head, preferred_element_type=jnp.float32)
+
+
+def _layer_slice(a, li):
+    return jax.lax.dynamic_index_in_dim(a, li, axis=0, keepdims=False)
+
+
+def prefill_chunk_forward(model, cache: KVCache, tokens, start, prompt_lens, last_logits):
+    """Expanded-path forward of the chunk tokens [B, C] at slots [start, start + C), written into the cache.
+
+    Returns the cache and the logits of each row's last prompt token where it falls in this chunk
+    (last_logits [B, V] elsewhere).
+    """
+    B, C = tokens.shape
+    T = cache.c_kv.shape[2]
+    slots = start + jnp.arange(C, dtype=jnp.int32)
+    cos, sin = rope_cos_sin(model.config, jnp.broadcast_to(slots, (B, C)))
+    mask = (jnp.arange(T)[None, :] <= slots[:, None])[None]  # [1, C, T]: causal over slots
+
+    def attend(attn, h, li, c_kv_all, k_pe_all):
+        q_nope, q_pe = attn.query(h, cos, sin)
+        c_kv, k_pe = attn.latent(h, cos, sin)
+        c_kv_all = jax.lax.dynamic_update_slice(c_kv_all, c_kv[None].astype(c_kv_all.dtype), (li, 0, start, 0))
+        k_pe_all = jax.lax.dynamic_update_slice(k_pe_all, k_pe[None].astype(k_pe_all.dtype), (li, 0, start, 0))
+        keys_c = _layer_slice(c_kv_all, li).astype(attn.dtype)
+        keys_pe = _layer_slice(k_pe_all, li).astype(attn.dtype)
+        return attn.expanded(q_nope, q_pe, keys_c, keys_pe, mask), c_kv_all, k_pe_all
+
+    x = constrain(model.embed_tokens(tokens), ("batch", "seq", "embed"))
+    x, c_kv, k_pe = _run_layers(model, x, cache.c_kv, cache.k_pe, attend)
+    last = prompt_lens - 1 - start
+    in_chunk = (last >= 0) & (last < C)
+    h = jnp.take_along_axis(x, jnp.clip(last, 0, C - 1)[:, None, None], axis=1)  # [B, 1, D]
+    logits = _head(model, h)[:, 0]
+    last_logits = jnp.where(in_chunk[:, None], logits, last_logits)
+    lengths = jnp.minimum(prompt_lens, start + C).astype(jnp.int32)
+    return KVCache(c_kv, k_pe, lengths), last_logits
+
+
+def decode_forward(model, cache: KVCache, tokens):
+    """Absorbed-path forward of one new token per row (tokens [B]) at slot cache.lengths: (cache, logits [B, V])."""
+    B = tokens.shape[0]
+    T = cache.c_kv.shape[2]
+    pos = cache.lengths
+    rows = jnp.arange(B)
+    cos, sin = rope_cos_sin(model.config, pos[:, None])
+    mask = jnp.arange(T)[None, None, :] <= pos[:, None, None]  # [B, 1, T]: the row's tokens and the new one
+
+    def attend(attn, h, li, c_kv_all, k_pe_all):
+        q_nope, q_pe = attn.query(h, cos, sin)
+        c_kv, k_pe = attn.latent(h, cos, sin)
+        c_kv_all = c_kv_all.at[li, rows, pos].set(c_kv[:, 0].astype(c_kv_all.dtype))
+        k_pe_all = k_pe_all.at[li, rows, pos].set(k_pe[:, 0].astype(k_pe_all.dtype))
+        keys_c = _layer_slice(c_kv_all, li).astype(attn.dtype)
+        keys_pe = _layer_slice(k_pe_all, li).astype(attn.dtype)
+        return attn.absorbed(q_nope, q_pe, keys_c, keys_pe, mask), c_kv_all, k_pe_all
+
+    x = constrain(model.embed_tokens(tokens[:, None]), ("batch", "seq", "embed"))
+    x, c_kv, k_pe = _run_layers(model, x, cache.c_kv, cache.k_pe, attend)
+    return KVCache(c_kv, k_pe, pos + 1), _head(model, x)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+class Sampler(NamedTuple):
+    """Static sampling settings (part of the decode program's compile key)."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos: tuple[int, ...] = ()
+    pad: int = 0
+
+
+def check_sampling(temperature, top_k, top_p, vocab_size: int) -> None:
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool)
+                              or not 1 <= top_k <= vocab_size):
+        raise ValueError(f"top_k must be an integer in [1, vocab_size={vocab_size}] or None, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+
+
+def sample_logits(logits, keys, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
+    """One token per row of logits [B, V] (float32), row b drawn with keys[b]. int32 [B].
+
+    temperature 0: argmax. Otherwise softmax(logits / temperature) restricted to the top_k highest logits and
+    then to the smallest set of highest-probability tokens whose mass reaches top_p.
+    """
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None and top_p < 1:
+        desc = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        threshold = jnp.min(jnp.where(mass_before < top_p, desc, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def row_keys(key, step, batch_size: int):
+    """The key of each row at one step: independent of batch padding and of how the batch is sharded."""
+    step_key = jax.random.fold_in(key, step)
+    return jax.vmap(lambda r: jax.random.fold_in(step_key, r))(jnp.arange(batch_size))
+
+
+# ---------------------------------------------------------------------------------------------- jitted programs
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("cache", "last_logits"))
+def _prefill_chunk(graphdef, state, cache, tokens, start, prompt_lens, last_logits, *, mesh=None):
+    with activation_mesh(mesh):
+        model = nnx.merge(graphdef, state)
+        return prefill_chunk_forward(model, cache, tokens, start, prompt_lens, last_logits)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("cache",))
+def _decode_step(graphdef, state, cache, tokens, *, mesh=None):
+    with activation_mesh(mesh):
+        return decode_forward(nnx.merge(graphdef, state), cache, tokens)
+
+
+class DecodeState(NamedTuple):
+    cache: KVCache
+    logits: jax.Array  # [B, V] float32: logits of the next token
+    done: jax.Array  # [B] bool: row has emitted EOS (or is padding)
+    out: jax.Array  # [B, N] int32: emitted tokens
+    step: jax.Array  # int32: tokens emitted so far
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "sampler"), donate_argnames=("carry",))
+def _decode_loop(graphdef, state, carry: DecodeState, limit, key, *, mesh=None, sampler: Sampler = Sampler()):
+    """Emits tokens until step == limit or every row is done; each emitted token is fed back (absorbed path)."""
+    with activation_mesh(mesh):
+        model = nnx.merge(graphdef, state)
+        B = carry.done.shape[0]
+
+        def cond(c):
+            return (c.step < limit) & ~jnp.all(c.done)
+
+        def body(c):
+            keys = row_keys(key, c.step, B)
+            tok = sample_logits(c.logits, keys, sampler.temperature, sampler.top_k, sampler.top_p)
+            tok = jnp.where(c.done, sampler.pad, tok)
+            out = c.out.at[:, c.step].set(tok)
+            done = c.done | jnp.isin(tok, jnp.asarray(sampler.eos, jnp.int32)) if sampler.eos else c.done
+            cache, logits = decode_forward(model, c.cache, tok)
+            return DecodeState(cache, logits, done, out, c.step + 1)
+
+        return jax.lax.while_loop(cond, body, carry)
+
+
+# ---------------------------------------------------------------------------------------------- host-side API
+def _bucket(n: int, minimum: int = 16) -> int:
+    """Shape bucket: the next power of two >= n (at least `minimum`)."""
+    return max(minimum, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+def batch_shards(mesh) -> int:
+    """How many ways the batch axis is split on `mesh` (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    spec = logical_to_spec(("batch",))[0]
+    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def _split(model, mesh):
+    graphdef, state = nnx.split(model)
+    if mesh is not None:
+        def sharding(v):
+            if "axes" in v.get_metadata():
+                return param_sharding(mesh, v)
+            return NamedSharding(mesh, PartitionSpec())
+
+        shardings = jax.tree.map(sharding, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        state = jax.device_put(state, shardings)
+    return graphdef, state
+
+
+def _put(x, mesh, axes):
+    x = jnp.asarray(x)
+    return x if mesh is None else jax.device_put(x, NamedSharding(mesh, logical_to_spec(axes)))
+
+
+def check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    """Prompts as lists of ints in [0, vocab_size); a clear error for an empty batch, empty prompt or bad id."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    out = []
+    for i, p in enumerate(prompts):
+        ids = np.asarray(p)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"prompt {i} must be a flat list of integer token ids")
+        if ids.size == 0:
+            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        if bad.size:
+            raise ValueError(f"prompt {i} holds token id {int(bad[0])} outside the vocabulary [0, {vocab_size})")
+        out.append([int(t) for t in ids])
+    return out
+
+
+def _check_lengths(config: ModelConfig, longest: int, max_new_tokens, max_len) -> int:
+    """Validates lengths; returns the cache length to allocate."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    need = longest + int(max_new_tokens)
+    limit = config.max_position_embeddings
+    if need > limit:
+        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds "
+                         f"the model's max_position_embeddings ({limit})")
+    if max_len is None:
+        return min(_bucket(need), limit)
+    if need > max_len:
+        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds "
+                         f"the cache size max_len={max_len}")
+    return int(max_len)
+
+
+def prefill(model, cache: KVCache, prompts, chunk_size: int = 256, mesh=None, _split_model=None):
+    """Fills `cache` (donated) with left-aligned prompts, chunk by chunk on the expanded path.
+
+    prompts: one list of token ids per cache row (len(prompts) == batch size of the cache).
+    Returns (cache, logits [B, V] float32 of each row's last prompt token).
+    """
+    config = model.config
+    prompts = check_prompts(prompts, config.vocab_size)
+    B, T = cache.c_kv.shape[1], cache.c_kv.shape[2]
+    if len(prompts) != B:
+        raise ValueError(f"{len(prompts)} prompts for a cache of {B} rows")
+    lens = np.array([len(p) for p in prompts], np.int32)
+    if lens.max() > T:
+        raise ValueError(f"a prompt of {lens.max()} tokens does not fit the cache (max_len {T})")
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    C = min(int(chunk_size), _bucket(lens.max(), 8), T)
+    # The last chunk is moved back so it ends within the cache; recomputing a few cached slots is harmless.
+    starts = [min(k * C, T - C) for k in range(-(-int(lens.max()) // C))]
+    tokens = np.zeros((B, starts[-1] + C), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    graphdef, state = _split_model or _split(model, mesh)
+    lens_dev = _put(lens, mesh, ("batch",))
+    last = _put(jnp.zeros((B, config.vocab_size), jnp.float32), mesh, ("batch", "vocab"))
+    for s in starts:
+        chunk = _put(tokens[:, s:s + C], mesh, ("batch", "seq"))
+        cache, last = _prefill_chunk(graphdef, state, cache, chunk, jnp.int32(s), lens_dev, last, mesh=mesh)
+    return cache, last
+
+
+def decode_step(model, cache: KVCache, tokens, mesh=None):
+    """One absorbed-path step: feeds tokens [B] at each row's next slot. Returns (cache, logits [B, V])."""
+    graphdef, state = _split(model, mesh)
+    return _decode_step(graphdef, state, cache, _put(jnp.asarray(tokens, jnp.int32), mesh, ("batch",)), mesh=mesh)
+
+
+def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, eos_token_id: int | Sequence[int] | None = None, mesh=None,
+             *, max_len: int | None = None, chunk_size: int = 256, cache_dtype=None,
+             on_tokens: Callable[[list[list[int]]], None] | None = None, timings: dict | None = None
+             ) -> list[list[int]]:
+    """New tokens for each prompt (lists of token ids, any lengths), decoded with the latent KV cache.
+
+    Greedy when temperature is 0; otherwise sampling seeded by `seed` (optionally top-k / top-p). A row stops after
+    it emits a token of eos_token_id (kept in its output); None never stops early.
+    mesh: run sharded (params as in training, batch over data × fsdp × expert, heads over tensor).
+    max_len: cache length (default: a power-of-two bucket of longest prompt + max_new_tokens);
+    chunk_size: prefill chunk length; cache_dtype: default the model's compute dtype.
+    on_tokens: called after each step with the tokens each prompt got in it (an empty list once a row is done);
+    decoding then runs one token per call of the same compiled loop.
+    timings: a dict to fill with prefill/decode seconds and token counts.
+    """
+    config = model.config
+    prompts = check_prompts(prompts, config.vocab_size)
+    check_sampling(temperature, top_k, top_p, config.vocab_size)
+    lens = [len(p) for p in prompts]
+    T = _check_lengths(config, max(lens), max_new_tokens, max_len)
+    if eos_token_id is None:
+        eos = ()
+    else:
+        eos = (int(eos_token_id),) if isinstance(eos_token_id, (int, np.integer)) else tuple(map(int, eos_token_id))
+    n = len(prompts)
+    shards = batch_shards(mesh)
+    B = -(-n // shards) * shards
+    rows = prompts + [[0]] * (B - n)  # padding rows: one token, born done
+
+    split_model = _split(model, mesh)
+    graphdef, state = split_model
+    t0 = time.perf_counter()
+    cache = init_cache(config, B, T, cache_dtype or model.dtype, mesh)
+    cache, logits = prefill(model, cache, rows, chunk_size, mesh, _split_model=split_model)
+    jax.block_until_ready(logits)
+    t1 = time.perf_counter()
+
+    N = _bucket(max_new_tokens)
+    done = _put(np.arange(B) >= n, mesh, ("batch",))
+    out = _put(jnp.zeros((B, N), jnp.int32), mesh, ("batch", "seq"))
+    carry = DecodeState(cache, logits, done, out, jnp.int32(0))
+    sampler = Sampler(float(temperature), top_k, top_p, eos, 0)
+    key = jax.random.key(seed)
+    if on_tokens is None:
+        carry = _decode_loop(graphdef, state, carry, jnp.int32(max_new_tokens), key, mesh=mesh, sampler=sampler)
+    else:
+        finished = np.zeros(n, bool)
+        for step in range(max_new_tokens):
+            carry = _decode_loop(graphdef, state, carry, jnp.int32(step + 1), key, mesh=mesh, sampler=sampler)
+            if int(carry.step) == step:  # every row was already done
+                break
+            toks = np.asarray(carry.out)[:n, step]  # fetch, then index on the host: no per-step programs
+            on_tokens([[] if finished[i] else [int(toks[i])] for i in range(n)])
+            finished |= np.isin(toks, eos)
+    steps = int(carry.step)
+    out = np.asarray(carry.out)[:n, :steps]
+    t2 = time.perf_counter()
+
+    results = []
+    for row in out:
+        row = [int(t) for t in row]
+        ends = [i for i, t in enumerate(row) if t in eos]
+        results.append(row[:ends[0] + 1] if ends else row)
+    if timings is not None:
+        timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, prefill_tokens=sum(lens),
+                       decode_tokens=sum(len(r) for r in results), steps=steps)
+    return results

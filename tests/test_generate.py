@@ -1,0 +1,314 @@
+"""Generation with the latent KV cache, checked against transformers' generate and the full forward pass."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import dsv2_jax
+from dsv2_jax import ModelConfig
+from dsv2_jax.attention import MLA
+from dsv2_jax.model import DeepseekV2
+from dsv2_jax.rope import rope_cos_sin
+from hf_models import YARN, random_hf_model, save_hf_model
+
+gen = importlib.import_module("dsv2_jax.generate")  # the module; dsv2_jax.generate is the function
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT_LENGTHS = (5, 19, 11)  # different lengths in one batch; 19 > chunk 8 and > YaRN's original length 16
+NEW = 8
+
+
+def random_prompts(vocab, lengths=PROMPT_LENGTHS, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(2, vocab, n)] for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny preset with weights large enough that every part matters (fp32)."""
+    config = ModelConfig.from_preset("tiny").replace(initializer_range=0.15)
+    graphdef, _ = nnx.split(dsv2_jax.abstract_model(config))
+    state = jax.jit(lambda: nnx.state(DeepseekV2(config, rngs=nnx.Rngs(0))))()  # one compile, not op by op
+    return nnx.merge(graphdef, state)
+
+
+@nnx.jit
+def forward(model, ids):
+    return model(ids)
+
+
+def full_forward_logits(model, seqs):
+    """The full (expanded, uncached) forward pass: logits [len(seqs), S, V] of right-padded sequences."""
+    ids = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+    return np.asarray(forward(model, jnp.asarray(ids)))
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+HF_CASES = {
+    "q_lora": dict(),
+    "plain_q-group_limited": dict(q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                  first_k_dense_replace=0),
+    "yarn-tied": dict(rope_parameters=YARN, max_position_embeddings=128, tie_word_embeddings=True),
+}
+
+
+def hf_greedy(hf, prompt, eos):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                          eos_token_id=eos, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def tie_gap(hf, prompt, a, b):
+    """|logit_a - logit_b| / max |logit| of transformers' next-token logits after `prompt`."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0, -1].double().numpy()
+    return abs(logits[a] - logits[b]) / np.abs(logits).max()
+
+
+@pytest.mark.parametrize("name", list(HF_CASES))
+def test_greedy_equals_transformers_generate(tmp_path, name):
+    hf = random_hf_model(seed=3 + len(name), **HF_CASES[name])
+    save_hf_model(hf, tmp_path)
+    model = dsv2_jax.from_hf(tmp_path, dtype=jnp.float32)
+    prompts = random_prompts(hf.config.vocab_size)
+    eos = 1
+    got = dsv2_jax.generate(model, prompts, NEW, eos_token_id=eos, chunk_size=8)
+    compared = 0
+    for prompt, ours in zip(prompts, got):
+        ref = hf_greedy(hf, prompt, eos)
+        print(name, ref, ours)
+        for i, (r, o) in enumerate(zip(ref, ours)):
+            if r != o:  # acceptable only at a near-exact tie of the reference logits
+                gap = tie_gap(hf, prompt + ref[:i], r, o)
+                assert gap < 1e-5, f"step {i}: ours {o}, transformers {r}, logit gap {gap:.2e} is no tie"
+                break
+            compared += 1
+        else:
+            assert len(ours) == len(ref), (ours, ref)
+    assert compared >= len(prompts) * NEW - NEW  # at most one row cut short by a tie
+
+
+# ---------------------------------------------------------------------------------------------- both paths
+def test_absorbed_attention_equals_expanded():
+    config = ModelConfig.from_preset("tiny").replace(initializer_range=0.15)  # every term matters
+    attn = MLA(config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
+    B, Sq, Sk, H = 3, 4, 10, config.num_attention_heads
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (B, Sk, config.hidden_size))
+    cos, sin = rope_cos_sin(config, jnp.broadcast_to(jnp.arange(Sk), (B, Sk)))
+    c_kv, k_pe = attn.latent(x, cos, sin)
+    q_nope, q_pe = attn.query(x[:, -Sq:], cos[:, -Sq:], sin[:, -Sq:])
+    lengths = jnp.array([10, 7, 9])
+    mask = (jnp.arange(Sk)[None, None, :] <= (jnp.arange(Sq) + Sk - Sq)[None, :, None]) \
+        & (jnp.arange(Sk)[None, None, :] < lengths[:, None, None])
+    both = nnx.jit(lambda a, *args: (a.expanded(*args), a.absorbed(*args)))
+    want, got = map(np.asarray, both(attn, q_nope, q_pe, c_kv, k_pe, mask))
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= 1e-5, err
+    assert np.abs(want).max() > 1.0  # not a trivially small output
+
+
+def test_decode_steps_equal_full_forward(tiny):
+    """Prefill, then absorbed decode steps of chosen tokens: logits equal the full (expanded) forward pass."""
+    prompts = random_prompts(256, (6, 3))
+    extra = [[7, 100, 42], [250, 1, 9]]
+    full = full_forward_logits(tiny, [p + e for p, e in zip(prompts, extra)])  # causal: padding is harmless
+    cache = dsv2_jax.init_cache(tiny.config, 2, 16, dtype=jnp.float32)
+    cache, logits = gen.prefill(tiny, cache, prompts, chunk_size=4)
+    for step in range(3):
+        for row in range(2):
+            want = full[row, len(prompts[row]) + step - 1]
+            err = np.abs(np.asarray(logits[row]) - want).max() / np.abs(want).max()
+            assert err <= 1e-5, (step, row, err)
+        cache, logits = gen.decode_step(tiny, cache, [extra[0][step], extra[1][step]])
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [9, 6])
+
+
+def test_chunked_prefill_equals_one_shot(tiny):
+    prompts = random_prompts(256, (13, 5, 9), seed=1)
+    caches = {}
+    for chunk in (4, 16):  # cache length 14 is no multiple of 4: the last chunk moves back to slots 10..13
+        cache = dsv2_jax.init_cache(tiny.config, 3, 14, dtype=jnp.float32)
+        caches[chunk] = gen.prefill(tiny, cache, prompts, chunk_size=chunk)
+    (c4, l4), (c16, l16) = caches[4], caches[16]
+    full = full_forward_logits(tiny, prompts)
+    np.testing.assert_array_equal(np.asarray(c4.lengths), [13, 5, 9])
+    for row, p in enumerate(prompts):
+        n = len(p)
+        for a, b in ((c4.c_kv, c16.c_kv), (c4.k_pe, c16.k_pe)):
+            a, b = np.asarray(a[:, row, :n]), np.asarray(b[:, row, :n])
+            assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+        want = full[row, n - 1]
+        for got in (l4[row], l16[row]):
+            assert np.abs(np.asarray(got) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_cache_holds_only_the_latent(dtype):
+    config = ModelConfig.from_preset("tiny")
+    B, T = 2, 24
+    cache = dsv2_jax.init_cache(config, B, T, dtype=dtype)
+    itemsize = jnp.dtype(dtype).itemsize
+    expected = (config.kv_lora_rank + config.qk_rope_head_dim) * itemsize
+    assert gen.cache_bytes_per_token(cache) == expected
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
+    assert total == config.num_hidden_layers * B * T * expected + B * 4  # + the int32 lengths
+    v2 = jax.eval_shape(lambda: dsv2_jax.init_cache(ModelConfig.from_preset("deepseek-v2"), 1, 8))
+    assert (v2.c_kv.shape[-1] + v2.k_pe.shape[-1]) * v2.c_kv.shape[0] == 34_560  # REFERENCE.md, per token
+
+
+# ---------------------------------------------------------------------------------------------- compilation
+def test_nothing_recompiles_per_token(tiny):
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    dsv2_jax.generate(tiny, random_prompts(256, (6, 2)), 5, chunk_size=8)  # compiles this shape bucket
+    seen = []
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        out = dsv2_jax.generate(tiny, random_prompts(256, (3, 5), seed=2), 9, chunk_size=8, on_tokens=seen.append)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(seen) == 9 and all(len(r) == 9 for r in out)  # nine one-token calls of the decode loop
+    assert compiles == [], f"{len(compiles)} compilations in a warm shape bucket"
+    assert [[s[i][0] for s in seen] for i in range(2)] == out  # streamed tokens are the returned ones
+
+
+# ---------------------------------------------------------------------------------------------- stopping, sampling
+def test_eos_stops_each_row(tiny):
+    prompts = random_prompts(256, (4, 7, 2), seed=3)
+    free = dsv2_jax.generate(tiny, prompts, 10)
+    eos = free[1][3]  # a token row 1 emits at step 3
+    stopped = dsv2_jax.generate(tiny, prompts, 10, eos_token_id=eos)
+    for row, s in zip(free, stopped):
+        expected = row[:row.index(eos) + 1] if eos in row else row
+        assert s == expected
+    assert len(stopped[1]) <= 4
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    prompts = random_prompts(256, (4, 9), seed=4)
+    a = dsv2_jax.generate(tiny, prompts, 8, temperature=1.0, seed=11)
+    b = dsv2_jax.generate(tiny, prompts, 8, temperature=1.0, seed=11)
+    c = dsv2_jax.generate(tiny, prompts, 8, temperature=1.0, seed=12)
+    assert a == b and a != c
+    greedy = dsv2_jax.generate(tiny, prompts, 8)
+    assert dsv2_jax.generate(tiny, prompts, 8, temperature=0.7, top_k=1, seed=5) == greedy
+
+
+def allowed_tokens(logits, temperature, top_k, top_p):
+    """The allowed set and its renormalised probabilities, by a plain numpy reading of top-k then top-p."""
+    z = logits / temperature
+    order = np.argsort(-z)
+    keep = list(order[:top_k] if top_k else order)
+    p = np.exp(z[keep] - z[keep].max())
+    p /= p.sum()
+    if top_p is not None:
+        cut = int(np.searchsorted(np.cumsum(p), top_p) + 1)  # smallest prefix whose mass reaches top_p
+        keep, p = keep[:cut], p[:cut] / p[:cut].sum()
+    return dict(zip((int(k) for k in keep), p))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, None), (None, 0.6), (8, 0.8)])
+def test_top_k_top_p_stay_in_the_allowed_set(top_k, top_p):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2.0, 64).astype(np.float32)
+    temperature, n = 0.8, 4000
+    allowed = allowed_tokens(logits, temperature, top_k, top_p)
+    keys = jax.random.split(jax.random.key(0), n)
+    draws = np.asarray(jax.jit(gen.sample_logits, static_argnums=(2, 3, 4))(
+        jnp.broadcast_to(jnp.asarray(logits), (n, 64)), keys, temperature, top_k, top_p))
+    assert set(draws.tolist()) <= set(allowed)
+    for token, p in allowed.items():  # and the allowed tokens come at their renormalised rates
+        assert abs(np.mean(draws == token) - p) < 0.03, (token, p)
+
+
+# ---------------------------------------------------------------------------------------------- sharding
+@pytest.mark.parametrize("shape", [dict(data=8), dict(data=2, tensor=4)])
+def test_sharded_generation_equals_single_device(tmp_path_factory, shape):
+    path = tmp_path_factory.mktemp("hf")
+    save_hf_model(random_hf_model(seed=9), path)
+    mesh = dsv2_jax.make_mesh(**shape)
+    single = dsv2_jax.from_hf(path, dtype=jnp.float32)
+    sharded = dsv2_jax.from_hf(path, dtype=jnp.float32, mesh=mesh)
+    prompts = random_prompts(160, seed=5)
+    for kw in (dict(), dict(temperature=1.0, top_p=0.9, seed=3)):
+        want = dsv2_jax.generate(single, prompts, 6, chunk_size=8, **kw)
+        got = dsv2_jax.generate(sharded, prompts, 6, chunk_size=8, mesh=mesh, **kw)
+        assert got == want, kw
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_clear_errors(tiny):
+    mpe = tiny.config.max_position_embeddings
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        dsv2_jax.generate(tiny, [[1, 2], []], 4)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        dsv2_jax.generate(tiny, [[1] * (mpe - 2)], 4)
+    with pytest.raises(ValueError, match="cache size max_len=8"):
+        dsv2_jax.generate(tiny, [[1, 2, 3, 4, 5]], 4, max_len=8)
+    with pytest.raises(ValueError, match="token id 512 outside the vocabulary"):
+        dsv2_jax.generate(tiny, [[1, 512]], 4)
+    with pytest.raises(ValueError, match="top_p"):
+        dsv2_jax.generate(tiny, [[1, 2]], 4, temperature=1.0, top_p=1.5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        dsv2_jax.generate(tiny, [[1, 2]], 0)
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+def load_cli():
+    spec = importlib.util.spec_from_file_location("generate_cli", os.path.join(ROOT, "generate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def word_tokenizer(path, vocab_size):
+    """A word-level tokenizer.json: ids 0/1 are <bos>/<eos>, the rest words w2, w3, ..."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<bos>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.add_special_tokens(["<bos>", "<eos>"])
+    tok.save(os.path.join(path, "tokenizer.json"))
+
+
+def test_cli_streams_the_generated_text(tmp_path, capsys):
+    hf = random_hf_model(seed=4)
+    save_hf_model(hf, tmp_path)
+    word_tokenizer(tmp_path, hf.config.vocab_size)
+    cli = load_cli()
+    text = "w5 w17 w99 w3"
+    cli.main(["--hf", str(tmp_path), "--prompt", text, "--max-new-tokens", "6", "--dtype", "float32"])
+    captured = capsys.readouterr()
+    out = captured.out
+    model = dsv2_jax.from_hf(tmp_path, dtype=jnp.float32)
+    tokens = dsv2_jax.generate(model, [[5, 17, 99, 3]], 6, eos_token_id=1)[0]
+    words = " ".join(f"w{t}" for t in tokens if t > 1)
+    assert words and words in out
+    assert "prefill" in captured.err and "decode" in captured.err and "tokens/s" in captured.err
+
+
+def test_cli_needs_a_tokenizer_for_text(tmp_path, capsys):
+    save_hf_model(random_hf_model(seed=4), tmp_path)
+    cli = load_cli()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--hf", str(tmp_path), "--prompt", "hello", "--max-new-tokens", "2"])
+    assert e.value.code != 0
+    assert "tokenizer.json" in capsys.readouterr().err
