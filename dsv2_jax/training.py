@@ -1,0 +1,537 @@
+"""Training: the recipe, optimizer and schedules, the loss with the paper's balance losses, the train step, the loop.
+
+The step is a pure jitted function of (params, opt_state, batch) over plain pytrees; it runs unchanged on one device
+or under a mesh (parameters and optimizer state keep their shardings, the batch is split over the batch axes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import nnx
+
+from .config import ModelConfig
+from .data import DataConfig, Pipeline
+from .model import REMAT_POLICIES, count_params
+from .moe import RouterOutput
+from .sharding import activation_mesh, logical_to_spec
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Dense bf16 peak FLOP/s per chip by jax device_kind prefix, for MFU.
+PEAK_FLOPS = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA H800": 989e12, "NVIDIA A100": 312e12,
+              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+# ---------------------------------------------------------------------------------------------------- recipe
+@dataclasses.dataclass
+class OptimizerConfig:
+    lr: float = 2.4e-4
+    warmup_steps: int = 2000
+    schedule: str = "step"  # step: ×decay_factor at each fraction of decay_at (the paper's); or cosine
+    decay_at: list = dataclasses.field(default_factory=lambda: [0.6, 0.9])
+    decay_factor: float = 0.316
+    min_lr_ratio: float = 0.1  # cosine: final lr / peak
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass
+class BalanceConfig:
+    alpha1: float = 0.0  # expert-level
+    alpha2: float = 0.0  # device-level
+    alpha3: float = 0.0  # communication
+    device_groups: int | None = None  # D: default the expert mesh axis if > 1, else n_group
+    device_limit: int | None = None  # M: default topk_group (group_limited_greedy) or min(K, D)
+
+
+@dataclasses.dataclass
+class Recipe:
+    model: Any = "tiny"  # preset name, config.json path / folder, or a dict of config fields
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+    dtype: str = "bfloat16"  # compute
+    param_dtype: str = "float32"  # master weights
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 8  # global rows per optimizer step
+    grad_accum: int = 1
+    remat: str = "none"
+    capacity_factor: float | None = None  # None: dropless
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    balance: BalanceConfig = dataclasses.field(default_factory=BalanceConfig)
+    mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1})
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    eval_every: int = 500
+    eval_batches: int = 8
+    peak_tflops: float | None = None  # per device; default from the device kind
+
+    def model_config(self) -> ModelConfig:
+        if isinstance(self.model, dict):
+            config = ModelConfig.from_hf(self.model)
+        elif os.path.exists(str(self.model)):
+            config = ModelConfig.from_hf(self.model)
+        else:
+            config = ModelConfig.from_preset(str(self.model))
+        return config.replace(**self.model_overrides) if self.model_overrides else config
+
+    def validate(self):
+        def fail(field, msg):
+            raise ValueError(f"recipe {field}: {msg}")
+
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                fail(name, f"must be one of {list(DTYPES)}, got {getattr(self, name)!r}")
+        if self.remat not in REMAT_POLICIES:
+            fail("remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                fail(name, f"must be a positive integer, got {getattr(self, name)!r}")
+        if self.batch_size % self.grad_accum:
+            fail("grad_accum", f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+        if self.optimizer.schedule not in ("step", "cosine"):
+            fail("optimizer.schedule", f"must be 'step' or 'cosine', got {self.optimizer.schedule!r}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            fail("capacity_factor", f"must be > 0 or null, got {self.capacity_factor}")
+
+
+def _build(cls, values: dict, where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown recipe key(s) {', '.join(where + k for k in unknown)}; known: {sorted(fields)}")
+    defaults = cls()
+    kwargs = {}
+    for k, v in values.items():
+        sub = {"data": DataConfig, "optimizer": OptimizerConfig, "balance": BalanceConfig}.get(k) if cls is Recipe else None
+        if sub:
+            v = _build(sub, v or {}, f"{where}{k}.")
+        elif isinstance(getattr(defaults, k), float) and isinstance(v, (str, int)) and not isinstance(v, bool):
+            try:  # YAML reads 5e-3 (no dot) as a string
+                v = float(v)
+            except ValueError:
+                raise ValueError(f"recipe {where}{k}: expected a number, got {v!r}") from None
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def load_recipe(path: str | None, overrides: list[str] = ()) -> Recipe:
+    """A YAML recipe with `key=value` overrides (dotted keys, YAML values: optimizer.lr=1e-3, data.sources=[a.txt])."""
+    values: dict = {}
+    if path:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a recipe is a YAML mapping")
+        if isinstance(values.get("model"), str) and not os.path.isabs(values["model"]):
+            candidate = os.path.join(os.path.dirname(os.path.abspath(path)), values["model"])
+            if os.path.exists(candidate):
+                values["model"] = candidate
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        node = values
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(raw)
+    recipe = _build(Recipe, values, "")
+    recipe.validate()
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------------- optimizer
+def learning_rate_schedule(opt: OptimizerConfig, steps: int) -> optax.Schedule:
+    """Linear warm-up, then the paper's step decay (×decay_factor at each fraction in decay_at) or cosine."""
+    warmup = min(opt.warmup_steps, steps)
+    if opt.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, opt.lr, warmup, max(steps, warmup + 1),
+                                                  end_value=opt.lr * opt.min_lr_ratio)
+    boundaries = {int(round(f * steps)) - warmup: opt.decay_factor for f in opt.decay_at}
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, opt.lr, warmup), optax.piecewise_constant_schedule(opt.lr, boundaries)], [warmup])
+
+
+def decay_mask(params: dict) -> dict:
+    """Weight decay on matrices only: not on norm weights (1-D per layer)."""
+    def is_decayed(path, _):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        return not (name.endswith("norm/weight") or name.endswith("_norm"))
+
+    return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def make_optimizer(opt: OptimizerConfig, steps: int) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(opt.clip_norm),
+        optax.adamw(learning_rate_schedule(opt, steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                    weight_decay=opt.weight_decay, mask=decay_mask),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+def next_token_targets(tokens, segment_ids):
+    """Targets = the next token of the same document; mask is False across document boundaries, at the end of a
+    row and on padding (segment 0)."""
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+    same_doc = jnp.pad(segment_ids[:, 1:] == segment_ids[:, :-1], ((0, 0), (0, 1)))
+    return targets, same_doc & (segment_ids > 0)
+
+
+def balance_losses(router: RouterOutput, token_mask, num_experts: int, top_k: int, groups: int, limit: int):
+    """The three balance losses of DeepSeek-V2 §2.2.3, per sequence, averaged over sequences, summed over layers.
+
+    router: stacked over L MoE layers, T = B*S tokens. token_mask: [B, S] valid tokens.
+    Returns (L_exp, L_dev, L_comm) before their α weights, and the per-layer expert load [L, E] (share of pairs).
+    """
+    L = router.experts.shape[0]
+    B, S = token_mask.shape
+    E, K, D, M = num_experts, top_k, groups, limit
+    m = token_mask.astype(jnp.float32)
+    n_tok = jnp.maximum(m.sum(-1), 1.0)  # T per sequence
+    scores = router.scores.reshape(L, B, S, E)
+    chosen = jax.nn.one_hot(router.experts, E, dtype=jnp.float32).sum(-2).reshape(L, B, S, E)
+    chosen = jax.lax.stop_gradient(chosen)
+    P = jnp.einsum("lbse,bs->lbe", scores, m) / n_tok[:, None]  # P_i
+    counts = jnp.einsum("lbse,bs->lbe", chosen, m)
+    f = counts * (E / (K * n_tok))[:, None]  # f_i
+    l_exp = (f * P).sum(-1).mean(-1).sum()
+    P_dev = P.reshape(L, B, D, E // D).sum(-1)
+    f_dev = f.reshape(L, B, D, E // D).mean(-1)
+    l_dev = (f_dev * P_dev).sum(-1).mean(-1).sum()
+    sent = chosen.reshape(L, B, S, D, E // D).max(-1)  # token t sent to device group d
+    f_comm = jnp.einsum("lbsd,bs->lbd", sent, m) * (D / (M * n_tok))[:, None]
+    l_comm = (f_comm * P_dev).sum(-1).mean(-1).sum()
+    load = counts.sum(1) / jnp.maximum(counts.sum((1, 2))[:, None], 1.0)
+    return (l_exp, l_dev, l_comm), load
+
+
+def balance_groups(config: ModelConfig, balance: BalanceConfig, mesh) -> tuple[int, int]:
+    """(D, M): device groups from the expert mesh axis (or n_group on one device) and the device limit."""
+    D = balance.device_groups
+    if D is None:
+        expert_axis = dict(zip(mesh.axis_names, mesh.devices.shape)).get("expert", 1) if mesh is not None else 1
+        D = expert_axis if expert_axis > 1 else config.num_groups
+    if config.num_experts % D:
+        raise ValueError(f"balance.device_groups={D} does not divide n_routed_experts={config.num_experts}")
+    M = balance.device_limit
+    if M is None:
+        M = config.topk_group if config.topk_method == "group_limited_greedy" else min(config.num_experts_per_tok, D)
+    return D, M
+
+
+# ---------------------------------------------------------------------------------------------------- the step
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What the jitted step needs to know besides arrays (static)."""
+
+    remat: str
+    capacity_factor: float | None
+    alphas: tuple[float, float, float]
+    groups: int
+    limit: int
+
+
+def _forward(graphdef, params, batch, settings: StepSettings):
+    model = nnx.merge(graphdef, params)
+    kwargs = {"remat": settings.remat}
+    if settings.capacity_factor is not None:
+        kwargs["capacity_factor"] = settings.capacity_factor
+    return model, model.forward(batch["tokens"], batch["positions"], batch["segment_ids"], **kwargs)
+
+
+def microbatch_loss(params, batch, n_tokens, n_rows, *, graphdef, settings: StepSettings):
+    """This micro-batch's share of the full batch's loss: CE summed / all target tokens, balance losses summed over
+    its rows / all rows. Summing over micro-batches gives exactly the loss (and gradient) of the whole batch."""
+    model, out = _forward(graphdef, params, batch, settings)
+    targets, mask = next_token_targets(batch["tokens"], batch["segment_ids"])
+    logp = jax.nn.log_softmax(out.logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    ce = jnp.sum(nll * mask) / n_tokens
+    metrics = {"ce": ce}
+    loss = ce
+    c = model.config
+    rows = batch["tokens"].shape[0]
+    if out.router is not None:
+        (l_exp, l_dev, l_comm), load = balance_losses(out.router, batch["segment_ids"] > 0, c.num_experts,
+                                                      c.num_experts_per_tok, settings.groups, settings.limit)
+        a1, a2, a3 = settings.alphas
+        share = rows / n_rows
+        metrics.update(expert_balance=a1 * l_exp * share, device_balance=a2 * l_dev * share,
+                       comm_balance=a3 * l_comm * share, expert_load=load * share)
+        loss = loss + metrics["expert_balance"] + metrics["device_balance"] + metrics["comm_balance"]
+        dropped = getattr(out, "dropped", None)
+        if dropped is not None:
+            metrics["dropped_fraction"] = dropped * share
+    return loss, metrics
+
+
+def train_step(params, opt_state, batch, *, graphdef, optimizer, settings: StepSettings):
+    """One optimizer step over a batch of [grad_accum, rows, seq] arrays. Returns new params, opt_state, metrics."""
+    _, mask = jax.vmap(next_token_targets)(batch["tokens"], batch["segment_ids"])
+    n_tokens = jnp.maximum(mask.sum(), 1).astype(jnp.float32)
+    n_rows = batch["tokens"].shape[0] * batch["tokens"].shape[1]
+    grad_fn = jax.value_and_grad(functools.partial(microbatch_loss, graphdef=graphdef, settings=settings), has_aux=True)
+
+    def accumulate(carry, micro):
+        (loss, metrics), grads = grad_fn(params, micro, n_tokens, n_rows)
+        if carry is None:
+            return loss, metrics, grads
+        return jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+
+    if batch["tokens"].shape[0] == 1:
+        loss, metrics, grads = accumulate(None, jax.tree.map(lambda x: x[0], batch))
+    else:
+        first = accumulate(None, jax.tree.map(lambda x: x[0], batch))
+        (loss, metrics, grads), _ = jax.lax.scan(lambda c, m: (accumulate(c, m), None), first,
+                                                 jax.tree.map(lambda x: x[1:], batch))
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics.update(loss=loss, grad_norm=optax.global_norm(grads), tokens=n_tokens)
+    return params, opt_state, metrics
+
+
+def eval_step(params, batch, *, graphdef, settings: StepSettings):
+    """(sum of next-token NLL, number of target tokens) of one batch, dropless."""
+    _, out = _forward(graphdef, params, batch, dataclasses.replace(settings, capacity_factor=None, remat="none"))
+    targets, mask = next_token_targets(batch["tokens"], batch["segment_ids"])
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(out.logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 × activated non-embedding parameters (lm_head included) plus causal attention,
+    3 × (2 matmuls × S/2 keys × H × (d_qk + d_v)) per layer."""
+    _, activated = count_params(config)
+    attention = 3 * config.num_hidden_layers * config.num_attention_heads * (
+        config.qk_head_dim + config.v_head_dim) * seq_len
+    return 6.0 * activated + attention
+
+
+def peak_flops(recipe: Recipe) -> float | None:
+    if recipe.peak_tflops:
+        return recipe.peak_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+
+
+def batch_sharding(mesh, ndim: int):
+    if mesh is None:
+        return None
+    from jax.sharding import NamedSharding, PartitionSpec
+    spec = logical_to_spec(("batch", "seq"))
+    return NamedSharding(mesh, PartitionSpec(None, *spec) if ndim == 3 else spec)
+
+
+def to_global(batch: dict, mesh) -> dict:
+    """Process-local numpy rows -> global arrays split over the batch axes (or plain device arrays)."""
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}
+
+
+def jit_steps(graphdef, optimizer, settings: StepSettings, mesh):
+    """The jitted train and eval steps; under a mesh, traced inside activation_mesh so activations are constrained."""
+    train = functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, settings=settings)
+    evaluate = functools.partial(eval_step, graphdef=graphdef, settings=settings)
+
+    def under_mesh(fn):
+        def wrapped(*args):
+            with activation_mesh(mesh):
+                return fn(*args)
+        return wrapped
+
+    return jax.jit(under_mesh(train), donate_argnums=(0, 1)), jax.jit(under_mesh(evaluate))
+
+
+def init_train_state(config: ModelConfig, recipe: Recipe, optimizer, mesh):
+    """(graphdef, params, opt_state), params in param_dtype, created directly in their shardings under a mesh."""
+    from . import sharding
+
+    dtype, param_dtype = DTYPES[recipe.dtype], DTYPES[recipe.param_dtype]
+    model = sharding.init_model(config, mesh=mesh, dtype=dtype, param_dtype=param_dtype, seed=recipe.seed)
+    graphdef, state = nnx.split(model)
+    params = state.to_pure_dict()
+    opt_state = jax.jit(optimizer.init)(params)
+    return graphdef, params, opt_state
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+class TrainCheckpoints:
+    """orbax CheckpointManager over WORKDIR/checkpoints: params, opt_state, data iterator, step, model config.
+
+    Saves are asynchronous; a step directory becomes visible only once complete, so a save killed midway leaves
+    the previous checkpoint as the latest.
+    """
+
+    def __init__(self, workdir: str, every: int, keep: int):
+        import orbax.checkpoint as ocp
+        from .checkpoint import CHECKPOINTS
+
+        self.ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(workdir, CHECKPOINTS)),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
+                                                 enable_async_checkpointing=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params, opt_state, data_state: dict, config: ModelConfig, force=False) -> bool:
+        from .checkpoint import MODEL_CONFIG, PARAMS
+
+        a = self.ocp.args
+        return self.manager.save(step, force=force, args=a.Composite(**{
+            PARAMS: a.StandardSave(params), "opt_state": a.StandardSave(opt_state),
+            "data": a.JsonSave(data_state), "train_state": a.JsonSave({"step": step}),
+            MODEL_CONFIG: a.JsonSave(config.to_hf_dict())}))
+
+    def restore(self, step: int, params, opt_state):
+        """Restores into the structure, dtypes and shardings of the given (live or abstract) params/opt_state."""
+        from .checkpoint import PARAMS
+
+        a = self.ocp.args
+        abstract = lambda tree: jax.tree.map(  # noqa: E731
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+        out = self.manager.restore(step, args=a.Composite(**{
+            PARAMS: a.StandardRestore(abstract(params)), "opt_state": a.StandardRestore(abstract(opt_state)),
+            "data": a.JsonRestore(), "train_state": a.JsonRestore()}))
+        return out[PARAMS], out["opt_state"], out["data"], out["train_state"]["step"]
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def build_mesh(recipe: Recipe):
+    """The recipe's mesh, or None for a single device."""
+    sizes = dict(recipe.mesh or {})
+    if all(v == 1 for v in sizes.values()) or (jax.device_count() == 1 and all(v in (1, -1) for v in sizes.values())):
+        return None
+    from .sharding import make_mesh
+    return make_mesh(**sizes)
+
+
+def train(recipe: Recipe, workdir: str, *, stop_after: int | None = None, progress: bool = True) -> list[dict]:
+    """Trains (or resumes) in workdir. Returns the logged records of this invocation.
+
+    stop_after: leave after this many steps of this invocation (saving a checkpoint), without changing the
+    schedule; a later call resumes from it.
+    """
+    from tqdm import tqdm
+    from .metrics import MetricsWriter
+
+    os.makedirs(workdir, exist_ok=True)
+    config = recipe.model_config()
+    mesh = build_mesh(recipe)
+    is_main = jax.process_index() == 0
+    n_proc = jax.process_count()
+    if recipe.batch_size % (recipe.grad_accum * n_proc):
+        raise ValueError(f"batch_size={recipe.batch_size} must divide into grad_accum={recipe.grad_accum} × "
+                         f"{n_proc} processes")
+    rows = recipe.batch_size // n_proc  # per process, all micro-batches
+    data = Pipeline(recipe.data, rows, "train", process_index=jax.process_index(), process_count=n_proc,
+                    model_config=config)
+    optimizer = make_optimizer(recipe.optimizer, recipe.steps)
+    schedule = learning_rate_schedule(recipe.optimizer, recipe.steps)
+    graphdef, params, opt_state = init_train_state(config, recipe, optimizer, mesh)
+    groups, limit = balance_groups(config, recipe.balance, mesh) if config.num_moe_layers else (1, 1)
+    settings = StepSettings(recipe.remat, recipe.capacity_factor,
+                            (recipe.balance.alpha1, recipe.balance.alpha2, recipe.balance.alpha3), groups, limit)
+    train_fn, eval_fn = jit_steps(graphdef, optimizer, settings, mesh)
+    ckpt = TrainCheckpoints(workdir, recipe.checkpoint_every, recipe.keep_checkpoints)
+    step = 0
+    if ckpt.latest_step() is not None:
+        params, opt_state, data_state, step = ckpt.restore(ckpt.latest_step(), params, opt_state)
+        data.restore(data_state)
+        if is_main:
+            print(f"resumed from {workdir} at step {step}")
+    writer = MetricsWriter(workdir, enabled=is_main)
+    fpt = flops_per_token(config, recipe.data.seq_len)
+    peak = peak_flops(recipe)
+    last = recipe.steps if stop_after is None else min(recipe.steps, step + stop_after)
+    bar = tqdm(total=recipe.steps, initial=step, disable=not (progress and is_main), dynamic_ncols=True,
+               desc="train")
+    records, window, t0 = [], [], time.perf_counter()
+    try:
+        while step < last:
+            batch = next(data)
+            batch = {k: v.reshape(recipe.grad_accum, rows // recipe.grad_accum, -1) for k, v in batch.items()}
+            params, opt_state, metrics = train_fn(params, opt_state, to_global(batch, mesh))
+            step += 1
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping. The last good checkpoint "
+                                    f"(step {ckpt.latest_step()}) is kept in {workdir}")
+            window.append(metrics)
+            if step % recipe.log_every == 0 or step == last:
+                record = _log_record(window, step, schedule, time.perf_counter() - t0, fpt, peak)
+                window, t0 = [], time.perf_counter()
+                if step % recipe.eval_every == 0 or step == recipe.steps:
+                    record.update(evaluate(recipe, config, eval_fn, params, mesh))
+                writer.write(record)
+                records.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_sec']:.0f}")
+            bar.update(1)
+            ckpt.save(step, params, opt_state, data.state(), config, force=(step == last))
+    finally:
+        bar.close()
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+    return records
+
+
+def _log_record(window: list[dict], step: int, schedule, seconds: float, fpt: float, peak: float | None) -> dict:
+    host = jax.device_get(window)
+    mean = lambda key: float(np.mean([m[key] for m in host]))  # noqa: E731
+    tokens = float(np.sum([m["tokens"] for m in host]))
+    record = {"step": step, "loss": mean("loss"), "ce_loss": mean("ce"), "lr": float(schedule(step - 1)),
+              "grad_norm": mean("grad_norm"), "tokens_per_sec": tokens / max(seconds, 1e-9)}
+    record["mfu"] = record["tokens_per_sec"] * fpt / (peak * jax.device_count()) if peak else None
+    if "expert_balance" in host[-1]:
+        for key in ("expert_balance", "device_balance", "comm_balance"):
+            record[key] = mean(key)
+        record["dropped_fraction"] = mean("dropped_fraction") if "dropped_fraction" in host[-1] else 0.0
+        load = np.mean([m["expert_load"] for m in host], axis=0)  # [L, E]
+        record["expert_load"] = np.round(load, 5).tolist()
+        record["expert_load_max_over_mean"] = np.round(load.max(-1) / load.mean(-1), 4).tolist()
+    return record
+
+
+def evaluate(recipe: Recipe, config: ModelConfig, eval_fn, params, mesh) -> dict:
+    """Mean next-token loss and perplexity over the first eval_batches batches of the held-out split."""
+    if recipe.data.eval_fraction <= 0:
+        return {}
+    rows = recipe.batch_size // jax.process_count()
+    data = Pipeline(recipe.data, rows, "eval", process_index=jax.process_index(), process_count=jax.process_count(),
+                    model_config=config)
+    total, count = 0.0, 0.0
+    for _ in range(recipe.eval_batches):
+        nll, n = eval_fn(params, to_global(next(data), mesh))
+        total, count = total + float(nll), count + float(n)
+    loss = total / max(count, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}

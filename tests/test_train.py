@@ -1,0 +1,195 @@
+"""Training: loss falls, exact resume, kill during save, balance losses, accumulation, schedule, NaN stop."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dsv2_jax import ModelConfig
+from dsv2_jax.model import DeepseekV2
+from dsv2_jax.moe import RouterOutput
+from dsv2_jax.training import (OptimizerConfig, StepSettings, balance_losses, learning_rate_schedule,
+                               load_recipe, make_optimizer, train, train_step)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_YAML = os.path.join(ROOT, "configs", "tiny.yaml")
+SMALL = ["model_overrides={num_hidden_layers: 2}", "data.seq_len=64", "batch_size=4", "log_every=1",
+         "eval_every=1000", "checkpoint_every=3", "optimizer.warmup_steps=3", "mesh={data: 1}"]
+
+
+def small_recipe(*extra):
+    return load_recipe(TINY_YAML, SMALL + list(extra))
+
+
+def test_loss_falls_well_below_start(tmp_path):
+    records = train(small_recipe("steps=30", "batch_size=8", "optimizer.lr=5e-3"), str(tmp_path), progress=False)
+    start, end = records[0]["loss"], np.mean([r["loss"] for r in records[-3:]])
+    assert end < 0.6 * start, (start, end)
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    for key in ("step", "loss", "lr", "grad_norm", "expert_balance", "device_balance", "comm_balance",
+                "tokens_per_sec", "mfu", "dropped_fraction", "expert_load", "expert_load_max_over_mean"):
+        assert key in lines[-1], key
+    assert np.asarray(lines[-1]["expert_load"]).shape == (1, 8)
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "tb"))
+
+
+def test_stop_and_resume_equals_unbroken_run(tmp_path):
+    recipe = small_recipe("steps=8")
+    unbroken = train(recipe, str(tmp_path / "a"), progress=False)
+    first = train(recipe, str(tmp_path / "b"), stop_after=5, progress=False)
+    second = train(recipe, str(tmp_path / "b"), progress=False)
+    assert [r["step"] for r in first + second] == list(range(1, 9))
+    assert [r["loss"] for r in first + second] == [r["loss"] for r in unbroken]  # bit-exact
+
+
+def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path):
+    """SIGKILL while an async save is being written; the next start resumes from the previous complete step."""
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY_YAML, "--workdir", str(workdir),
+           "--no-progress", "--steps", "40"] + [x for s in SMALL for x in ("--set", s)] + ["--set", "checkpoint_every=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckdir = workdir / "checkpoints"
+    killed_during = None
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        names = os.listdir(ckdir) if ckdir.exists() else []
+        tmp = [n for n in names if "tmp" in n]
+        done = [int(n) for n in names if n.isdigit()]
+        if tmp and done:  # a save in flight while an earlier one is complete
+            proc.send_signal(signal.SIGKILL)
+            killed_during = tmp[0]
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert killed_during is not None, "never caught a save in flight"
+    complete = sorted(int(n) for n in os.listdir(ckdir) if n.isdigit())
+    recipe = small_recipe("steps=40", "checkpoint_every=2")
+    resumed = train(recipe, str(workdir), stop_after=1, progress=False)
+    assert resumed[0]["step"] == complete[-1] + 1
+
+
+def np_balance(scores, experts, mask, E, K, D, M):
+    """REFERENCE.md's formulas, one layer and one sequence at a time."""
+    L, B, S = scores.shape[0], mask.shape[0], mask.shape[1]
+    out = np.zeros(3)
+    for l in range(L):
+        per_seq = np.zeros((B, 3))
+        for b in range(B):
+            idx = [t for t in range(S) if mask[b, t]]
+            T = len(idx)
+            s = scores[l, b, idx]
+            ch = np.zeros((T, E))
+            for j, t in enumerate(idx):
+                ch[j, experts[l, b, t]] = 1
+            f = E / (K * T) * ch.sum(0)
+            P = s.sum(0) / T
+            per_seq[b, 0] = (f * P).sum()
+            g = E // D
+            fd = np.array([f[d * g:(d + 1) * g].mean() for d in range(D)])
+            Pd = np.array([P[d * g:(d + 1) * g].sum() for d in range(D)])
+            per_seq[b, 1] = (fd * Pd).sum()
+            sent = np.array([[ch[j, d * g:(d + 1) * g].max() for d in range(D)] for j in range(T)])
+            f2 = D / (M * T) * sent.sum(0)
+            per_seq[b, 2] = (f2 * Pd).sum()
+        out += per_seq.mean(0)
+    return out
+
+
+def test_balance_losses_match_numpy_and_reach_the_router():
+    rng = np.random.default_rng(0)
+    L, B, S, E, K, D, M = 2, 3, 10, 8, 3, 4, 2
+    logits = rng.normal(size=(L, B * S, E)).astype(np.float32)
+    scores = np.asarray(jax.nn.softmax(logits, -1))
+    experts = np.stack([np.stack([rng.choice(E, K, replace=False) for _ in range(B * S)]) for _ in range(L)])
+    mask = np.ones((B, S), bool)
+    mask[1, 7:] = False  # padding
+    r = RouterOutput(jnp.zeros((L, B * S, K)), jnp.asarray(experts, jnp.int32), jnp.asarray(scores))
+    (a, b, c), load = balance_losses(r, jnp.asarray(mask), E, K, D, M)
+    want = np_balance(scores.reshape(L, B, S, E), experts.reshape(L, B, S, K), mask, E, K, D, M)
+    np.testing.assert_allclose([a, b, c], want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(load).sum(-1), 1.0, rtol=1e-6)
+
+    def total(lg):
+        rr = r._replace(scores=jax.nn.softmax(lg, -1))
+        return sum(balance_losses(rr, jnp.asarray(mask), E, K, D, M)[0])
+
+    grad = jax.grad(total)(jnp.asarray(logits))
+    assert np.abs(np.asarray(grad)).max() > 1e-4
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    config = ModelConfig.from_preset("tiny").replace(num_hidden_layers=2, initializer_range=0.05)
+    model = DeepseekV2(config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    params = state.to_pure_dict()
+    optimizer = optax.sgd(1.0)  # new params = params - gradient: compares the gradients themselves
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 259, (4, 16)).astype(np.int32)
+    segs = np.ones_like(tokens)
+    segs[:, 9:] = 2  # two documents per row, and row 3 with padding
+    segs[3, 12:] = 0
+    pos = np.where(segs == 2, np.arange(16) - 9, np.arange(16)).astype(np.int32)
+    batch = {"tokens": tokens, "segment_ids": segs, "positions": pos}
+    settings = StepSettings("none", None, (0.01, 0.02, 0.03), 4, 2)
+    step = jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, settings=settings))
+    results = []
+    for k in (1, 2, 4):
+        micro = {n: jnp.asarray(v.reshape(k, 4 // k, 16)) for n, v in batch.items()}
+        results.append(step(params, optimizer.init(params), micro))
+    for p, _, m in results[1:]:
+        np.testing.assert_allclose(m["loss"], results[0][2]["loss"], rtol=1e-6)
+        np.testing.assert_allclose(m["expert_balance"], results[0][2]["expert_balance"], rtol=1e-6)
+        for p0, a, b in zip(jax.tree.leaves(params), jax.tree.leaves(p), jax.tree.leaves(results[0][0])):
+            ga, gb = np.asarray(p0 - a), np.asarray(p0 - b)  # the gradients, up to rounding of p0 - g
+            rounding = 4 * np.finfo(np.float32).eps * np.abs(np.asarray(p0)).max()
+            assert np.abs(ga - gb).max() <= 1e-5 * np.abs(gb).max() + rounding
+
+
+def test_schedule_hits_its_step_decays_exactly():
+    opt = OptimizerConfig(lr=2.4e-4, warmup_steps=20, decay_at=[0.6, 0.9], decay_factor=0.316)
+    lr = learning_rate_schedule(opt, 100)
+    assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(1.2e-4)
+    assert float(lr(20)) == pytest.approx(2.4e-4) and float(lr(59)) == pytest.approx(2.4e-4)
+    assert float(lr(60)) == pytest.approx(2.4e-4 * 0.316) and float(lr(89)) == pytest.approx(2.4e-4 * 0.316)
+    assert float(lr(90)) == pytest.approx(2.4e-4 * 0.316 ** 2) and float(lr(99)) == pytest.approx(2.4e-4 * 0.316 ** 2)
+    cos = learning_rate_schedule(OptimizerConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1), 110)
+    assert float(cos(10)) == pytest.approx(1.0) and float(cos(110)) == pytest.approx(0.1)
+
+
+def test_weight_decay_skips_norms():
+    from dsv2_jax.training import decay_mask
+    model = DeepseekV2(ModelConfig.from_preset("tiny"), rngs=nnx.Rngs(0))
+    mask = decay_mask(nnx.state(model).to_pure_dict())
+    assert mask["moe_layers"]["attn"]["q_b_proj"] and mask["embed_tokens"]["embedding"]
+    assert not mask["norm"]["weight"] and not mask["moe_layers"]["attn"]["kv_a_norm"]
+    assert not mask["moe_layers"]["input_norm"]["weight"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    from dsv2_jax.training import NonFiniteLoss
+    recipe = small_recipe("steps=20", "checkpoint_every=1", "optimizer.lr=1e30", "optimizer.warmup_steps=0",
+                          "optimizer.clip_norm=1e30")
+    with pytest.raises(NonFiniteLoss, match=r"at step (\d+)") as info:
+        train(recipe, str(tmp_path), progress=False)
+    bad = int(info.value.args[0].split("at step ")[1].split(";")[0])
+    steps = sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit())
+    assert steps and steps[-1] == bad - 1
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="unknown recipe key.*optimizer.learning_rate"):
+        load_recipe(TINY_YAML, ["optimizer.learning_rate=1"])
+    with pytest.raises(ValueError, match="grad_accum"):
+        load_recipe(TINY_YAML, ["batch_size=6", "grad_accum=4"])
+    with pytest.raises(ValueError, match="remat"):
+        load_recipe(TINY_YAML, ["remat=sometimes"])
