@@ -45,7 +45,7 @@ CHECKPOINTS = "checkpoints"  # a train workdir's CheckpointManager directory
 
 # Bytes of pieces buffered in one tensorstore transaction before it is committed: bounds the memory that
 # streaming writes hold, while writing fewer, larger OCDBT data files than one commit per piece would.
-WRITE_BATCH_BYTES = 256 << 20
+WRITE_BATCH_BYTES = 32 << 20
 
 
 # ---------------------------------------------------------------------- finding checkpoints

@@ -338,7 +338,7 @@ def hf_to_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype=No
 
 
 # Top-level tensors (embedding, lm_head) are converted in row blocks of about this many bytes.
-ROW_BLOCK_BYTES = 64 << 20
+ROW_BLOCK_BYTES = 32 << 20
 
 
 def _row_blocks(t: Tensor, itemsize: int) -> list[tuple[int, int]]:
