@@ -122,7 +122,7 @@ class SafetensorsFolder:
         return self.entries[name][3]
 
     def read(self, name: str) -> np.ndarray:
-        return self.read_rows(name, 0, (self.shape(name) or (1,))[0]).reshape(self.shape(name))
+        return self.read_rows(name, 0, self.shape(name)[0])
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of the tensor's first axis."""
@@ -235,7 +235,7 @@ class TorchBinFolder:
 
     def read_rows(self, name: str, start: int, stop: int | None) -> np.ndarray:
         t = self.tensors[name]
-        t = (t if t.dim() == 0 or (start == 0 and stop is None) else t[start:stop]).contiguous()
+        t = (t if start == 0 and stop is None else t[start:stop]).contiguous()
         if t.dtype == self._torch.bfloat16:
             return t.view(self._torch.int16).numpy().view(DTYPES["bfloat16"]).copy()
         return t.numpy().copy()
@@ -324,8 +324,8 @@ def hf_to_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype=No
     target = parse_dtype(dtype) or weights.dtype(expected[0].name)
     if target not in DTYPES.values():
         raise ValueError(f"source dtype {target} is not supported; pass dtype (--dtype) float32/bfloat16/float16")
-    pieces = {path: list(_pieces(weights, path, entries, shapes, target))
-              for path, entries in BlockReader(config, shapes, weights.read).by_param.items()}
+    sources = BlockReader(config, shapes, weights.read).by_param  # our param -> {(layer, expert): (tensor, part)}
+    pieces = {path: list(_pieces(weights, path, sources[path], shapes, target)) for path in shapes}
     total = sum(math.prod(s) for s in shapes.values()) * target.itemsize
     bar = Progress(total, sum(map(len, pieces.values())), "hf -> checkpoint", progress, unit="pieces")
     params = {p: _piece_array(shapes[p], target, pieces[p]) for p in shapes}
@@ -342,9 +342,8 @@ ROW_BLOCK_BYTES = 32 << 20
 
 
 def _row_blocks(t: Tensor, itemsize: int) -> list[tuple[int, int]]:
-    rows = t.shape[0] if t.shape else 1
-    step = max(1, ROW_BLOCK_BYTES // max(1, math.prod(t.shape[1:]) * itemsize))
-    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+    step = max(1, ROW_BLOCK_BYTES // (math.prod(t.shape[1:]) * itemsize))
+    return [(r, min(r + step, t.shape[0])) for r in range(0, t.shape[0], step)]
 
 
 def _pieces(weights, path, entries: dict, shapes: dict, dtype: np.dtype):
@@ -364,13 +363,12 @@ def _pieces(weights, path, entries: dict, shapes: dict, dtype: np.dtype):
         if len(t.spec.parts) != 1 or (t.spec.transpose and (len(t.shape) != 2 or t.spec.n_in != 1)):
             raise NotImplementedError(f"no row-block conversion for {t.name}")
         for r0, r1 in _row_blocks(t, dtype.itemsize):
-            rows = slice(r0, r1) if t.shape else slice(None)
-            index = (slice(None), rows) if t.spec.transpose else (rows,)
+            index = (slice(None), slice(r0, r1)) if t.spec.transpose else (slice(r0, r1),)
             yield index, lambda t=t, r0=r0, r1=r1: _read_rows(weights, t, r0, r1, dtype)
 
 
 def _read_rows(weights, t: Tensor, r0: int, r1: int, dtype: np.dtype) -> np.ndarray:
-    x = weights.read_rows(t.name, r0, r1) if t.shape else weights.read(t.name)
+    x = weights.read_rows(t.name, r0, r1)
     return (x.T if t.spec.transpose else x).astype(dtype, copy=False)
 
 
@@ -452,9 +450,7 @@ def _hf_tensor_blocks(stored: checkpoint.StoredParams, t: Tensor) -> Iterator[np
     """One HF tensor from the slices of our parameter(s) that hold it; top-level ones in row blocks."""
     if t.stack is None:
         (path,) = t.spec.parts
-        if not t.shape:
-            yield stored.read(path)
-        for r0, r1 in _row_blocks(t, stored.dtype(path).itemsize) if t.shape else []:
+        for r0, r1 in _row_blocks(t, stored.dtype(path).itemsize):
             yield stored.read(path, (slice(None), slice(r0, r1))).T if t.spec.transpose else \
                 stored.read(path, (slice(r0, r1),))
         return
