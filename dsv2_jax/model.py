@@ -17,7 +17,7 @@ from flax import nnx
 from .attention import MLA, causal_mask
 from .config import ModelConfig
 from .layers import MLP, Embed, RMSNorm, cast, param
-from .moe import MoE, RouterOutput
+from .moe import MoE, RouterOutput, check_capacity_factor
 from .rope import rope_cos_sin
 from .sharding import constrain
 
@@ -39,11 +39,11 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(c.hidden_size, c.intermediate_size, std=c.initializer_range, rngs=rngs, **kw)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, capacity_factor: float | None = None):
         x = x + self.attn(self.input_norm(x), cos, sin, mask)
         h = self.post_attention_norm(x)
         if self.is_moe:
-            y, router = self.mlp(h)
+            y, router = self.mlp(h, capacity_factor)
         else:
             y, router = self.mlp(h), None
         return constrain(x + y, ("batch", "seq", "embed")), router
@@ -61,7 +61,8 @@ def stacked_layers(make, n: int, rngs: nnx.Rngs) -> nnx.Module:
 
 class ForwardOutput(NamedTuple):
     logits: jnp.ndarray  # [B, S, V] float32
-    router: RouterOutput | None  # per MoE layer, stacked: weights/experts [L_moe, B*S, K], scores [L_moe, B*S, E]
+    router: RouterOutput | None  # per MoE layer, stacked: weights/experts/kept [L_moe, B*S, K], scores [.., E]
+    dropped: jnp.ndarray  # float32 scalar: fraction of token-expert pairs dropped over all MoE layers
 
 
 def layer_runs(config: ModelConfig) -> list[tuple[str, int, int]]:
@@ -111,13 +112,17 @@ class DeepseekV2(nnx.Module):
     def __call__(self, input_ids, positions=None, segment_ids=None):
         return self.forward(input_ids, positions, segment_ids).logits
 
-    def forward(self, input_ids, positions=None, segment_ids=None, *, remat: str = "none") -> ForwardOutput:
+    def forward(self, input_ids, positions=None, segment_ids=None, *, remat: str = "none",
+                capacity_factor: float | None = None) -> ForwardOutput:
         """Logits and the routing of every MoE layer.
 
         input_ids, positions, segment_ids: int [B, S]. positions default to 0..S-1; segment_ids (default all
         ones) mark packed documents: a token attends only to earlier tokens of its own segment.
         remat: 'none', 'full' (recompute each layer in the backward pass) or 'save_dots' (keep matmul outputs).
+        capacity_factor: None = dropless MoE; f > 0 = device-level dropping of the lowest-affinity token-expert
+        pairs past f times a device's balanced share (moe.py); router.kept marks the pairs that were computed.
         """
+        check_capacity_factor(capacity_factor)
         B, S = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
@@ -129,7 +134,7 @@ class DeepseekV2(nnx.Module):
         routers = []
         for kind, start, count in layer_runs(self.config):
             stack = self.moe_layers if kind == "moe" else self.dense_layers
-            x, router = scan_layers(stack, start, count, x, (cos, sin, mask), remat)
+            x, router = scan_layers(stack, start, count, x, (cos, sin, mask), remat, capacity_factor)
             if router is not None:
                 routers.append(router)
         x = self.norm(x)
@@ -140,10 +145,12 @@ class DeepseekV2(nnx.Module):
         logits = jnp.einsum("bsd,dv->bsv", x, head, preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "seq", "vocab"))
         router = jax.tree.map(lambda *a: jnp.concatenate(a), *routers) if routers else None
-        return ForwardOutput(logits, router)
+        dropped = jnp.float32(0.0) if router is None else 1.0 - jnp.mean(router.kept.astype(jnp.float32))
+        return ForwardOutput(logits, router, dropped)
 
 
-def scan_layers(stack: nnx.Module, start: int, count: int, x, args, remat: str = "none"):
+def scan_layers(stack: nnx.Module, start: int, count: int, x, args, remat: str = "none",
+                capacity_factor: float | None = None):
     """Runs layers [start, start + count) of a stacked module over x with lax.scan."""
     graphdef, state = nnx.split(stack)
     if (start, count) != (0, jax.tree.leaves(state)[0].shape[0]):
@@ -151,7 +158,7 @@ def scan_layers(stack: nnx.Module, start: int, count: int, x, args, remat: str =
 
     def body(h, layer_state):
         layer = nnx.merge(graphdef, layer_state)
-        return layer(h, *args)
+        return layer(h, *args, capacity_factor=capacity_factor)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)

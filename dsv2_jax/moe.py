@@ -4,20 +4,42 @@ Router: fp32 softmax over the routed experts, then `greedy` top-k or `group_limi
 groups with the best maximum score, then top-k inside them). Weights are the chosen scores, renormalised when
 norm_topk_prob (and k > 1), otherwise multiplied by routed_scaling_factor.
 
-Routed experts run dropless as one grouped matmul over the token copies sorted by expert.
+Routed experts, on one device: one grouped matmul over the token copies sorted by expert (dropless).
+
+Under `sharding.activation_mesh(mesh)` the layer runs expert-parallel inside `jax.shard_map`: each device routes
+its own tokens, packs the (token, expert) copies into fixed-capacity buffers, one per device of the expert axis,
+exchanges them with `jax.lax.all_to_all`, runs its local experts (split over the tensor axis along the
+intermediate dim) as one grouped matmul, sends the results back with a second all_to_all, and combines them.
+
+Capacity: a buffer holds C copies per (sending device, receiving device) pair.
+- dropless (capacity_factor=None, the default): C = T_local * min(K, experts per device), so nothing is dropped;
+- capacity_factor=f: C = ceil(f * T_local * K / expert-axis size), each device receiving at most f times its
+  balanced share; when more copies go to one device, the sender drops its lowest-affinity ones (s_{i,t}).
+On one device, capacity_factor=f drops the lowest-affinity copies past C = ceil(f * T * K) the same way.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import NamedTuple
+
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from . import sharding
 from .config import ModelConfig
 from .layers import MLP, cast, param
 from .sharding import constrain
+
+# Logical axes of the MoE parameters (without the stacked "layers" axis).
+ROUTER_AXES = ("embed", "router")
+GATE_UP_AXES = ("experts", "embed", "expert_mlp")
+DOWN_AXES = ("experts", "expert_mlp", "embed")
 
 
 class RouterOutput(NamedTuple):
@@ -26,6 +48,7 @@ class RouterOutput(NamedTuple):
     weights: jnp.ndarray  # [T, K] float32: combine weights of the chosen experts
     experts: jnp.ndarray  # [T, K] int32: chosen expert ids
     scores: jnp.ndarray  # [T, E] float32: softmax affinities s_{i,t} before any group masking
+    kept: jnp.ndarray | None = None  # [T, K] bool: False where capacity dropping removed the pair (MoE output)
 
 
 def route(config: ModelConfig, logits: jnp.ndarray) -> RouterOutput:
@@ -50,9 +73,30 @@ def route(config: ModelConfig, logits: jnp.ndarray) -> RouterOutput:
 def grouped_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, group_sizes: jnp.ndarray) -> jnp.ndarray:
     """lhs [M, K] rows sorted by group, rhs [G, K, N], group_sizes [G] -> [M, N]: row block g times rhs[g].
 
-    The one place that picks the grouped-matmul backend.
+    The one place that picks the grouped-matmul backend: tokamax's Hopper kernels on GPU where tokamax imports
+    (an optional dependency), jax.lax.ragged_dot otherwise. DSV2_GROUPED_MATMUL=ragged_dot|tokamax forces one.
     """
-    return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32), preferred_element_type=lhs.dtype)
+    group_sizes = group_sizes.astype(jnp.int32)
+    if _grouped_matmul_backend() == "tokamax":
+        import tokamax
+        return tokamax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
+
+
+@functools.cache
+def _grouped_matmul_backend() -> str:
+    choice = os.environ.get("DSV2_GROUPED_MATMUL", "auto")
+    if choice not in ("auto", "ragged_dot", "tokamax"):
+        raise ValueError(f"DSV2_GROUPED_MATMUL must be auto, ragged_dot or tokamax, got {choice!r}")
+    if choice != "auto":
+        return choice
+    if jax.default_backend() != "gpu":
+        return "ragged_dot"
+    try:
+        import tokamax  # noqa: F401
+    except Exception:  # not installed, or its imports fail on this machine
+        return "ragged_dot"
+    return "tokamax"
 
 
 def expert_mlp(x_sorted, group_sizes, gate, up, down):
@@ -79,6 +123,122 @@ def dropless_experts(x, r: RouterOutput, gate, up, down):
     return y.astype(x.dtype)
 
 
+def capacity(tokens: int, config: ModelConfig, n_ep: int, capacity_factor: float | None) -> int:
+    """Copies per (sending, receiving) device pair for `tokens` tokens per device over `n_ep` expert devices."""
+    K = config.num_experts_per_tok
+    most = tokens * min(K, config.num_experts // n_ep)  # one token sends at most this many copies to one device
+    if capacity_factor is None:
+        return most
+    return max(1, min(most, math.ceil(capacity_factor * tokens * K / n_ep)))
+
+
+def check_capacity_factor(capacity_factor) -> None:
+    if capacity_factor is not None and (isinstance(capacity_factor, bool) or
+                                        not isinstance(capacity_factor, (int, float)) or capacity_factor <= 0):
+        raise ValueError(f"capacity_factor must be None (dropless) or a positive number, got {capacity_factor!r}")
+
+
+def dispatch_slots(r: RouterOutput, experts_per_device: int, n_ep: int, capacity: int, valid=None):
+    """Where each (token, expert) copy goes in the send buffer [n_ep * capacity].
+
+    Copies to one device are ranked by affinity (highest first, ties by token order); those ranked past
+    `capacity` are dropped. Returns slot [T*K] (n_ep * capacity for dropped copies) and kept [T, K].
+    valid [T] bool (optional): tokens that are padding send nothing.
+    """
+    T, K = r.experts.shape
+    dest = (r.experts // experts_per_device).reshape(-1)
+    if valid is not None:
+        dest = jnp.where(jnp.repeat(valid, K), dest, n_ep)  # padding: a destination past the last device
+    affinity = jnp.take_along_axis(r.scores, r.experts, axis=1).reshape(-1)
+    by_affinity = jnp.argsort(-affinity, stable=True)
+    order = by_affinity[jnp.argsort(dest[by_affinity], stable=True)]  # by destination, then affinity
+    counts = jnp.bincount(dest, length=n_ep + 1)
+    starts = jnp.cumsum(counts) - counts
+    rank_sorted = jnp.arange(T * K) - starts[dest[order]]
+    rank = jnp.zeros(T * K, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32), unique_indices=True)
+    kept = (rank < capacity) & (dest < n_ep)
+    slot = jnp.where(kept, dest * capacity + rank, n_ep * capacity)
+    return slot, kept.reshape(T, K)
+
+
+def dispatch_experts(x, r: RouterOutput, gate, up, down, *, capacity: int, n_ep: int = 1,
+                     expert_axis: str | None = None, valid=None):
+    """The routed-expert output of one device's tokens, through fixed-capacity send/receive buffers.
+
+    x [T, D]: this device's tokens; r: their routing over all E experts; gate/up [E_loc, D, I_loc],
+    down [E_loc, I_loc, D]: the experts of this device (E_loc = E / n_ep; the slice I_loc of their width).
+    With expert_axis, the buffers are exchanged with all_to_all over that axis (inside shard_map).
+    Returns y [T, D] float32 (a partial sum when the experts' width is split) and kept [T, K].
+    """
+    T, K = r.experts.shape
+    E_loc, D = gate.shape[0], x.shape[-1]
+    slot, kept = dispatch_slots(r, E_loc, n_ep, capacity, valid)
+    rows = n_ep * capacity
+    copy = jnp.full(rows, T * K, jnp.int32).at[slot].set(jnp.arange(T * K, dtype=jnp.int32), mode="drop")
+    filled = copy < T * K
+    send_x = jnp.take(x, copy // K, axis=0, mode="fill", fill_value=0)
+    send_e = jnp.where(filled, jnp.take(r.experts.reshape(-1) % E_loc, copy, mode="clip"), E_loc)
+
+    def exchange(a):
+        return a if expert_axis is None else jax.lax.all_to_all(a, expert_axis, 0, 0, tiled=True)
+
+    recv_x, recv_e = exchange(send_x), exchange(send_e)  # row block i came from expert-axis device i
+    order, group_sizes = sort_by_expert(recv_e[:, None], E_loc)  # empty slots (id E_loc) sort last
+    y_sorted = expert_mlp(recv_x[order], group_sizes, gate, up, down)
+    y_sorted = jnp.where((recv_e[order] < E_loc)[:, None], y_sorted, 0)
+    y_recv = jnp.zeros((rows, D), y_sorted.dtype).at[order].set(y_sorted, unique_indices=True)
+    y_back = exchange(y_recv)  # back in this device's slot order
+    y_pairs = jnp.take(y_back, slot, axis=0, mode="fill", fill_value=0).reshape(T, K, D)
+    weights = jnp.where(kept, r.weights, 0.0)
+    return jnp.einsum("tkd,tk->td", y_pairs, weights, preferred_element_type=jnp.float32), kept
+
+
+def expert_parallel(config: ModelConfig, mesh, x, router, gate, up, down, capacity_factor: float | None):
+    """Routed experts of tokens x [T, D] over `mesh` with jax.shard_map: tokens split over the batch axes,
+    experts over the expert axis, their width over the tensor axis; parameters gathered over fsdp.
+
+    Returns y [T, D] (x.dtype) and the RouterOutput (with `kept`) of every token.
+    """
+    c = config
+    sharding.check_config(c, mesh)
+    inner = dict(sharding.RULES, embed=None)  # inside the layer, parameters are whole along embed (fsdp-gathered)
+    param_spec = lambda axes: sharding.logical_to_spec(axes, inner)  # noqa: E731
+    token_axes = sharding.batch_axes()
+    expert_axis = sharding.RULES["experts"]
+    tensor_axes = sharding._mesh_axes(sharding.RULES["expert_mlp"])
+    if expert_axis not in token_axes:
+        raise ValueError(f"sharding.RULES: expert parallelism needs the batch split over the expert axis "
+                         f"{expert_axis!r}, but 'batch' maps to {token_axes}")
+    n_tokens = math.prod(mesh.shape[a] for a in token_axes)
+    n_ep = mesh.shape[expert_axis]
+    T = x.shape[0]
+    pad = -T % n_tokens
+    valid = jnp.arange(T + pad) < T
+    if pad:  # e.g. decoding a small batch: pad the tokens to a multiple of the token shards; padding sends nothing
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+    cap = capacity((T + pad) // n_tokens, c, n_ep, capacity_factor)
+    tok = P(token_axes)
+
+    def local(x, valid, router, gate, up, down):
+        logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32))
+        r = route(c, logits)
+        y, kept = dispatch_experts(x, r, gate, up, down, capacity=cap, n_ep=n_ep, expert_axis=expert_axis,
+                                   valid=valid)
+        if tensor_axes:
+            y = jax.lax.psum(y, tensor_axes)
+        return y.astype(x.dtype), r._replace(kept=kept)
+
+    y, r = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P(token_axes, None), tok, param_spec(ROUTER_AXES), param_spec(GATE_UP_AXES),
+                  param_spec(GATE_UP_AXES), param_spec(DOWN_AXES)),
+        out_specs=(P(token_axes, None), RouterOutput(*(P(token_axes, None),) * 4)),
+    )(x, valid, router, gate, up, down)
+    if pad:
+        y, r = y[:T], jax.tree.map(lambda a: a[:T], r)
+    return y, r
+
+
 class MoE(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         c = config
@@ -86,10 +246,10 @@ class MoE(nnx.Module):
         self.dtype = dtype
         std = c.initializer_range
         D, E, I = c.hidden_size, c.num_experts, c.moe_intermediate_size
-        self.router = param(rngs, (D, E), ("embed", "router"), param_dtype, std)
-        self.gate_proj = param(rngs, (E, D, I), ("experts", "embed", "expert_mlp"), param_dtype, std)
-        self.up_proj = param(rngs, (E, D, I), ("experts", "embed", "expert_mlp"), param_dtype, std)
-        self.down_proj = param(rngs, (E, I, D), ("experts", "expert_mlp", "embed"), param_dtype, std)
+        self.router = param(rngs, (D, E), ROUTER_AXES, param_dtype, std)
+        self.gate_proj = param(rngs, (E, D, I), GATE_UP_AXES, param_dtype, std)
+        self.up_proj = param(rngs, (E, D, I), GATE_UP_AXES, param_dtype, std)
+        self.down_proj = param(rngs, (E, I, D), DOWN_AXES, param_dtype, std)
         if c.n_shared_experts:
             self.shared_experts = MLP(D, c.n_shared_experts * I, std=std, dtype=dtype, param_dtype=param_dtype,
                                       rngs=rngs)
@@ -101,13 +261,33 @@ class MoE(nnx.Module):
         logits = jnp.dot(x.astype(jnp.float32), self.router[...].astype(jnp.float32))
         return route(self.config, logits)
 
-    def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, RouterOutput]:
+    def __call__(self, x: jnp.ndarray, capacity_factor: float | None = None) -> tuple[jnp.ndarray, RouterOutput]:
+        """x [B, S, D] -> (y [B, S, D], routing of the B*S tokens).
+
+        capacity_factor: None = dropless; f > 0 = drop the lowest-affinity copies past f times a device's
+        balanced share (see the module docstring). Under sharding.activation_mesh(mesh): expert-parallel.
+        """
+        check_capacity_factor(capacity_factor)
         B, S, D = x.shape
         x = x.astype(self.dtype)
         xt = x.reshape(B * S, D)
-        r = self.route(xt)
         dt = self.dtype
-        y = dropless_experts(xt, r, cast(self.gate_proj, dt), cast(self.up_proj, dt), cast(self.down_proj, dt))
+        gate, up, down = cast(self.gate_proj, dt), cast(self.up_proj, dt), cast(self.down_proj, dt)
+        mesh = sharding.current_mesh()
+        if mesh is not None:
+            # pinned to their own shardings so that their gradients come back sharded the same way
+            router = constrain(self.router[...], ROUTER_AXES)
+            gate, up, down = constrain(gate, GATE_UP_AXES), constrain(up, GATE_UP_AXES), constrain(down, DOWN_AXES)
+            y, r = expert_parallel(self.config, mesh, xt, router, gate, up, down, capacity_factor)
+        elif capacity_factor is None:
+            r = self.route(xt)
+            y = dropless_experts(xt, r, gate, up, down)
+            r = r._replace(kept=jnp.ones(r.experts.shape, bool))
+        else:
+            r = self.route(xt)
+            cap = capacity(B * S, self.config, 1, capacity_factor)
+            y, kept = dispatch_experts(xt, r, gate, up, down, capacity=cap)
+            y, r = y.astype(dt), r._replace(kept=kept)
         y = constrain(y.reshape(B, S, D), ("batch", "seq", "embed"))
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

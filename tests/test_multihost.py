@@ -1,0 +1,135 @@
+"""Two processes x 4 CPU devices (gloo collectives): a sharded forward and a train-style gradient step over a mesh
+that spans both processes equal the single-process, single-device result.
+
+The expert axis crosses the process boundary (mesh expert=4, tensor=2: process 0 holds experts 0-3, process 1
+experts 4-7), so the MoE all_to_all runs between processes. Each process feeds only its own rows of the batch.
+This file is also the worker: `python tests/test_multihost.py PROCESS_ID PORT OUT_DIR`.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_PROCESSES, LOCAL_DEVICES = 2, 4
+BATCH, SEQ, LR = 8, 8, 0.5
+
+
+def config():
+    from dsv2_jax import ModelConfig
+
+    return ModelConfig.from_preset("tiny").replace(num_hidden_layers=2, initializer_range=0.1)
+
+
+def batch():
+    ids = np.random.default_rng(7).integers(0, config().vocab_size, (BATCH, SEQ + 1))
+    return ids[:, :-1], ids[:, 1:]
+
+
+def train_step(graphdef, state, ids, targets):
+    """Next-token cross-entropy, its gradient, and one SGD step."""
+    import jax
+    import optax
+    from flax import nnx
+
+    def loss_fn(state):
+        logits = nnx.merge(graphdef, state).forward(ids).logits
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state)
+    new_state = jax.tree.map(lambda w, g: w - LR * g, state, grads)
+    return loss, logits, grads, new_state
+
+
+def flat(tree):
+    import jax
+
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def worker(process_id: int, port: int, out_dir: str):
+    import jax
+    from flax import nnx
+    from jax.experimental import multihost_utils
+
+    import dsv2_jax
+    from dsv2_jax import distributed, sharding
+
+    distributed.initialize(f"localhost:{port}", NUM_PROCESSES, process_id)
+    assert jax.process_count() == NUM_PROCESSES and jax.local_device_count() == LOCAL_DEVICES
+    mesh = dsv2_jax.make_mesh(expert=4, tensor=2)
+    model = dsv2_jax.init_model(config(), mesh, seed=0)
+    graphdef, state = nnx.split(model)
+    ids, targets = batch()
+    start, stop = distributed.host_rows(BATCH, mesh)
+    ids, targets = (distributed.global_array(a[start:stop], mesh) for a in (ids, targets))
+
+    @jax.jit
+    def step(state, ids, targets):
+        with sharding.activation_mesh(mesh):
+            return train_step(graphdef, state, ids, targets)
+
+    loss, logits, grads, new_state = step(state, ids, targets)
+    experts = state["moe_layers"]["mlp"]["gate_proj"][...]
+    local_experts = sorted({idx[1].start for idx in experts.sharding.addressable_devices_indices_map(
+        experts.shape).values()})
+    result = multihost_utils.process_allgather(
+        dict(loss=loss, logits=logits, grads=grads, new_state=nnx.to_pure_dict(new_state)), tiled=True)
+    if process_id == 0:
+        np.savez(os.path.join(out_dir, "result.npz"), rows=np.array([start, stop]),
+                 **{k: v for k, v in flat(result).items()})
+    np.save(os.path.join(out_dir, f"layout{process_id}.npy"), np.array([start, stop] + local_experts))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_single_device(tmp_path):
+    import jax
+    from flax import nnx
+
+    from dsv2_jax.model import DeepseekV2
+
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+               JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(i), str(port), str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(NUM_PROCESSES)]
+    logs = []
+    try:
+        # the single-device reference, computed while the workers start
+        graphdef, state = nnx.split(DeepseekV2(config(), rngs=nnx.Rngs(0)))
+        ids, targets = batch()
+        loss, logits, grads, new_state = jax.jit(lambda s, i, t: train_step(graphdef, s, i, t))(state, ids, targets)
+        want = flat(dict(loss=loss, logits=logits, grads=grads, new_state=nnx.to_pure_dict(new_state)))
+        for p in procs:
+            logs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:] if i < len(logs) else ''}"
+
+    # each process fed its own half of the batch and holds its own half of the experts
+    layouts = [np.load(tmp_path / f"layout{i}.npy") for i in range(NUM_PROCESSES)]
+    assert [list(a[:2]) for a in layouts] == [[0, 4], [4, 8]]
+    assert [list(a[2:]) for a in layouts] == [[0, 2], [4, 6]]
+
+    got = dict(np.load(tmp_path / "result.npz"))
+    assert set(want) == set(got) - {"rows"}
+    for key, w in want.items():
+        scale = max(np.abs(w).max(), 1e-30)
+        err = np.abs(got[key] - w).max() / scale
+        assert err <= 1e-5, f"{key}: max error {err:.2e} of max |value|"
+
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
