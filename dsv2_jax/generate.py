@@ -294,9 +294,21 @@ def _split(model, mesh):
     return graphdef, state
 
 
-def _put(x, mesh, axes):
-    x = jnp.asarray(x)
-    return x if mesh is None else jax.device_put(x, NamedSharding(mesh, logical_to_spec(axes)))
+def _placement(state, mesh):
+    """Where the program's inputs go: the mesh, or the device holding the parameters."""
+    return mesh if mesh is not None else jax.tree.leaves(state)[0].sharding
+
+
+def _put(x, where, axes):
+    """x placed, and committed, like the jitted programs' outputs: by logical axes on a mesh, else on the
+    parameters' device. Inputs that are always committed keep one compiled program per shape bucket."""
+    if isinstance(where, jax.sharding.Mesh):
+        where = NamedSharding(where, logical_to_spec(axes))
+    return jax.device_put(jnp.asarray(x), where)
+
+
+def _put_cache(cache: KVCache, where) -> KVCache:
+    return KVCache(*(_put(a, where, axes) for a, axes in zip(cache, CACHE_AXES)))
 
 
 def check_prompts(prompts, vocab_size: int) -> list[list[int]]:
@@ -357,10 +369,12 @@ def prefill(model, cache: KVCache, prompts, chunk_size: int = 256, mesh=None, _s
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     graphdef, state = _split_model or _split(model, mesh)
-    lens_dev = _put(lens, mesh, ("batch",))
-    last = _put(jnp.zeros((B, config.vocab_size), jnp.float32), mesh, ("batch", "vocab"))
+    where = _placement(state, mesh)
+    cache = _put_cache(cache, where)
+    lens_dev = _put(lens, where, ("batch",))
+    last = _put(jnp.zeros((B, config.vocab_size), jnp.float32), where, ("batch", "vocab"))
     for s in starts:
-        chunk = _put(tokens[:, s:s + C], mesh, ("batch", "seq"))
+        chunk = _put(tokens[:, s:s + C], where, ("batch", "seq"))
         cache, last = _prefill_chunk(graphdef, state, cache, chunk, jnp.int32(s), lens_dev, last, mesh=mesh)
     return cache, last
 
@@ -368,7 +382,9 @@ def prefill(model, cache: KVCache, prompts, chunk_size: int = 256, mesh=None, _s
 def decode_step(model, cache: KVCache, tokens, mesh=None):
     """One absorbed-path step: feeds tokens [B] at each row's next slot. Returns (cache, logits [B, V])."""
     graphdef, state = _split(model, mesh)
-    return _decode_step(graphdef, state, cache, _put(jnp.asarray(tokens, jnp.int32), mesh, ("batch",)), mesh=mesh)
+    where = _placement(state, mesh)
+    tokens = _put(jnp.asarray(tokens, jnp.int32), where, ("batch",))
+    return _decode_step(graphdef, state, _put_cache(cache, where), tokens, mesh=mesh)
 
 
 def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -410,9 +426,10 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     t1 = time.perf_counter()
 
     N = _bucket(max_new_tokens)
-    done = _put(np.arange(B) >= n, mesh, ("batch",))
-    out = _put(jnp.zeros((B, N), jnp.int32), mesh, ("batch", "seq"))
-    carry = DecodeState(cache, logits, done, out, jnp.int32(0))
+    where = _placement(state, mesh)
+    done = _put(np.arange(B) >= n, where, ("batch",))
+    out = _put(jnp.zeros((B, N), jnp.int32), where, ("batch", "seq"))
+    carry = DecodeState(cache, logits, done, out, _put(jnp.int32(0), where, ()))
     sampler = Sampler(float(temperature), top_k, top_p, eos, 0)
     key = jax.random.key(seed)
     if on_tokens is None:
