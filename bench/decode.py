@@ -1,0 +1,129 @@
+"""Decoding benchmark: the full DeepSeek-V2-Lite (27 layers, random bf16 weights, ~31 GB), prompt 512, 128 new tokens.
+
+For each batch size: prefill tokens/s, decode tokens/s, and the achieved HBM bandwidth = bytes that must be read per
+decode step (the weights the step's tokens activate, or all of them when every expert is hit, plus the cache) ÷ step
+time, against a device-to-device copy measured in the same run. Run each implementation in its own process (JAX
+preallocates GPU memory):
+
+    python bench/decode.py --impl jax   --batches 1 16 64
+    python bench/decode.py --impl torch --batches 1 16 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def weight_bytes_read(config, batch: int, itemsize: int = 2) -> float:
+    """Bytes of weights one decode step reads: everything but the embedding table, with routed experts counted
+    only as far as `batch` tokens × top-k choices can hit them (all of them once batch × k ≥ experts, the expectation
+    for uniform routing otherwise)."""
+    from dsv2_jax import count_params
+    total, _ = count_params(config)
+    E, K = config.num_experts, config.num_experts_per_tok
+    expert = 3 * config.hidden_size * config.moe_intermediate_size
+    routed = config.num_moe_layers * E * expert
+    hit = E * (1 - (1 - K / E) ** batch)  # expected distinct experts per layer
+    dense_part = total - config.vocab_size * config.hidden_size - routed
+    return itemsize * (dense_part + config.num_moe_layers * hit * expert)
+
+
+def copy_bandwidth_jax() -> float:
+    import jax
+    import jax.numpy as jnp
+    x = jnp.ones((1 << 30,), jnp.float32)  # 4 GiB
+    f = jax.jit(lambda a: a + 1)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * x.nbytes / float(np.median(times))  # read + write
+
+
+def run_jax(config, batches, prompt_len, new_tokens):
+    import jax
+    import jax.numpy as jnp
+
+    import dsv2_jax
+    from dsv2_jax.sharding import init_model
+
+    model = init_model(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, seed=0)
+    rng = np.random.default_rng(0)
+    for b in batches:
+        prompts = [list(rng.integers(0, config.vocab_size, prompt_len)) for _ in range(b)]
+        dsv2_jax.generate(model, prompts, new_tokens)  # compile
+        t = {}
+        dsv2_jax.generate(model, prompts, new_tokens, timings=t)
+        yield b, t["prefill_s"], t["decode_s"], t["steps"]
+    del model, jax
+
+
+def run_torch(config, batches, prompt_len, new_tokens):
+    import torch
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    hf = config.to_hf_dict(rope_style="rope_parameters")
+    hf.pop("model_type", None)
+    cfg = DeepseekV2Config(**hf)
+    cfg._experts_implementation = "grouped_mm"
+    cfg._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = DeepseekV2ForCausalLM(cfg).to(torch.bfloat16).eval()
+    for b in batches:
+        ids = torch.randint(0, config.vocab_size, (b, prompt_len), device="cuda")
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(ids)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        yield b, t1 - t0, (t2 - t1) - (t1 - t0), new_tokens
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impl", choices=["jax", "torch"], required=True)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from dsv2_jax import ModelConfig
+    config = ModelConfig.from_preset("deepseek-v2-lite")
+    if args.layers:
+        config = config.replace(num_hidden_layers=args.layers)
+    copy_bw = copy_bandwidth_jax() if args.impl == "jax" else None
+    runner = run_jax if args.impl == "jax" else run_torch
+    cache_per_token = 2 * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
+    for b, prefill_s, decode_s, steps in runner(config, args.batches, args.prompt, args.new_tokens):
+        step_s = decode_s / max(steps, 1)
+        bytes_step = weight_bytes_read(config, b) + b * (args.prompt + steps / 2) * cache_per_token
+        row = {"impl": args.impl, "batch": b, "prefill_tokens_per_s": b * args.prompt / prefill_s,
+               "decode_tokens_per_s": b * steps / decode_s, "step_ms": 1e3 * step_s,
+               "bytes_per_step_gb": bytes_step / 1e9, "achieved_gb_s": bytes_step / step_s / 1e9,
+               "copy_gb_s": copy_bw / 1e9 if copy_bw else None}
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

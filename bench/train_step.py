@@ -1,0 +1,143 @@
+"""Training-step benchmark: DeepSeek-V2-Lite widths, 4 layers (1 dense + 3 MoE), sequence 4096, bf16 compute.
+
+Runs this library's jitted train step and transformers' DeepseekV2ForCausalLM training step (bf16, fused AdamW,
+its fastest experts implementation and SDPA attention) on the same config and batch, in one process, and prints
+tokens/s, TFLOP/s and MFU for each. FLOPs per token: 6 × activated non-embedding parameters (lm_head included)
++ causal attention 3 × L × H × (d_qk + d_v) × S (see dsv2_jax.training.flops_per_token).
+
+    python bench/train_step.py --batch 2 --steps 10 [--param-dtype float32] [--skip-torch] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PEAK = 989e12  # H100 SXM dense bf16
+
+
+def bench_config(layers: int):
+    from dsv2_jax import ModelConfig
+    return ModelConfig.from_preset("deepseek-v2-lite").replace(num_hidden_layers=layers, first_k_dense_replace=1)
+
+
+def median_step_seconds(run, steps: int, sync) -> float:
+    run()
+    run()
+    sync()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat: str):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsv2_jax.sharding import init_model
+    from dsv2_jax.training import OptimizerConfig, StepSettings, jit_steps, make_optimizer
+
+    dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[param_dtype]
+    graphdef, state = nnx.split(init_model(config, dtype=jnp.bfloat16, param_dtype=dt, seed=0))
+    params = state.to_pure_dict()
+    optimizer = make_optimizer(OptimizerConfig(lr=1e-4, warmup_steps=10), 1000)
+    opt_state = jax.jit(optimizer.init)(params)
+    settings = StepSettings(remat, None, (0.001, 0.0, 0.0), 1, 1)
+    step, _ = jit_steps(graphdef, optimizer, settings, None)
+    rng = np.random.default_rng(0)
+    data = {"tokens": jnp.asarray(rng.integers(0, config.vocab_size, (1, batch, seq)), jnp.int32),
+            "segment_ids": jnp.ones((1, batch, seq), jnp.int32),
+            "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (1, batch, seq))}
+    box = {"p": params, "o": opt_state, "m": None}
+
+    def run():
+        box["p"], box["o"], box["m"] = step(box["p"], box["o"], data)
+
+    seconds = median_step_seconds(run, steps, lambda: jax.block_until_ready(box["m"]["loss"]))
+    return seconds, float(box["m"]["loss"])
+
+
+def bench_torch(config, batch: int, seq: int, steps: int, experts_impl: str):
+    import torch
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    hf = config.to_hf_dict(rope_style="rope_parameters")
+    hf.pop("model_type", None)
+    cfg = DeepseekV2Config(**{k: v for k, v in hf.items() if k not in ("extra",)})
+    cfg._attn_implementation = "sdpa"
+    cfg._experts_implementation = experts_impl
+    torch.manual_seed(0)
+    model = DeepseekV2ForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
+
+    def run():
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return median_step_seconds(run, steps, torch.cuda.synchronize)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--param-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
+    parser.add_argument("--experts-impl", default="grouped_mm", help="transformers experts implementation")
+    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--skip-jax", action="store_true")
+    parser.add_argument("--out", default=None, help="append a JSON line per result here")
+    args = parser.parse_args()
+
+    from dsv2_jax.training import flops_per_token
+    config = bench_config(args.layers)
+    fpt = flops_per_token(config, args.seq)
+    tokens = args.batch * args.seq
+    results = []
+
+    def report(name, seconds, extra=None):
+        tps = tokens / seconds
+        row = {"impl": name, "batch": args.batch, "seq": args.seq, "layers": args.layers, "step_s": seconds,
+               "tokens_per_s": tps, "tflops": tps * fpt / 1e12, "mfu": tps * fpt / PEAK, **(extra or {})}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    if not args.skip_jax:
+        seconds, loss = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype, args.remat)
+        report(f"dsv2_jax params={args.param_dtype} remat={args.remat}", seconds, {"loss": loss})
+    if not args.skip_torch:
+        try:
+            report(f"transformers experts={args.experts_impl}",
+                   bench_torch(config, args.batch, args.seq, args.steps, args.experts_impl))
+        except Exception as e:  # e.g. out of memory at this batch
+            print(f"transformers failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    print(f"\nFLOPs/token {fpt:.4g}; tokens/step {tokens}")
+    for r in results:
+        print(f"{r['impl']:45s} {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:10.0f} tok/s  "
+              f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
