@@ -30,6 +30,11 @@ def batch_sharded(x, mesh):
     return jax.device_put(x, NamedSharding(mesh, PartitionSpec(sharding.batch_axes())))
 
 
+def all_to_alls(compiled) -> list[str]:
+    """The all-to-all instructions of a compiled program."""
+    return [line for line in compiled.as_text().splitlines() if "all-to-all(" in line]
+
+
 def silu(v):
     return v / (1 + np.exp(-v))
 
@@ -135,8 +140,11 @@ def test_mesh_logits_and_gradients_equal_single_device(single_device, mesh_shape
             return jax.value_and_grad(lambda s: loss_fn(graphdef, s, ids), has_aux=True)(state)
 
     compiled = jax.jit(step).lower(state, batch_sharded(ids, mesh)).compile()
-    if mesh_shape.get("expert", 1) > 1:
-        assert "all-to-all" in compiled.as_text()  # the MoE layers dispatch over the expert axis
+    n_ep = mesh_shape.get("expert", 1)
+    if n_ep > 1:  # the MoE layers dispatch over the expert axis in dropless buffers of n_ep chunks of C rows
+        T_loc = ids.size // (mesh.size // mesh_shape.get("tensor", 1))
+        C = T_loc * min(CONFIG.num_experts_per_tok, CONFIG.num_experts // n_ep)
+        assert f"f32[{C},{CONFIG.hidden_size}]" in " ".join(all_to_alls(compiled))
     (loss, (logits, router, dropped)), grads = compiled(state, batch_sharded(ids, mesh))
     assert float(dropped) == 0.0 and bool(router.kept.all())
     np.testing.assert_array_equal(np.asarray(router.experts), np.asarray(want["router"].experts))
@@ -239,7 +247,11 @@ def test_capacity_drops_exactly_the_lowest_affinity_pairs(moe_layer, mesh_shape,
     xs = batch_sharded(jnp.asarray(x), mesh) if mesh else jnp.asarray(x)
     if mesh:
         state = jax.device_put(state, sharding.state_shardings(state, mesh))
-    y, r, _ = jax.jit(run)(state, xs, jnp.ones((T, K)))
+    compiled = jax.jit(run).lower(state, xs, jnp.ones((T, K))).compile()
+    if mesh:  # fixed-capacity buffers: n_ep chunks of `capacity` rows
+        assert all_to_alls(compiled) and all(f"f32[{capacity},{D}]" in line or f"s32[{capacity}]" in line
+                                             for line in all_to_alls(compiled))
+    y, r, _ = compiled(state, xs, jnp.ones((T, K)))
     experts, scores = np.asarray(r.experts), np.asarray(r.scores)
     want_r = route(CONFIG, jnp.asarray(x.reshape(T, D)) @ layer.router[...])
     np.testing.assert_array_equal(experts, np.asarray(want_r.experts))
