@@ -117,9 +117,15 @@ class Streamer:
 
     def __call__(self, step_tokens):
         self.ids += step_tokens[0]
+        self.show(final=False)
+
+    def show(self, final: bool):
         text = self.tokenizer.decode(self.ids) if self.tokenizer else " ".join(map(str, self.ids))
-        if text.endswith("\ufffd") or not text.startswith(self.printed):
+        if not final and (text.endswith("\ufffd") or not text.startswith(self.printed)):
             return
+        if not text.startswith(self.printed):  # the tokenizer rewrote earlier text: finish on a new line
+            sys.stdout.write("\n")
+            self.printed = ""
         sys.stdout.write(text[len(self.printed):])
         sys.stdout.flush()
         self.printed = text
@@ -156,6 +162,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     if stream:
+        streamer.show(final=True)
         print()
     else:
         for i, out in enumerate(outputs):

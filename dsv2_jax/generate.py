@@ -119,25 +119,27 @@ def _layer_slice(a, li):
     return jax.lax.dynamic_index_in_dim(a, li, axis=0, keepdims=False)
 
 
-def prefill_chunk_forward(model, cache: KVCache, tokens, start, prompt_lens, last_logits):
+def prefill_chunk_forward(model, cache: KVCache, tokens, start, prompt_lens, last_logits, window: int | None = None):
     """Expanded-path forward of the chunk tokens [B, C] at slots [start, start + C), written into the cache.
 
+    window (static, >= start + C): attend over cache slots [0, window) only, default the whole cache; keys and
+    values are expanded for the window, so a short prompt in a long cache costs no more than in a short one.
     Returns the cache and the logits of each row's last prompt token where it falls in this chunk
     (last_logits [B, V] elsewhere).
     """
     B, C = tokens.shape
-    T = cache.c_kv.shape[2]
+    W = cache.c_kv.shape[2] if window is None else window
     slots = start + jnp.arange(C, dtype=jnp.int32)
     cos, sin = rope_cos_sin(model.config, jnp.broadcast_to(slots, (B, C)))
-    mask = (jnp.arange(T)[None, :] <= slots[:, None])[None]  # [1, C, T]: causal over slots
+    mask = (jnp.arange(W)[None, :] <= slots[:, None])[None]  # [1, C, W]: causal over slots
 
     def attend(attn, h, li, c_kv_all, k_pe_all):
         q_nope, q_pe = attn.query(h, cos, sin)
         c_kv, k_pe = attn.latent(h, cos, sin)
         c_kv_all = jax.lax.dynamic_update_slice(c_kv_all, c_kv[None].astype(c_kv_all.dtype), (li, 0, start, 0))
         k_pe_all = jax.lax.dynamic_update_slice(k_pe_all, k_pe[None].astype(k_pe_all.dtype), (li, 0, start, 0))
-        keys_c = _layer_slice(c_kv_all, li).astype(attn.dtype)
-        keys_pe = _layer_slice(k_pe_all, li).astype(attn.dtype)
+        keys_c = _layer_slice(c_kv_all, li)[:, :W].astype(attn.dtype)
+        keys_pe = _layer_slice(k_pe_all, li)[:, :W].astype(attn.dtype)
         return attn.expanded(q_nope, q_pe, keys_c, keys_pe, mask), c_kv_all, k_pe_all
 
     x = constrain(model.embed_tokens(tokens), ("batch", "seq", "embed"))
@@ -223,11 +225,11 @@ def row_keys(key, step, batch_size: int):
 
 
 # ---------------------------------------------------------------------------------------------- jitted programs
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("cache", "last_logits"))
-def _prefill_chunk(graphdef, state, cache, tokens, start, prompt_lens, last_logits, *, mesh=None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "window"), donate_argnames=("cache", "last_logits"))
+def _prefill_chunk(graphdef, state, cache, tokens, start, prompt_lens, last_logits, *, mesh=None, window=None):
     with activation_mesh(mesh):
         model = nnx.merge(graphdef, state)
-        return prefill_chunk_forward(model, cache, tokens, start, prompt_lens, last_logits)
+        return prefill_chunk_forward(model, cache, tokens, start, prompt_lens, last_logits, window)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("cache",))
@@ -366,6 +368,7 @@ def prefill(model, cache: KVCache, prompts, chunk_size: int = 256, mesh=None, _s
     # The last chunk is moved back so it ends within the cache; recomputing a few cached slots is harmless.
     starts = [min(k * C, T - C) for k in range(-(-int(lens.max()) // C))]
     tokens = np.zeros((B, starts[-1] + C), np.int32)
+    window = min(T, _bucket(starts[-1] + C))  # keys attended: the prompt region, in power-of-two buckets
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     graphdef, state = _split_model or _split(model, mesh)
@@ -375,7 +378,8 @@ def prefill(model, cache: KVCache, prompts, chunk_size: int = 256, mesh=None, _s
     last = _put(jnp.zeros((B, config.vocab_size), jnp.float32), where, ("batch", "vocab"))
     for s in starts:
         chunk = _put(tokens[:, s:s + C], where, ("batch", "seq"))
-        cache, last = _prefill_chunk(graphdef, state, cache, chunk, jnp.int32(s), lens_dev, last, mesh=mesh)
+        cache, last = _prefill_chunk(graphdef, state, cache, chunk, jnp.int32(s), lens_dev, last, mesh=mesh,
+                                     window=window)
     return cache, last
 
 

@@ -14,6 +14,7 @@ import dsv2_jax
 from dsv2_jax import ModelConfig
 from dsv2_jax.attention import MLA
 from dsv2_jax.rope import rope_cos_sin
+from dsv2_jax.tokenizer import ByteTokenizer
 from hf_models import YARN, random_hf_model, save_hf_model
 
 gen = importlib.import_module("dsv2_jax.generate")  # the module; dsv2_jax.generate is the function
@@ -140,10 +141,13 @@ def test_decode_steps_equal_full_forward(tiny):
 def test_chunked_prefill_equals_one_shot(tiny):
     prompts = random_prompts(256, (13, 5, 9), seed=1)
     caches = {}
-    for chunk in (4, 16):  # cache length 14 is no multiple of 4: the last chunk moves back to slots 10..13
-        cache = dsv2_jax.init_cache(tiny.config, 3, 14, dtype=jnp.float32)
+    # chunk 4 in a cache of 14 slots: the last chunk moves back to slots 10..13; one chunk of 16 in a cache of
+    # 40 slots attends over a window of 16 slots only.
+    for chunk, max_len in ((4, 14), (16, 40)):
+        cache = dsv2_jax.init_cache(tiny.config, 3, max_len, dtype=jnp.float32)
         caches[chunk] = gen.prefill(tiny, cache, prompts, chunk_size=chunk)
     (c4, l4), (c16, l16) = caches[4], caches[16]
+    assert c16.c_kv.shape[2] == 40
     full = full_forward_logits(tiny, prompts)
     np.testing.assert_array_equal(np.asarray(c4.lengths), [13, 5, 9])
     for row, p in enumerate(prompts):
@@ -307,6 +311,15 @@ def test_cli_streams_the_generated_text(tmp_path, capsys):
     words = " ".join(f"w{t}" for t in tokens if t > 1)
     assert words and words in out
     assert "prefill" in captured.err and "decode" in captured.err and "tokens/s" in captured.err
+
+
+def test_cli_byte_level_from_a_checkpoint(tmp_path, tiny, capsys):
+    dsv2_jax.save(tiny, tmp_path / "ckpt")
+    cli = load_cli()
+    cli.main(["--ckpt", str(tmp_path / "ckpt"), "--prompt", "def f(", "--max-new-tokens", "7", "--dtype", "float32",
+              "--ignore-eos"])
+    tokens = dsv2_jax.generate(tiny, [list(b"def f(")], 7)[0]
+    assert capsys.readouterr().out == ByteTokenizer().decode(tokens) + "\n"
 
 
 def test_cli_needs_a_tokenizer_for_text(tmp_path, capsys):
