@@ -205,7 +205,7 @@ def expert_parallel(config: ModelConfig, mesh, x, router, gate, up, down, capaci
     param_spec = lambda axes: sharding.logical_to_spec(axes, inner)  # noqa: E731
     token_axes = sharding.batch_axes()
     expert_axis = sharding.RULES["experts"]
-    tensor_axes = sharding._mesh_axes(sharding.RULES["expert_mlp"])
+    tensor_axes = sharding.spec_axes(sharding.RULES["expert_mlp"])
     if expert_axis not in token_axes:
         raise ValueError(f"sharding.RULES: expert parallelism needs the batch split over the expert axis "
                          f"{expert_axis!r}, but 'batch' maps to {token_axes}")

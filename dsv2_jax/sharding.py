@@ -107,7 +107,7 @@ def check_config(config, mesh: Mesh) -> None:
             checks.append(("n_shared_experts * moe_intermediate_size", c.n_shared_experts * c.moe_intermediate_size,
                            "mlp"))
     for field, value, logical in checks:
-        axes = _mesh_axes(logical_to_spec((logical,))[0])
+        axes = spec_axes(logical_to_spec((logical,))[0])
         size = math.prod(mesh.shape[a] for a in axes)
         if value % size:
             raise ValueError(f"{field}={value} is not divisible by the mesh's {' x '.join(axes)} axis "
@@ -130,19 +130,19 @@ def logical_to_spec(axes: tuple, rules: dict | None = None) -> PartitionSpec:
     return PartitionSpec(*spec)
 
 
-def _mesh_axes(entry) -> tuple[str, ...]:
+def spec_axes(entry) -> tuple[str, ...]:
     """The mesh axes of one PartitionSpec entry."""
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def batch_axes() -> tuple[str, ...]:
     """The mesh axes the batch (and the tokens of the MoE layer) is split over."""
-    return _mesh_axes(logical_to_spec(("batch",))[0])
+    return spec_axes(logical_to_spec(("batch",))[0])
 
 
 def _check_divisible(shape, spec: PartitionSpec, mesh: Mesh, what: str) -> None:
     for dim, (size, entry) in enumerate(zip(shape, spec)):
-        axes = _mesh_axes(entry)
+        axes = spec_axes(entry)
         n = math.prod(mesh.shape[a] for a in axes)
         if size % n:
             raise ValueError(f"{what}: dimension {dim} of shape {tuple(shape)} (size {size}) is split over mesh "
