@@ -87,7 +87,7 @@ def test_greedy_equals_transformers_generate(tmp_path, name):
     prompts = random_prompts(hf.config.vocab_size)
     eos = 1
     got = dsv2_jax.generate(model, prompts, NEW, eos_token_id=eos, chunk_size=8)
-    compared = 0
+    ties = 0
     for prompt, ours in zip(prompts, got):
         ref = hf_greedy(hf, prompt, eos)
         print(name, ref, ours)
@@ -95,11 +95,11 @@ def test_greedy_equals_transformers_generate(tmp_path, name):
             if r != o:  # acceptable only at a near-exact tie of the reference logits
                 gap = tie_gap(hf, prompt + ref[:i], r, o)
                 assert gap < 1e-5, f"step {i}: ours {o}, transformers {r}, logit gap {gap:.2e} is no tie"
+                ties += 1
                 break
-            compared += 1
         else:
             assert len(ours) == len(ref), (ours, ref)
-    assert compared >= len(prompts) * NEW - NEW  # at most one row cut short by a tie
+    assert ties <= 1  # ties are rare with these weights: more than one would point at a real difference
 
 
 # ---------------------------------------------------------------------------------------------- both paths
