@@ -53,18 +53,19 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ValueError(f"num_processes ({ENV_NUM_PROCESSES}) must be at least 1, got {num_processes}")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"process_id ({ENV_PROCESS_ID}) must lie in [0, {num_processes}), got {process_id}")
+    detect = coordinator_address is None and num_processes in (None, 1) and process_id is None
+    if not detect and (coordinator_address is None or num_processes is None or process_id is None):
+        raise ValueError(f"a multi-process run needs the coordinator address, the number of processes and this "
+                         f"process's id (arguments or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); "
+                         f"got {coordinator_address!r}, {num_processes!r}, {process_id!r}")
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    if coordinator_address is None and num_processes in (None, 1) and process_id is None:
+    if detect:
         try:  # JAX's cluster detection (TPU pod, Slurm, Open MPI, Kubernetes); none found: a single process
             jax.distributed.initialize(**kwargs)
         except ValueError as e:
             if "coordinator_address" not in str(e):
                 raise
         return
-    if coordinator_address is None or num_processes is None or process_id is None:
-        raise ValueError(f"a multi-process run needs the coordinator address, the number of processes and this "
-                         f"process's id (arguments or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); "
-                         f"got {coordinator_address!r}, {num_processes!r}, {process_id!r}")
     jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
 
 

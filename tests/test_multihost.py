@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES, LOCAL_DEVICES = 2, 4
@@ -129,6 +130,36 @@ def test_two_processes_match_single_device(tmp_path):
         scale = max(np.abs(w).max(), 1e-30)
         err = np.abs(got[key] - w).max() / scale
         assert err <= 1e-5, f"{key}: max error {err:.2e} of max |value|"
+
+
+def test_initialize_reports_incomplete_settings(monkeypatch):
+    from dsv2_jax import distributed
+
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    with pytest.raises(ValueError, match="needs the coordinator address.*got None, 2, 0"):
+        distributed.initialize()
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    with pytest.raises(ValueError, match=r"process_id \(JAX_PROCESS_ID\) must lie in \[0, 2\), got 2"):
+        distributed.initialize("localhost:1")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two' is not an integer"):
+        distributed.initialize()
+
+
+def test_host_rows_on_one_process():
+    import dsv2_jax
+    from dsv2_jax import distributed
+
+    mesh = dsv2_jax.make_mesh(data=2, expert=2, tensor=2)
+    assert distributed.host_rows(8, mesh) == (0, 8)
+    rows = np.arange(16).reshape(8, 2)
+    batch = distributed.global_array(rows, mesh)
+    assert batch.shape == (8, 2) and {s.data.shape for s in batch.addressable_shards} == {(2, 2)}
+    np.testing.assert_array_equal(np.asarray(batch), rows)
+    with pytest.raises(ValueError, match="global batch size 6 is not divisible by the 4 batch shards"):
+        distributed.host_rows(6, mesh)
 
 
 if __name__ == "__main__":
