@@ -82,7 +82,8 @@ def find_tokenizer(choice: str, folder: str, config, is_ckpt: bool):
         if os.path.isfile(os.path.join(d, "tokenizer.json")):
             return load_tokenizer(d, config)
     byte = ByteTokenizer()
-    if (config.bos_token_id, config.eos_token_id) == (byte.bos_id, byte.eos_id) and config.vocab_size >= byte.vocab_size:
+    byte_ids = (config.bos_token_id, config.eos_token_id) == (byte.bos_id, byte.eos_id)
+    if byte_ids and config.vocab_size >= byte.vocab_size:
         return byte
     return None
 
