@@ -34,6 +34,8 @@ def main(argv=None):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
+    from dsv2_jax import distributed
+    distributed.initialize()  # several hosts: from JAX_COORDINATOR_ADDRESS etc. or cluster detection; else nothing
     from dsv2_jax.training import NonFiniteLoss, load_recipe, train
 
     overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps is not None else [])
