@@ -15,7 +15,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 import dsv2_jax
 from dsv2_jax import ModelConfig, sharding
 from dsv2_jax.model import DeepseekV2
-from dsv2_jax.moe import MoE, RouterOutput, dropless_experts, route
+from dsv2_jax.moe import MoE, dropless_experts, route
 
 CONFIG = ModelConfig.from_preset("tiny").replace(num_hidden_layers=2, initializer_range=0.1)
 RTOL = 1e-5
