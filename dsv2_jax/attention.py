@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig
-from .layers import cast, param, rms_norm
+from .layers import cast, kernel_backend, param, rms_norm
 from .rope import apply_rope
 from .sharding import constrain
 
@@ -76,12 +76,19 @@ class MLA(nnx.Module):
                            ("batch", "seq", "heads", "head_dim"))
         v = constrain(jnp.einsum("bsc,chk->bshk", c_kv, cast(self.v_b_proj, dt)),
                       ("batch", "seq", "heads", "head_dim"))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
-        scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=jnp.float32)
-        scores = scores * self.config.softmax_scale
-        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bhqk,bkhv->bqhv", probs, v)
+        if kernel_backend("DSV2_ATTENTION", "xla") == "tokamax":  # a fused flash-attention kernel on GPU
+            import tokamax
+            k_rope = jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:3], k_pe.shape[-1]))
+            out = tokamax.dot_product_attention(
+                jnp.concatenate([q_nope, q_pe], -1), jnp.concatenate([k_nope, k_rope], -1), v,
+                mask=mask[:, None], scale=self.config.softmax_scale)
+        else:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
+            scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=jnp.float32)
+            scores = scores * self.config.softmax_scale
+            scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("bhqk,bkhv->bqhv", probs, v)
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         return jnp.einsum("bqhv,hvd->bqd", out, cast(self.o_proj, dt))
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,6 +21,26 @@ def param(rngs: nnx.Rngs | None, shape, axes: tuple, dtype, std: float | None = 
     else:
         value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     return nnx.Param(value, axes=tuple(axes))
+
+
+@functools.cache
+def kernel_backend(env_var: str, fallback: str) -> str:
+    """'tokamax' (its Hopper kernels; an optional dependency) on GPU where it imports, else `fallback`.
+
+    The environment variable forces either: e.g. DSV2_GROUPED_MATMUL=ragged_dot, DSV2_ATTENTION=tokamax.
+    """
+    choice = os.environ.get(env_var, "auto")
+    if choice not in ("auto", fallback, "tokamax"):
+        raise ValueError(f"{env_var} must be auto, {fallback} or tokamax, got {choice!r}")
+    if choice != "auto":
+        return choice
+    if jax.default_backend() != "gpu":
+        return fallback
+    try:
+        import tokamax  # noqa: F401
+    except Exception:  # not installed, or its imports fail on this machine
+        return fallback
+    return "tokamax"
 
 
 def cast(p: nnx.Param, dtype) -> jnp.ndarray:

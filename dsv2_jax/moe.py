@@ -20,8 +20,6 @@ On one device, capacity_factor=f drops the lowest-affinity copies past C = ceil(
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import NamedTuple
 
 import math
@@ -33,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import sharding
 from .config import ModelConfig
-from .layers import MLP, cast, param
+from .layers import MLP, cast, kernel_backend, param
 from .sharding import constrain
 
 # Logical axes of the MoE parameters (without the stacked "layers" axis).
@@ -77,26 +75,10 @@ def grouped_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, group_sizes: jnp.ndarray)
     (an optional dependency), jax.lax.ragged_dot otherwise. DSV2_GROUPED_MATMUL=ragged_dot|tokamax forces one.
     """
     group_sizes = group_sizes.astype(jnp.int32)
-    if _grouped_matmul_backend() == "tokamax":
+    if kernel_backend("DSV2_GROUPED_MATMUL", "ragged_dot") == "tokamax":
         import tokamax
         return tokamax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
-
-
-@functools.cache
-def _grouped_matmul_backend() -> str:
-    choice = os.environ.get("DSV2_GROUPED_MATMUL", "auto")
-    if choice not in ("auto", "ragged_dot", "tokamax"):
-        raise ValueError(f"DSV2_GROUPED_MATMUL must be auto, ragged_dot or tokamax, got {choice!r}")
-    if choice != "auto":
-        return choice
-    if jax.default_backend() != "gpu":
-        return "ragged_dot"
-    try:
-        import tokamax  # noqa: F401
-    except Exception:  # not installed, or its imports fail on this machine
-        return "ragged_dot"
-    return "tokamax"
 
 
 def expert_mlp(x_sorted, group_sizes, gate, up, down):
