@@ -345,8 +345,9 @@ def to_global(batch: dict, mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}
 
 
-def jit_steps(graphdef, optimizer, settings: StepSettings, mesh):
-    """The jitted train and eval steps; under a mesh, traced inside activation_mesh so activations are constrained."""
+def jit_steps(graphdef, optimizer, settings: StepSettings, mesh, params=None, opt_state=None):
+    """The jitted train and eval steps; under a mesh, traced inside activation_mesh so activations are constrained,
+    and the new params / optimizer state keep the shardings of the given ones (gradients are reduced into them)."""
     train = functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, settings=settings)
     evaluate = functools.partial(eval_step, graphdef=graphdef, settings=settings)
 
@@ -356,7 +357,12 @@ def jit_steps(graphdef, optimizer, settings: StepSettings, mesh):
                 return fn(*args)
         return wrapped
 
-    return jax.jit(under_mesh(train), donate_argnums=(0, 1)), jax.jit(under_mesh(evaluate))
+    out_shardings = None
+    if mesh is not None and params is not None:
+        keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+        out_shardings = (keep(params), keep(opt_state), None)
+    train_jit = jax.jit(under_mesh(train), donate_argnums=(0, 1), out_shardings=out_shardings)
+    return train_jit, jax.jit(under_mesh(evaluate))
 
 
 def init_train_state(config: ModelConfig, recipe: Recipe, optimizer, mesh):
@@ -460,7 +466,7 @@ def train(recipe: Recipe, workdir: str, *, stop_after: int | None = None, progre
     groups, limit = balance_groups(config, recipe.balance, mesh) if config.num_moe_layers else (1, 1)
     settings = StepSettings(recipe.remat, recipe.capacity_factor,
                             (recipe.balance.alpha1, recipe.balance.alpha2, recipe.balance.alpha3), groups, limit)
-    train_fn, eval_fn = jit_steps(graphdef, optimizer, settings, mesh)
+    train_fn, eval_fn = jit_steps(graphdef, optimizer, settings, mesh, params, opt_state)
     ckpt = TrainCheckpoints(workdir, recipe.checkpoint_every, recipe.keep_checkpoints)
     step = 0
     if ckpt.latest_step() is not None:

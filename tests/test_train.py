@@ -193,3 +193,44 @@ def test_recipe_errors_name_the_key(tmp_path):
         load_recipe(TINY_YAML, ["batch_size=6", "grad_accum=4"])
     with pytest.raises(ValueError, match="remat"):
         load_recipe(TINY_YAML, ["remat=sometimes"])
+
+
+@pytest.mark.parametrize("name", ["tiny", "deepseek-v2-lite", "deepseek-v2"])
+def test_shipped_recipes_load(name):
+    recipe = load_recipe(os.path.join(ROOT, "configs", f"{name}.yaml"))
+    assert recipe.model_config().num_hidden_layers in (4, 27, 60)
+
+
+def test_train_step_on_a_mesh_equals_single_device():
+    """One optimizer step with params, optimizer state and batch sharded over 8 fake devices."""
+    from dsv2_jax import make_mesh
+    from dsv2_jax.sharding import init_model
+    from dsv2_jax.training import jit_steps, to_global
+
+    config = ModelConfig.from_preset("tiny").replace(num_hidden_layers=2, initializer_range=0.05)
+    optimizer = optax.sgd(1.0)  # new params = params - gradient: compares the gradients themselves
+    settings = StepSettings("none", None, (0.01, 0.02, 0.03), 4, 2)
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(0, 259, (1, 8, 16)).astype(np.int32),
+             "segment_ids": np.ones((1, 8, 16), np.int32),
+             "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (1, 8, 16)).copy()}
+    results = []
+    for mesh in (None, make_mesh(data=2, expert=2, tensor=2)):
+        graphdef, state = nnx.split(init_model(config, mesh=mesh, seed=0))
+        params = state.to_pure_dict()
+        opt_state = jax.jit(optimizer.init)(params)
+        step, _ = jit_steps(graphdef, optimizer, settings, mesh, params, opt_state)
+        before = jax.tree.map(lambda x: x.sharding, params)
+        new_params, _, metrics = step(params, opt_state, to_global(batch, mesh))
+        if mesh is not None:  # updated params keep their shardings; experts really are split
+            assert jax.tree.map(lambda x: x.sharding, new_params) == before
+            w = new_params["moe_layers"]["mlp"]["gate_proj"]
+            assert w.sharding.shard_shape(w.shape)[1] == config.num_experts // 2
+        results.append((jax.device_get(new_params), jax.device_get(metrics)))
+    (p0, m0), (p1, m1) = results
+    np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-5)
+    start = jax.device_get(nnx.split(init_model(config, seed=0))[1].to_pure_dict())
+    for s0, a, b in zip(jax.tree.leaves(start), jax.tree.leaves(p1), jax.tree.leaves(p0)):
+        ga, gb = s0 - a, s0 - b  # the gradients, up to rounding of p - g
+        rounding = 4 * np.finfo(np.float32).eps * np.abs(s0).max()
+        assert np.abs(ga - gb).max() <= 1e-5 * np.abs(gb).max() + rounding
