@@ -87,6 +87,9 @@ def plot(workdir: str, out_dir: str | None = None) -> list[str]:
         load = np.asarray(last["expert_load"])
         fig, ax = plt.subplots(figsize=(max(6, load.shape[1] * 0.12 + 3), max(3, load.shape[0] * 0.25 + 1.5)))
         im = ax.imshow(load, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(load.shape[0]))
+        if load.shape[1] <= 64:
+            ax.set_xticks(range(0, load.shape[1], max(1, load.shape[1] // 16)))
         ax.set_xlabel("routed expert")
         ax.set_ylabel("MoE layer")
         ax.set_title(f"share of routed token copies per expert, step {last['step']} "

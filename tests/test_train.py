@@ -41,6 +41,10 @@ def test_loss_falls_well_below_start(tmp_path):
         assert key in lines[-1], key
     assert np.asarray(lines[-1]["expert_load"]).shape == (1, 8)
     assert any(f.startswith("events") for f in os.listdir(tmp_path / "tb"))
+    from dsv2_jax.metrics import plot
+    for png in plot(str(tmp_path)):
+        with open(png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_stop_and_resume_equals_unbroken_run(tmp_path):
