@@ -85,9 +85,7 @@ class MLA(nnx.Module):
         else:
             scores = jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
             scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=jnp.float32)
-            scores = scores * self.config.softmax_scale
-            scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            probs = masked_softmax(scores, mask, self.config.softmax_scale, dt)
             out = jnp.einsum("bhqk,bkhv->bqhv", probs, v)
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         return jnp.einsum("bqhv,hvd->bqd", out, cast(self.o_proj, dt))
@@ -104,9 +102,7 @@ class MLA(nnx.Module):
         q_lat = constrain(q_lat, ("batch", "seq", "heads", "kv_lora"))
         scores = jnp.einsum("bqhc,bkc->bhqk", q_lat, c_kv, preferred_element_type=jnp.float32)
         scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=jnp.float32)
-        scores = scores * self.config.softmax_scale
-        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        probs = masked_softmax(scores, mask, self.config.softmax_scale, dt)
         o_lat = jnp.einsum("bhqk,bkc->bqhc", probs, c_kv)
         o_lat = constrain(o_lat, ("batch", "seq", "heads", "kv_lora"))
         out = jnp.einsum("bqhc,chv->bqhv", o_lat, cast(self.v_b_proj, dt))
@@ -118,6 +114,12 @@ class MLA(nnx.Module):
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         return self.expanded(q_nope, q_pe, c_kv, k_pe, mask)
+
+
+def masked_softmax(scores, mask, scale: float, dtype):
+    """softmax(scale · scores) over keys in float32 where mask [B, Sq, Sk] allows, cast to dtype; scores [B, H, Sq, Sk]."""
+    scores = jnp.where(mask[:, None], scores * scale, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
 def causal_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
