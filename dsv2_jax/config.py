@@ -102,6 +102,8 @@ class ModelConfig:
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         self._validate()
+        # Hashed on every jitted call (the config is static data of the model): compute the key once.
+        object.__setattr__(self, "_frozen_key", _freeze(self.to_hf_dict()))
 
     @classmethod
     def from_hf(cls, source: str | os.PathLike | dict) -> "ModelConfig":
@@ -175,7 +177,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ identity
     def _key(self):
-        return _freeze(self.to_hf_dict())
+        return self._frozen_key
 
     def __eq__(self, other):
         return isinstance(other, ModelConfig) and self._key() == other._key()
