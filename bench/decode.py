@@ -7,11 +7,13 @@ preallocates GPU memory):
 
     python bench/decode.py --impl jax   --batches 1 16 64
     python bench/decode.py --impl torch --batches 1 16 64
+    python bench/decode.py --impl jax   --batches 1 16 64 --mesh expert=8   # experts split over 8 GPUs
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -50,20 +52,23 @@ def copy_bandwidth_jax() -> float:
     return 2 * x.nbytes / float(np.median(times))  # read + write
 
 
-def run_jax(config, batches, prompt_len, new_tokens):
+def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None):
     import jax
     import jax.numpy as jnp
 
     import dsv2_jax
-    from dsv2_jax.sharding import init_model
+    from dsv2_jax.sharding import init_model, make_mesh
 
-    model = init_model(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, seed=0)
+    mesh = None
+    if mesh_text:
+        mesh = make_mesh(**{k: int(v) for k, v in (item.split("=") for item in mesh_text.split(","))})
+    model = init_model(config, mesh=mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, seed=0)
     rng = np.random.default_rng(0)
     for b in batches:
         prompts = [list(rng.integers(0, config.vocab_size, prompt_len)) for _ in range(b)]
-        dsv2_jax.generate(model, prompts, new_tokens)  # compile
+        dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh)  # compile
         t = {}
-        dsv2_jax.generate(model, prompts, new_tokens, timings=t)
+        dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh, timings=t)
         yield b, t["prefill_s"], t["decode_s"], t["steps"]
     del model, jax
 
@@ -102,6 +107,7 @@ def main():
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
+    parser.add_argument("--mesh", default=None, help="jax only: e.g. expert=8 (all devices)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -110,12 +116,12 @@ def main():
     if args.layers:
         config = config.replace(num_hidden_layers=args.layers)
     copy_bw = copy_bandwidth_jax() if args.impl == "jax" else None
-    runner = run_jax if args.impl == "jax" else run_torch
+    runner = functools.partial(run_jax, mesh_text=args.mesh) if args.impl == "jax" else run_torch
     cache_per_token = 2 * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
     for b, prefill_s, decode_s, steps in runner(config, args.batches, args.prompt, args.new_tokens):
         step_s = decode_s / max(steps, 1)
         bytes_step = weight_bytes_read(config, b) + b * (args.prompt + steps / 2) * cache_per_token
-        row = {"impl": args.impl, "batch": b, "prefill_tokens_per_s": b * args.prompt / prefill_s,
+        row = {"impl": args.impl, "mesh": args.mesh, "batch": b, "prefill_tokens_per_s": b * args.prompt / prefill_s,
                "decode_tokens_per_s": b * steps / decode_s, "step_ms": 1e3 * step_s,
                "bytes_per_step_gb": bytes_step / 1e9, "achieved_gb_s": bytes_step / step_s / 1e9,
                "copy_gb_s": copy_bw / 1e9 if copy_bw else None}

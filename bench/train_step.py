@@ -6,6 +6,7 @@ tokens/s, TFLOP/s and MFU for each. FLOPs per token: 6 × activated non-embeddin
 + causal attention 3 × L × H × (d_qk + d_v) × S (see dsv2_jax.training.flops_per_token).
 
     python bench/train_step.py --batch 2 --steps 10 [--param-dtype float32] [--skip-torch] [--out FILE]
+    python bench/train_step.py --batch 2 --mesh expert=8 --skip-torch     # N GPUs: --batch rows per batch shard
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PEAK = 989e12  # H100 SXM dense bf16
 
 
-def bench_config(layers: int):
+def bench_config(layers: int, preset: str = "deepseek-v2-lite"):
     from dsv2_jax import ModelConfig
-    return ModelConfig.from_preset("deepseek-v2-lite").replace(num_hidden_layers=layers, first_k_dense_replace=1)
+    return ModelConfig.from_preset(preset).replace(num_hidden_layers=layers, first_k_dense_replace=1)
 
 
 def median_step_seconds(run, steps: int, sync) -> float:
@@ -41,32 +42,44 @@ def median_step_seconds(run, steps: int, sync) -> float:
     return float(np.median(times))
 
 
-def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat: str):
+def parse_mesh(text: str | None) -> dict:
+    """'expert=8,tensor=1' -> {'expert': 8, 'tensor': 1}."""
+    if not text:
+        return {}
+    return {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(","))}
+
+
+def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat: str, mesh_sizes: dict,
+              capacity_factor: float | None):
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from dsv2_jax.sharding import init_model
-    from dsv2_jax.training import OptimizerConfig, StepSettings, jit_steps, make_optimizer
+    from dsv2_jax.sharding import batch_axes, init_model, make_mesh
+    from dsv2_jax.training import OptimizerConfig, StepSettings, jit_steps, make_optimizer, on_mesh, to_global
 
     dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[param_dtype]
-    graphdef, state = nnx.split(init_model(config, dtype=jnp.bfloat16, param_dtype=dt, seed=0))
+    mesh = make_mesh(**mesh_sizes) if mesh_sizes else None
+    shards = int(np.prod([mesh.shape[a] for a in batch_axes()])) if mesh is not None else 1
+    graphdef, state = nnx.split(init_model(config, mesh=mesh, dtype=jnp.bfloat16, param_dtype=dt, seed=0))
     params = state.to_pure_dict()
     optimizer = make_optimizer(OptimizerConfig(lr=1e-4, warmup_steps=10), 1000)
-    opt_state = jax.jit(optimizer.init)(params)
-    settings = StepSettings(remat, None, (0.001, 0.0, 0.0), 1, 1)
-    step, _ = jit_steps(graphdef, optimizer, settings, None)
+    opt_state = on_mesh(jax.jit(optimizer.init)(params), mesh)
+    groups = mesh.shape["expert"] if mesh is not None and mesh.shape["expert"] > 1 else 1
+    settings = StepSettings(remat, capacity_factor, (0.001, 0.0, 0.0), groups, 1)
+    step, _ = jit_steps(graphdef, optimizer, settings, mesh, params, opt_state)
     rng = np.random.default_rng(0)
-    data = {"tokens": jnp.asarray(rng.integers(0, config.vocab_size, (1, batch, seq)), jnp.int32),
-            "segment_ids": jnp.ones((1, batch, seq), jnp.int32),
-            "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (1, batch, seq))}
+    rows = batch * shards
+    data = to_global({"tokens": rng.integers(0, config.vocab_size, (1, rows, seq)).astype(np.int32),
+                      "segment_ids": np.ones((1, rows, seq), np.int32),
+                      "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, rows, seq)).copy()}, mesh)
     box = {"p": params, "o": opt_state, "m": None}
 
     def run():
         box["p"], box["o"], box["m"] = step(box["p"], box["o"], data)
 
     seconds = median_step_seconds(run, steps, lambda: jax.block_until_ready(box["m"]["loss"]))
-    return seconds, float(box["m"]["loss"])
+    return seconds, float(box["m"]["loss"]), rows
 
 
 def bench_torch(config, batch: int, seq: int, steps: int, experts_impl: str):
@@ -97,27 +110,34 @@ def bench_torch(config, batch: int, seq: int, steps: int, experts_impl: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--preset", default="deepseek-v2-lite", help="model widths (tiny: a CPU smoke run)")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--param-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
     parser.add_argument("--experts-impl", default="grouped_mm", help="transformers experts implementation")
+    parser.add_argument("--mesh", default=None, help="e.g. expert=8 or expert=4,tensor=2 (all devices); --batch is "
+                        "then per batch shard (weak scaling)")
+    parser.add_argument("--capacity-factor", type=float, default=None, help="device-level dropping (default dropless)")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--skip-jax", action="store_true")
     parser.add_argument("--out", default=None, help="append a JSON line per result here")
     args = parser.parse_args()
 
     from dsv2_jax.training import flops_per_token
-    config = bench_config(args.layers)
+    config = bench_config(args.layers, args.preset)
     fpt = flops_per_token(config, args.seq)
-    tokens = args.batch * args.seq
+    mesh_sizes = parse_mesh(args.mesh)
+    import jax
+    devices = jax.device_count() if mesh_sizes else 1
     results = []
 
-    def report(name, seconds, extra=None):
-        tps = tokens / seconds
-        row = {"impl": name, "batch": args.batch, "seq": args.seq, "layers": args.layers, "step_s": seconds,
-               "tokens_per_s": tps, "tflops": tps * fpt / 1e12, "mfu": tps * fpt / PEAK, **(extra or {})}
+    def report(name, seconds, rows, extra=None):
+        tps = rows * args.seq / seconds
+        row = {"impl": name, "batch": rows, "seq": args.seq, "layers": args.layers, "step_s": seconds,
+               "devices": devices, "tokens_per_s": tps, "tokens_per_s_per_device": tps / devices,
+               "tflops": tps * fpt / 1e12, "mfu": tps * fpt / (PEAK * devices), **(extra or {})}
         results.append(row)
         print(json.dumps(row), flush=True)
         if args.out:
@@ -125,15 +145,17 @@ def main():
                 f.write(json.dumps(row) + "\n")
 
     if not args.skip_jax:
-        seconds, loss = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype, args.remat)
-        report(f"dsv2_jax params={args.param_dtype} remat={args.remat}", seconds, {"loss": loss})
+        seconds, loss, rows = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype, args.remat,
+                                  mesh_sizes, args.capacity_factor)
+        report(f"dsv2_jax params={args.param_dtype} remat={args.remat}"
+               + (f" mesh={args.mesh} cf={args.capacity_factor}" if mesh_sizes else ""), seconds, rows, {"loss": loss})
     if not args.skip_torch:
         try:
             report(f"transformers experts={args.experts_impl}",
-                   bench_torch(config, args.batch, args.seq, args.steps, args.experts_impl))
+                   bench_torch(config, args.batch, args.seq, args.steps, args.experts_impl), args.batch)
         except Exception as e:  # e.g. out of memory at this batch
             print(f"transformers failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    print(f"\nFLOPs/token {fpt:.4g}; tokens/step {tokens}")
+    print(f"\nFLOPs/token {fpt:.4g}")
     for r in results:
         print(f"{r['impl']:45s} {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:10.0f} tok/s  "
               f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%")

@@ -373,8 +373,17 @@ def init_train_state(config: ModelConfig, recipe: Recipe, optimizer, mesh):
     model = sharding.init_model(config, mesh=mesh, dtype=dtype, param_dtype=param_dtype, seed=recipe.seed)
     graphdef, state = nnx.split(model)
     params = state.to_pure_dict()
-    opt_state = jax.jit(optimizer.init)(params)
+    opt_state = on_mesh(jax.jit(optimizer.init)(params), mesh)
     return graphdef, params, opt_state
+
+
+def on_mesh(tree, mesh):
+    """Leaves not yet laid out on the mesh (e.g. the optimizer's step counters) -> replicated over it."""
+    if mesh is None:
+        return tree
+    from jax.sharding import NamedSharding, PartitionSpec
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), tree)
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
