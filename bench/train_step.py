@@ -12,6 +12,7 @@ tokens/s, TFLOP/s and MFU for each. FLOPs per token: 6 × activated non-embeddin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -50,7 +51,7 @@ def parse_mesh(text: str | None) -> dict:
 
 
 def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat: str, mesh_sizes: dict,
-              capacity_factor: float | None):
+              capacity_factor: float | None, autotune: bool = False):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -74,11 +75,17 @@ def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat:
                       "segment_ids": np.ones((1, rows, seq), np.int32),
                       "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, rows, seq)).copy()}, mesh)
     box = {"p": params, "o": opt_state, "m": None}
+    tuned = contextlib.nullcontext()
+    if autotune:  # tokamax: search kernel configs for every tokamax op of the step, then use them
+        import tokamax
+        tuned = tokamax.autotune(step.lower(params, opt_state, data), timeout=60.0, progress_bar=False)
+        step, _ = jit_steps(graphdef, optimizer, settings, mesh, params, opt_state)
 
     def run():
         box["p"], box["o"], box["m"] = step(box["p"], box["o"], data)
 
-    seconds = median_step_seconds(run, steps, lambda: jax.block_until_ready(box["m"]["loss"]))
+    with tuned:
+        seconds = median_step_seconds(run, steps, lambda: jax.block_until_ready(box["m"]["loss"]))
     return seconds, float(box["m"]["loss"]), rows
 
 
@@ -120,6 +127,7 @@ def main():
     parser.add_argument("--mesh", default=None, help="e.g. expert=8 or expert=4,tensor=2 (all devices); --batch is "
                         "then per batch shard (weak scaling)")
     parser.add_argument("--capacity-factor", type=float, default=None, help="device-level dropping (default dropless)")
+    parser.add_argument("--autotune", action="store_true", help="tokamax: autotune the kernels first (GPU)")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--skip-jax", action="store_true")
     parser.add_argument("--out", default=None, help="append a JSON line per result here")
@@ -146,8 +154,8 @@ def main():
 
     if not args.skip_jax:
         seconds, loss, rows = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype, args.remat,
-                                  mesh_sizes, args.capacity_factor)
-        report(f"dsv2_jax params={args.param_dtype} remat={args.remat}"
+                                  mesh_sizes, args.capacity_factor, args.autotune)
+        report(f"dsv2_jax params={args.param_dtype} remat={args.remat}" + (" autotuned" if args.autotune else "")
                + (f" mesh={args.mesh} cf={args.capacity_factor}" if mesh_sizes else ""), seconds, rows, {"loss": loss})
     if not args.skip_torch:
         try:

@@ -501,11 +501,13 @@ def train(recipe: Recipe, workdir: str, *, stop_after: int | None = None, progre
                 raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping. The last good checkpoint "
                                     f"(step {ckpt.latest_step()}) is kept in {workdir}")
             window.append(metrics)
-            if step % recipe.log_every == 0 or step == last:
+            eval_now = step % recipe.eval_every == 0 or step == recipe.steps
+            if step % recipe.log_every == 0 or step == last or eval_now:
                 record = _log_record(window, step, schedule, time.perf_counter() - t0, fpt, peak)
-                window, t0 = [], time.perf_counter()
-                if step % recipe.eval_every == 0 or step == recipe.steps:
+                window = []
+                if eval_now:
                     record.update(evaluate(recipe, config, eval_fn, params, mesh))
+                t0 = time.perf_counter()
                 writer.write(record)
                 records.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",

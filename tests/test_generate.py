@@ -106,7 +106,7 @@ def test_greedy_equals_transformers_generate(tmp_path, name):
 def test_absorbed_attention_equals_expanded():
     config = ModelConfig.from_preset("tiny").replace(initializer_range=0.15)  # every term matters
     attn = MLA(config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
-    B, Sq, Sk, H = 3, 4, 10, config.num_attention_heads
+    B, Sq, Sk = 3, 4, 10
     keys = jax.random.split(jax.random.key(0), 5)
     x = jax.random.normal(keys[0], (B, Sk, config.hidden_size))
     cos, sin = rope_cos_sin(config, jnp.broadcast_to(jnp.arange(Sk), (B, Sk)))

@@ -3,10 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
-import dsv2_jax
 from dsv2_jax import ModelConfig, count_params
 from dsv2_jax.model import DeepseekV2, layer_runs
 

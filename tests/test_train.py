@@ -19,7 +19,7 @@ from dsv2_jax import ModelConfig
 from dsv2_jax.model import DeepseekV2
 from dsv2_jax.moe import RouterOutput
 from dsv2_jax.training import (OptimizerConfig, StepSettings, balance_losses, learning_rate_schedule,
-                               load_recipe, make_optimizer, train, train_step)
+                               load_recipe, train, train_step)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(ROOT, "configs", "tiny.yaml")
