@@ -56,7 +56,7 @@ def _is_step_dir(path: epath.Path) -> bool:
 def find_step_dir(path: str | os.PathLike) -> epath.Path:
     """The step directory that `path` names: itself, the latest finalized step of a CheckpointManager
     directory, or that of a train workdir's `checkpoints/`."""
-    root = epath.Path(os.fspath(path))
+    root = epath.Path(os.path.abspath(os.fspath(path)))  # orbax wants absolute paths
     if not root.exists():
         raise FileNotFoundError(f"no checkpoint at {os.fspath(path)!r}: the path does not exist")
     if _is_step_dir(root):

@@ -31,7 +31,7 @@ def small_recipe(*extra):
     return load_recipe(TINY_YAML, SMALL + list(extra))
 
 
-def test_loss_falls_well_below_start(tmp_path):
+def test_loss_falls_well_below_start(tmp_path, monkeypatch):
     records = train(small_recipe("steps=30", "batch_size=8", "optimizer.lr=5e-3"), str(tmp_path), progress=False)
     start, end = records[0]["loss"], np.mean([r["loss"] for r in records[-3:]])
     assert end < 0.6 * start, (start, end)
@@ -45,6 +45,10 @@ def test_loss_falls_well_below_start(tmp_path):
     for png in plot(str(tmp_path)):
         with open(png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    import dsv2_jax
+    monkeypatch.chdir(tmp_path.parent)  # the workdir by a relative path, as on the command line
+    model = dsv2_jax.load(tmp_path.name, dtype=jnp.float32)
+    assert model.config.num_hidden_layers == 2 and np.isfinite(np.asarray(model(jnp.zeros((1, 4), jnp.int32)))).all()
 
 
 def test_stop_and_resume_equals_unbroken_run(tmp_path):
