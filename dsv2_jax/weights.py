@@ -11,7 +11,6 @@ HF tensors it needs, so a sharded load reads only what each device holds.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -168,65 +167,6 @@ def param_shapes(model_or_state) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {tuple(str(k) for k in path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
 
 
-# ---------------------------------------------------------------------- reading HF folders
-class HFWeights:
-    """The safetensors tensors of a Hugging Face folder: one model.safetensors, or shards listed in
-    model.safetensors.index.json (or, with no index, every *.safetensors file in the folder)."""
-
-    def __init__(self, folder: str | os.PathLike):
-        from safetensors import safe_open
-
-        self.folder = os.fspath(folder)
-        self._open = safe_open
-        self._handles: dict[str, object] = {}
-        index_path = os.path.join(self.folder, INDEX_FILE)
-        if os.path.isfile(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index_path}: no 'weight_map' dict")
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p for p in os.listdir(self.folder) if p.endswith(".safetensors"))
-            weight_map = None
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors weights in {self.folder!r}")
-        self.file_of: dict[str, str] = {}
-        for file in files:
-            for name in self._handle(file).keys():
-                if name in self.file_of:
-                    raise ValueError(f"tensor {name!r} appears in both {self.file_of[name]} and {file}")
-                self.file_of[name] = file
-        if weight_map is not None:
-            for name, file in weight_map.items():
-                if self.file_of.get(name) != file:
-                    raise ValueError(f"{INDEX_FILE} lists tensor {name!r} in {file}, but that file does not hold it")
-
-    def _handle(self, file: str):
-        if file not in self._handles:
-            path = os.path.join(self.folder, file)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"weights file {path!r} (listed in {INDEX_FILE}) is missing")
-            try:
-                self._handles[file] = self._open(path, framework="numpy")
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-        return self._handles[file]
-
-    def names(self) -> set[str]:
-        return set(self.file_of)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.file_of[name]).get_slice(name).get_shape())
-
-    def read(self, name: str) -> np.ndarray:
-        file = self.file_of[name]
-        try:
-            return self._handle(file).get_tensor(name)
-        except Exception as e:
-            raise ValueError(f"tensor {name!r} in {file} could not be read ({e}); is the file truncated?") from None
-
-
 def check_hf_tensors(expected: list[Tensor], names: set[str], shape_of: Callable[[str], tuple]) -> None:
     """Missing, unexpected or mis-shaped tensors -> ValueError naming them and the expected shapes."""
     want = {t.name: t for t in expected}
@@ -283,11 +223,12 @@ def iter_params(state: nnx.State) -> Iterator[tuple[tuple[str, ...], nnx.Variabl
 
 
 def from_hf(hf_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtype=None, mesh=None):
-    """Loads a Hugging Face DeepSeek-V2 folder (config.json + safetensors) into a model.
+    """Loads a Hugging Face DeepSeek-V2 folder (config.json + safetensors, or pytorch_model*.bin) into a model.
 
     dtype: compute dtype; param_dtype: storage dtype (default: dtype). With a mesh, each parameter is created
     directly in its sharding and each device reads only its own block.
     """
+    from .convert import open_hf_weights
     from .model import abstract_model
     from .sharding import param_sharding
 
@@ -296,7 +237,7 @@ def from_hf(hf_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtype=None, mes
     model = abstract_model(config, dtype, param_dtype)
     graphdef, state = nnx.split(model)
     shapes = param_shapes(state)
-    weights = HFWeights(hf_dir)
+    weights = open_hf_weights(hf_dir)
     check_hf_tensors(hf_tensors(config, shapes), weights.names(), weights.shape)
     reader = BlockReader(config, shapes, weights.read)
     for path, var in iter_params(state):
