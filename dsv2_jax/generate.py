@@ -28,8 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .config import ModelConfig
-from .layers import cast
-from .model import layer_runs
+from .model import layer_runs, split_layers
 from .rope import rope_cos_sin
 from .sharding import activation_mesh, constrain, logical_to_spec, param_sharding
 
@@ -83,9 +82,7 @@ def _run_layers(model, x, c_kv, k_pe, attend):
     first = 0
     for kind, start, count in layer_runs(model.config):
         stack = model.moe_layers if kind == "moe" else model.dense_layers
-        graphdef, state = nnx.split(stack)
-        if (start, count) != (0, jax.tree.leaves(state)[0].shape[0]):
-            state = jax.tree.map(lambda a: a[start:start + count], state)
+        graphdef, state = split_layers(stack, start, count)
 
         def body(carry, xs, graphdef=graphdef):
             h, c_kv, k_pe = carry
@@ -103,16 +100,6 @@ def _run_layers(model, x, c_kv, k_pe, attend):
         (x, c_kv, k_pe), _ = jax.lax.scan(body, (x, c_kv, k_pe), (state, layer_index))
         first += count
     return x, c_kv, k_pe
-
-
-def _head(model, x):
-    """Final norm and lm_head (the tied embedding when lm_head is None): float32 logits."""
-    x = model.norm(x)
-    if model.lm_head is None:
-        head = cast(model.embed_tokens.embedding, model.dtype).T
-    else:
-        head = cast(model.lm_head, model.dtype)
-    return jnp.einsum("bsd,dv->bsv", x, head, preferred_element_type=jnp.float32)
 
 
 def _layer_slice(a, li):
@@ -147,7 +134,7 @@ def prefill_chunk_forward(model, cache: KVCache, tokens, start, prompt_lens, las
     last = prompt_lens - 1 - start
     in_chunk = (last >= 0) & (last < C)
     h = jnp.take_along_axis(x, jnp.clip(last, 0, C - 1)[:, None, None], axis=1)  # [B, 1, D]
-    logits = _head(model, h)[:, 0]
+    logits = model.head(h)[:, 0]
     last_logits = jnp.where(in_chunk[:, None], logits, last_logits)
     lengths = jnp.minimum(prompt_lens, start + C).astype(jnp.int32)
     return KVCache(c_kv, k_pe, lengths), last_logits
@@ -173,7 +160,7 @@ def decode_forward(model, cache: KVCache, tokens):
 
     x = constrain(model.embed_tokens(tokens[:, None]), ("batch", "seq", "embed"))
     x, c_kv, k_pe = _run_layers(model, x, cache.c_kv, cache.k_pe, attend)
-    return KVCache(c_kv, k_pe, pos + 1), _head(model, x)[:, 0]
+    return KVCache(c_kv, k_pe, pos + 1), model.head(x)[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------- sampling

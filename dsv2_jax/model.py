@@ -137,24 +137,34 @@ class DeepseekV2(nnx.Module):
             x, router = scan_layers(stack, start, count, x, (cos, sin, mask), remat, capacity_factor)
             if router is not None:
                 routers.append(router)
+        logits = self.head(x)
+        router = jax.tree.map(lambda *a: jnp.concatenate(a), *routers) if routers else None
+        dropped = jnp.float32(0.0) if router is None else 1.0 - jnp.mean(router.kept.astype(jnp.float32))
+        return ForwardOutput(logits, router, dropped)
+
+    def head(self, x):
+        """Final norm and lm_head (the tied embedding when lm_head is None): float32 logits [B, S, V]."""
         x = self.norm(x)
         if self.lm_head is None:
             head = cast(self.embed_tokens.embedding, self.dtype).T
         else:
             head = cast(self.lm_head, self.dtype)
         logits = jnp.einsum("bsd,dv->bsv", x, head, preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "seq", "vocab"))
-        router = jax.tree.map(lambda *a: jnp.concatenate(a), *routers) if routers else None
-        dropped = jnp.float32(0.0) if router is None else 1.0 - jnp.mean(router.kept.astype(jnp.float32))
-        return ForwardOutput(logits, router, dropped)
+        return constrain(logits, ("batch", "seq", "vocab"))
+
+
+def split_layers(stack: nnx.Module, start: int, count: int):
+    """(graphdef, state) of layers [start, start + count) of a stacked module, ready to scan over."""
+    graphdef, state = nnx.split(stack)
+    if (start, count) != (0, jax.tree.leaves(state)[0].shape[0]):
+        state = jax.tree.map(lambda a: a[start:start + count], state)
+    return graphdef, state
 
 
 def scan_layers(stack: nnx.Module, start: int, count: int, x, args, remat: str = "none",
                 capacity_factor: float | None = None):
     """Runs layers [start, start + count) of a stacked module over x with lax.scan."""
-    graphdef, state = nnx.split(stack)
-    if (start, count) != (0, jax.tree.leaves(state)[0].shape[0]):
-        state = jax.tree.map(lambda a: a[start:start + count], state)
+    graphdef, state = split_layers(stack, start, count)
 
     def body(h, layer_state):
         layer = nnx.merge(graphdef, layer_state)

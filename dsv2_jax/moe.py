@@ -68,6 +68,11 @@ def route(config: ModelConfig, logits: jnp.ndarray) -> RouterOutput:
     return RouterOutput(weights, experts.astype(jnp.int32), scores)
 
 
+def route_tokens(config: ModelConfig, x: jnp.ndarray, router: jnp.ndarray) -> RouterOutput:
+    """Routing of tokens x [T, D] by the router weight [D, E]; logits in fp32."""
+    return route(config, jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32)))
+
+
 def grouped_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, group_sizes: jnp.ndarray) -> jnp.ndarray:
     """lhs [M, K] rows sorted by group, rhs [G, K, N], group_sizes [G] -> [M, N]: row block g times rhs[g].
 
@@ -202,8 +207,7 @@ def expert_parallel(config: ModelConfig, mesh, x, router, gate, up, down, capaci
     tok = P(token_axes)
 
     def local(x, valid, router, gate, up, down):
-        logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32))
-        r = route(c, logits)
+        r = route_tokens(c, x, router)
         y, kept = dispatch_experts(x, r, gate, up, down, capacity=cap, n_ep=n_ep, expert_axis=expert_axis,
                                    valid=valid)
         if tensor_axes:
@@ -240,8 +244,7 @@ class MoE(nnx.Module):
 
     def route(self, x: jnp.ndarray) -> RouterOutput:
         """x [T, D] -> the routing of each token; logits in fp32."""
-        logits = jnp.dot(x.astype(jnp.float32), self.router[...].astype(jnp.float32))
-        return route(self.config, logits)
+        return route_tokens(self.config, x, self.router[...])
 
     def __call__(self, x: jnp.ndarray, capacity_factor: float | None = None) -> tuple[jnp.ndarray, RouterOutput]:
         """x [B, S, D] -> (y [B, S, D], routing of the B*S tokens).
