@@ -60,9 +60,10 @@ def stacked_layers(make, n: int, rngs: nnx.Rngs) -> nnx.Module:
 
 
 class ForwardOutput(NamedTuple):
-    logits: jnp.ndarray  # [B, S, V] float32
+    logits: jnp.ndarray | None  # [B, S, V] float32 (None from forward(logits=False))
     router: RouterOutput | None  # per MoE layer, stacked: weights/experts/kept [L_moe, B*S, K], scores [.., E]
     dropped: jnp.ndarray  # float32 scalar: fraction of token-expert pairs dropped over all MoE layers
+    hidden: jnp.ndarray | None = None  # [B, S, D] after the final norm, from forward(logits=False)
 
 
 def layer_runs(config: ModelConfig) -> list[tuple[str, int, int]]:
@@ -113,7 +114,7 @@ class DeepseekV2(nnx.Module):
         return self.forward(input_ids, positions, segment_ids).logits
 
     def forward(self, input_ids, positions=None, segment_ids=None, *, remat: str = "none",
-                capacity_factor: float | None = None) -> ForwardOutput:
+                capacity_factor: float | None = None, logits: bool = True) -> ForwardOutput:
         """Logits and the routing of every MoE layer.
 
         input_ids, positions, segment_ids: int [B, S]. positions default to 0..S-1; segment_ids (default all
@@ -121,6 +122,8 @@ class DeepseekV2(nnx.Module):
         remat: 'none', 'full' (recompute each layer in the backward pass) or 'save_dots' (keep matmul outputs).
         capacity_factor: None = dropless MoE; f > 0 = device-level dropping of the lowest-affinity token-expert
         pairs past f times a device's balanced share (moe.py); router.kept marks the pairs that were computed.
+        logits=False: return the final-normed hidden states instead of logits, for a loss that applies
+        `head_weight()` itself in chunks (training.linear_cross_entropy).
         """
         check_capacity_factor(capacity_factor)
         B, S = input_ids.shape
@@ -137,19 +140,22 @@ class DeepseekV2(nnx.Module):
             x, router = scan_layers(stack, start, count, x, (cos, sin, mask), remat, capacity_factor)
             if router is not None:
                 routers.append(router)
-        logits = self.head(x)
         router = jax.tree.map(lambda *a: jnp.concatenate(a), *routers) if routers else None
         dropped = jnp.float32(0.0) if router is None else 1.0 - jnp.mean(router.kept.astype(jnp.float32))
-        return ForwardOutput(logits, router, dropped)
+        if not logits:
+            return ForwardOutput(None, router, dropped, self.norm(x))
+        return ForwardOutput(self.head(x), router, dropped)
 
-    def head(self, x):
-        """Final norm and lm_head (the tied embedding when lm_head is None): float32 logits [B, S, V]."""
-        x = self.norm(x)
+    def head_weight(self) -> jnp.ndarray:
+        """The output projection [D, V] in the compute dtype: lm_head, or the tied embedding transposed."""
         if self.lm_head is None:
-            head = cast(self.embed_tokens.embedding, self.dtype).T
-        else:
-            head = cast(self.lm_head, self.dtype)
-        logits = jnp.einsum("bsd,dv->bsv", x, head, preferred_element_type=jnp.float32)
+            return cast(self.embed_tokens.embedding, self.dtype).T
+        return cast(self.lm_head, self.dtype)
+
+    @jax.named_scope("lm_head")
+    def head(self, x):
+        """Final norm and lm_head: float32 logits [B, S, V]."""
+        logits = jnp.einsum("bsd,dv->bsv", self.norm(x), self.head_weight(), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab"))
 
 

@@ -24,7 +24,7 @@ from .config import ModelConfig
 from .data import DataConfig, Pipeline
 from .model import REMAT_POLICIES, count_params
 from .moe import RouterOutput
-from .sharding import activation_mesh, logical_to_spec
+from .sharding import activation_mesh, constrain, logical_to_spec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Dense bf16 peak FLOP/s per chip by jax device_kind prefix, for MFU.
@@ -69,6 +69,7 @@ class Recipe:
     grad_accum: int = 1
     remat: str = "none"
     capacity_factor: float | None = None  # None: dropless
+    loss_chunk: int = 1024  # sequence positions per chunk of the cross-entropy: [rows, chunk, vocab] fp32 logits
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     balance: BalanceConfig = dataclasses.field(default_factory=BalanceConfig)
@@ -98,7 +99,8 @@ class Recipe:
                 fail(name, f"must be one of {list(DTYPES)}, got {getattr(self, name)!r}")
         if self.remat not in REMAT_POLICIES:
             fail("remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_every"):
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_every",
+                     "loss_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 fail(name, f"must be a positive integer, got {getattr(self, name)!r}")
         if self.batch_size % self.grad_accum:
@@ -193,6 +195,73 @@ def next_token_targets(tokens, segment_ids):
     return targets, same_doc & (segment_ids > 0)
 
 
+def _ce_chunk(x, w, targets, weights):
+    """fp32 logits of one chunk, and Σ weight · NLL over it."""
+    logits = jnp.einsum("bcd,dv->bcv", x, w, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return logits, lse, jnp.sum((lse - picked) * weights)
+
+
+def _ce_chunks(x, targets, weights, chunk: int):
+    """Pads the sequence to a multiple of the chunk (weight 0) and returns (x, targets, weights, chunk, count)."""
+    S = x.shape[1]
+    chunk = min(chunk, S)
+    pad = -S % chunk
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
+    return x, targets, weights, chunk, (S + pad) // chunk
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def linear_cross_entropy(x, w, targets, weights, chunk: int = 1024):
+    """Σ_{b,s} weights[b,s] · −log softmax(x[b,s] · w)[targets[b,s]], without all the logits at once.
+
+    x [B, S, D] final hidden states (compute dtype); w [D, V] the output projection; targets int [B, S];
+    weights float32 [B, S] (0 where no loss; not differentiated). The sequence runs in chunks of `chunk` positions,
+    so only [B, chunk, V] float32 logits exist at a time. Under differentiation each chunk's gradients are made in
+    the same pass, d logits = (softmax − onehot) · weight in the compute dtype (as for any matmul in that dtype),
+    and x's and w's gradients come from two matmuls of it; nothing is recomputed in the backward pass.
+    """
+    x, targets, weights, chunk, n = _ce_chunks(x, targets, weights, chunk)
+
+    def body(i, total):
+        sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)  # noqa: E731
+        return total + _ce_chunk(sl(x), w, sl(targets), sl(weights))[2]
+
+    return jax.lax.fori_loop(0, n, body, jnp.float32(0.0))
+
+
+def _linear_cross_entropy_fwd(x, w, targets, weights, chunk):
+    S = x.shape[1]
+    x, targets, weights, chunk, n = _ce_chunks(x, targets, weights, chunk)
+
+    def body(i, carry):
+        total, dx, dw = carry
+        sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)  # noqa: E731
+        x_c, t_c, w_c = sl(x), sl(targets), sl(weights)
+        logits, lse, loss = _ce_chunk(x_c, w, t_c, w_c)
+        onehot = jnp.arange(logits.shape[-1]) == t_c[..., None]
+        g = ((jnp.exp(logits - lse[..., None]) - onehot) * w_c[..., None]).astype(x.dtype)
+        dx_c = jnp.einsum("bcv,dv->bcd", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        dw = dw + jnp.einsum("bcd,bcv->dv", x_c, g, preferred_element_type=jnp.float32)
+        return total + loss, jax.lax.dynamic_update_slice_in_dim(dx, dx_c, i * chunk, axis=1), dw
+
+    init = (jnp.float32(0.0), constrain(jnp.zeros_like(x), ("batch", "seq", "embed")),
+            constrain(jnp.zeros(w.shape, jnp.float32), ("embed", "vocab")))
+    total, dx, dw = jax.lax.fori_loop(0, n, body, init)
+    return total, (dx[:, :S], dw.astype(w.dtype))
+
+
+def _linear_cross_entropy_bwd(chunk, residuals, ct):
+    dx, dw = residuals
+    return (ct * dx).astype(dx.dtype), (ct * dw).astype(dw.dtype), None, None
+
+
+linear_cross_entropy.defvjp(_linear_cross_entropy_fwd, _linear_cross_entropy_bwd)
+
+
 def balance_losses(router: RouterOutput, token_mask, num_experts: int, top_k: int, groups: int, limit: int):
     """The three balance losses of DeepSeek-V2 §2.2.3, per sequence, averaged over sequences, summed over layers.
 
@@ -245,6 +314,7 @@ class StepSettings:
     alphas: tuple[float, float, float]
     groups: int
     limit: int
+    loss_chunk: int = 1024  # sequence positions per chunk of the cross-entropy (linear_cross_entropy)
 
 
 def _forward(graphdef, params, batch, settings: StepSettings):
@@ -252,17 +322,23 @@ def _forward(graphdef, params, batch, settings: StepSettings):
     kwargs = {"remat": settings.remat}
     if settings.capacity_factor is not None:
         kwargs["capacity_factor"] = settings.capacity_factor
-    return model, model.forward(batch["tokens"], batch["positions"], batch["segment_ids"], **kwargs)
+    return model, model.forward(batch["tokens"], batch["positions"], batch["segment_ids"], logits=False, **kwargs)
+
+
+def _nll_sum(model, out, batch, settings: StepSettings, token_weights=None):
+    """Σ NLL of the next-token targets (times token_weights, default 1 on every target), and the target mask."""
+    targets, mask = next_token_targets(batch["tokens"], batch["segment_ids"])
+    weights = mask.astype(jnp.float32) if token_weights is None else mask * token_weights
+    with jax.named_scope("cross_entropy"):
+        nll = linear_cross_entropy(out.hidden, model.head_weight(), targets, weights, settings.loss_chunk)
+    return nll, mask
 
 
 def microbatch_loss(params, batch, n_tokens, n_rows, *, graphdef, settings: StepSettings):
     """This micro-batch's share of the full batch's loss: CE summed / all target tokens, balance losses summed over
     its rows / all rows. Summing over micro-batches gives exactly the loss (and gradient) of the whole batch."""
     model, out = _forward(graphdef, params, batch, settings)
-    targets, mask = next_token_targets(batch["tokens"], batch["segment_ids"])
-    logp = jax.nn.log_softmax(out.logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    ce = jnp.sum(nll * mask) / n_tokens
+    ce, _ = _nll_sum(model, out, batch, settings, 1.0 / n_tokens)
     metrics = {"ce": ce}
     loss = ce
     c = model.config
@@ -308,10 +384,10 @@ def train_step(params, opt_state, batch, *, graphdef, optimizer, settings: StepS
 
 def eval_step(params, batch, *, graphdef, settings: StepSettings):
     """(sum of next-token NLL, number of target tokens) of one batch, dropless."""
-    _, out = _forward(graphdef, params, batch, dataclasses.replace(settings, capacity_factor=None, remat="none"))
-    targets, mask = next_token_targets(batch["tokens"], batch["segment_ids"])
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(out.logits, axis=-1), targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * mask), jnp.sum(mask)
+    settings = dataclasses.replace(settings, capacity_factor=None, remat="none")
+    model, out = _forward(graphdef, params, batch, settings)
+    nll, mask = _nll_sum(model, out, batch, settings)
+    return nll, jnp.sum(mask)
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -474,7 +550,8 @@ def train(recipe: Recipe, workdir: str, *, stop_after: int | None = None, progre
     graphdef, params, opt_state = init_train_state(config, recipe, optimizer, mesh)
     groups, limit = balance_groups(config, recipe.balance, mesh) if config.num_moe_layers else (1, 1)
     settings = StepSettings(recipe.remat, recipe.capacity_factor,
-                            (recipe.balance.alpha1, recipe.balance.alpha2, recipe.balance.alpha3), groups, limit)
+                            (recipe.balance.alpha1, recipe.balance.alpha2, recipe.balance.alpha3), groups, limit,
+                            recipe.loss_chunk)
     train_fn, eval_fn = jit_steps(graphdef, optimizer, settings, mesh, params, opt_state)
     ckpt = TrainCheckpoints(workdir, recipe.checkpoint_every, recipe.keep_checkpoints)
     step = 0

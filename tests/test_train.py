@@ -19,7 +19,7 @@ from dsv2_jax import ModelConfig
 from dsv2_jax.model import DeepseekV2
 from dsv2_jax.moe import RouterOutput
 from dsv2_jax.training import (OptimizerConfig, StepSettings, balance_losses, learning_rate_schedule,
-                               load_recipe, train, train_step)
+                               linear_cross_entropy, load_recipe, train, train_step)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -163,6 +163,38 @@ def test_gradient_accumulation_equals_one_large_batch():
             assert np.abs(ga - gb).max() <= 1e-5 * np.abs(gb).max() + rounding
 
 
+def test_linear_cross_entropy_equals_full_logits():
+    """The chunked loss and its gradients equal log_softmax over all logits at once: fp32 to 1e-6 for chunks that
+    divide the sequence, do not, and exceed it; in bf16 the gradients stay within bf16 rounding of fp32's."""
+    rng = np.random.default_rng(0)
+    B, S, D, V = 2, 13, 16, 37
+    x = jnp.asarray(rng.normal(size=(B, S, D)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(D, V)) / 4, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, (B, S)), jnp.int32)
+    weights = jnp.asarray(rng.random((B, S)) * (rng.random((B, S)) > 0.3), jnp.float32)
+
+    def reference(x, w):
+        logp = jax.nn.log_softmax(jnp.einsum("bsd,dv->bsv", x, w, precision="highest"), axis=-1)
+        return -0.5 * jnp.sum(jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0] * weights)
+
+    want, (want_dx, want_dw) = jax.value_and_grad(reference, (0, 1))(x, w)
+    for chunk in (4, 13, 64):
+        def loss(x, w, chunk=chunk):
+            return 0.5 * linear_cross_entropy(x, w, targets, weights, chunk)
+        got, (dx, dw) = jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        np.testing.assert_allclose(jax.jit(loss)(x, w), want, rtol=1e-6)  # the primal, undifferentiated
+        for g, ref in ((dx, want_dx), (dw, want_dw)):
+            assert np.abs(g - ref).max() <= 1e-6 * np.abs(ref).max(), chunk
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    got, (dx, dw) = jax.value_and_grad(lambda x, w: 0.5 * linear_cross_entropy(x, w, targets, weights, 4), (0, 1))(
+        xb, wb)
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got, want, rtol=2e-2)
+    for g, ref in ((dx, want_dx), (dw, want_dw)):
+        assert np.abs(np.asarray(g, np.float32) - ref).max() <= 2e-2 * np.abs(ref).max()
+
+
 def test_schedule_hits_its_step_decays_exactly():
     opt = OptimizerConfig(lr=2.4e-4, warmup_steps=20, decay_at=[0.6, 0.9], decay_factor=0.316)
     lr = learning_rate_schedule(opt, 100)
@@ -201,6 +233,8 @@ def test_recipe_errors_name_the_key(tmp_path):
         load_recipe(TINY_YAML, ["batch_size=6", "grad_accum=4"])
     with pytest.raises(ValueError, match="remat"):
         load_recipe(TINY_YAML, ["remat=sometimes"])
+    with pytest.raises(ValueError, match="loss_chunk"):
+        load_recipe(TINY_YAML, ["loss_chunk=0"])
 
 
 @pytest.mark.parametrize("name", ["tiny", "deepseek-v2-lite", "deepseek-v2"])
