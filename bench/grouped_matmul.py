@@ -1,0 +1,134 @@
+"""Grouped-matmul kernel configs on the GPU: times tokamax's Hopper ragged-dot kernels over a list of tile configs
+for the expert matmuls of a training step (forward, and both backward products), next to a dense matmul of the same
+FLOPs, and prints the best config of each.
+
+    python bench/grouped_matmul.py [--tokens 8192] [--preset deepseek-v2-lite]
+
+Shapes: T tokens × top-k rows routed to E experts (multinomial, uniform), hidden D, expert width I.
+  fwd      [T·k, D] × [E, D, I] -> [T·k, I]     (gate, up)      and [T·k, I] × [E, I, D] (down)
+  dlhs     [T·k, I] × [E, D, I]ᵀ -> [T·k, D]    (the input gradient: rhs contracted on its last axis)
+  drhs     [T·k, D]ᵀ × [T·k, I] -> [E, D, I]    (the weight gradient: contraction over the ragged rows)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def median_ms(f, *args, reps: int = 20) -> float:
+    import jax
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--preset", default="deepseek-v2-lite")
+    parser.add_argument("--quick", action="store_true", help="only the heuristic and the config dsv2_jax uses")
+    args = parser.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    from tokamax._src.ops.ragged_dot import base
+    from tokamax._src.ops.ragged_dot.pallas_mosaic_gpu import PallasMosaicGpuRaggedDot
+    from tokamax._src.ops.ragged_dot.pallas_mosaic_gpu_common import Config, MatmulDimension
+
+    from dsv2_jax import ModelConfig
+    c = ModelConfig.from_preset(args.preset)
+    E, K, D, I = c.n_routed_experts, c.num_experts_per_tok, c.hidden_size, c.moe_intermediate_size
+    M = args.tokens * K
+    rng = np.random.default_rng(0)
+    sizes = jnp.asarray(rng.multinomial(M, np.full(E, 1 / E)), jnp.int32)
+    key = iter(jax.random.split(jax.random.key(0), 8))
+    rand = lambda *s: jax.random.normal(next(key), s, jnp.bfloat16)  # noqa: E731
+    x, h = rand(M, D), rand(M, I)
+    w_in, w_out = rand(E, D, I), rand(E, I, D)
+
+    cases = {  # name: (lhs, rhs, dimension numbers, flops)
+        "fwd gate/up": (x, w_in, base.DEFAULT_RAGGED_DOT_DIM_NUMS, 2 * M * D * I),
+        "fwd down": (h, w_out, base.DEFAULT_RAGGED_DOT_DIM_NUMS, 2 * M * D * I),
+        "dlhs gate/up": (h, w_in, base.TRANS_RHS_RAGGED_DOT_DIM_NUMS, 2 * M * D * I),
+        "drhs gate/up": (x, h, base.RAGGED_CONTRACTING_DOT_DIM_NUMS, 2 * M * D * I),
+        "drhs down": (h, x, base.RAGGED_CONTRACTING_DOT_DIM_NUMS, 2 * M * D * I),
+    }
+    dense = jax.jit(lambda a, b: a @ b)
+    dense_ms = median_ms(dense, x, w_in[0])
+    print(f"dense bf16 [{M},{D}]x[{D},{I}]: {dense_ms:.3f} ms = {2 * M * D * I / dense_ms / 1e9:.0f} TFLOP/s",
+          flush=True)
+
+    configs = [None]  # tokamax's own heuristic
+    grids = [(True, MatmulDimension.M, 1), (True, MatmulDimension.N, 8), (False, MatmulDimension.M, 1),
+             (False, MatmulDimension.N, 1)]
+    for bm, bn, bk, stages, (persistent, minor, width) in itertools.product(
+            [64, 128], [64, 128, 256], [64, 128], [2, 4], grids):
+        if stages * (bm + bn) * bk * 2 > 200 * 1024 or (stages == 2 and bk == 64):  # shared memory; few stages
+            continue
+        configs.append(Config(block_m=bm, block_n=bn, block_k=bk, num_stages=stages, split_k=1,
+                              persistent=persistent, grid_minor_dim=minor, grid_tile_width=width))
+    if args.quick:
+        configs = [None] + [Config(block_m=128, block_n=128, block_k=64, num_stages=4, split_k=1, persistent=p,
+                                   grid_minor_dim=MatmulDimension.M, grid_tile_width=1) for p in (True, False)]
+    print(f"{len(configs)} configs", flush=True)
+    host_sizes = np.asarray(sizes)
+    starts = np.concatenate([[0], np.cumsum(host_sizes)])
+
+    def reference(lhs, rhs, dims):
+        """float32 products group by group (numpy-free of any kernel under test)."""
+        a, b = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
+        blocks = []
+        for g in range(E):
+            rows = slice(int(starts[g]), int(starts[g + 1]))
+            if dims == base.RAGGED_CONTRACTING_DOT_DIM_NUMS:
+                blocks.append(jnp.dot(a[rows].T, b[rows], precision="highest"))
+            elif dims == base.TRANS_RHS_RAGGED_DOT_DIM_NUMS:
+                blocks.append(jnp.dot(a[rows], b[g].T, precision="highest"))
+            else:
+                blocks.append(jnp.dot(a[rows], b[g], precision="highest"))
+        return jnp.stack(blocks) if dims == base.RAGGED_CONTRACTING_DOT_DIM_NUMS else jnp.concatenate(blocks)
+
+    best = {}
+    for name, (lhs, rhs, dims, flops) in cases.items():
+        want = reference(lhs, rhs, dims)
+        results = []
+        for cfg in configs:
+            op = PallasMosaicGpuRaggedDot(config=cfg)
+            f = jax.jit(lambda a, b, g, op=op, dims=dims: op(a, b, group_sizes=g, ragged_dot_dimension_numbers=dims,
+                                                               preferred_element_type=jnp.bfloat16))
+            try:
+                got = f(lhs, rhs, sizes).astype(jnp.float32)
+                ms = median_ms(f, lhs, rhs, sizes, reps=10)
+            except Exception as e:  # a config the kernel rejects for this shape
+                print(f"  {name} {cfg}: {type(e).__name__}", flush=True)
+                continue
+            err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+            if not err < 1e-2:  # bf16 output: ~3e-3
+                print(f"  {name} WRONG (relative error {err:.3g}): {cfg}", flush=True)
+                continue
+            results.append((ms, cfg))
+        results.sort(key=lambda r: r[0])
+        default = next(ms for ms, cfg in results if cfg is None)
+        best[name] = results[0]
+        print(f"\n{name}: heuristic {default:.3f} ms ({flops / default / 1e9:.0f} TFLOP/s)", flush=True)
+        for ms, cfg in results[:5]:
+            print(f"  {ms:.3f} ms {flops / ms / 1e9:4.0f} TFLOP/s  {cfg}", flush=True)
+    print("\nbest per case:")
+    for name, (ms, cfg) in best.items():
+        print(f"{name:14s} {ms:.3f} ms  {cfg}")
+
+
+if __name__ == "__main__":
+    main()
