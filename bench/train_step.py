@@ -1,6 +1,6 @@
 """Training-step benchmark: DeepSeek-V2-Lite widths, 4 layers (1 dense + 3 MoE), sequence 4096, bf16 compute.
 
-Runs this library's jitted train step and transformers' DeepseekV2ForCausalLM training step (bf16, fused AdamW,
+Runs transformers' DeepseekV2ForCausalLM training step and then this library's jitted train step (bf16, fused AdamW,
 its fastest experts implementation and SDPA attention) on the same config and batch, in one process, and prints
 tokens/s, TFLOP/s and MFU for each. FLOPs per token: 6 × activated non-embedding parameters (lm_head included)
 + causal attention 3 × L × H × (d_qk + d_v) × S (see dsv2_jax.training.flops_per_token).
@@ -51,7 +51,7 @@ def parse_mesh(text: str | None) -> dict:
 
 
 def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat: str, mesh_sizes: dict,
-              capacity_factor: float | None, autotune: bool = False):
+              capacity_factor: float | None, autotune: bool = False, profile_dir: str | None = None):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -86,6 +86,9 @@ def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat:
 
     with tuned:
         seconds = median_step_seconds(run, steps, lambda: jax.block_until_ready(box["m"]["loss"]))
+        if profile_dir:
+            from bench.trace_summary import profile
+            profile(lambda: run() or box["m"]["loss"], profile_dir, sync=jax.block_until_ready, steps=2)
     return seconds, float(box["m"]["loss"]), rows
 
 
@@ -104,14 +107,21 @@ def bench_torch(config, batch: int, seq: int, steps: int, experts_impl: str):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
 
+    box = {}
+
     def run():
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
+        box["loss"] = out.loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return median_step_seconds(run, steps, torch.cuda.synchronize)
+    seconds = median_step_seconds(run, steps, torch.cuda.synchronize)
+    loss = float(box.pop("loss"))
+    del model, opt  # give the memory back before JAX takes its share
+    torch.cuda.empty_cache()
+    return seconds, loss
 
 
 def main():
@@ -128,6 +138,8 @@ def main():
                         "then per batch shard (weak scaling)")
     parser.add_argument("--capacity-factor", type=float, default=None, help="device-level dropping (default dropless)")
     parser.add_argument("--autotune", action="store_true", help="tokamax: autotune the kernels first (GPU)")
+    parser.add_argument("--profile", default=None, metavar="DIR", help="trace two steps here and print where the "
+                        "device time goes (bench/trace_summary.py)")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--skip-jax", action="store_true")
     parser.add_argument("--out", default=None, help="append a JSON line per result here")
@@ -152,21 +164,21 @@ def main():
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    if not args.skip_jax:
-        seconds, loss, rows = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype, args.remat,
-                                  mesh_sizes, args.capacity_factor, args.autotune)
-        report(f"dsv2_jax params={args.param_dtype} remat={args.remat}" + (" autotuned" if args.autotune else "")
-               + (f" mesh={args.mesh} cf={args.capacity_factor}" if mesh_sizes else ""), seconds, rows, {"loss": loss})
     if not args.skip_torch:
         try:
-            report(f"transformers experts={args.experts_impl}",
-                   bench_torch(config, args.batch, args.seq, args.steps, args.experts_impl), args.batch)
+            seconds, loss = bench_torch(config, args.batch, args.seq, args.steps, args.experts_impl)
+            report(f"transformers experts={args.experts_impl}", seconds, args.batch, {"loss": loss})
         except Exception as e:  # e.g. out of memory at this batch
             print(f"transformers failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    if not args.skip_jax:
+        seconds, loss, rows = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype, args.remat,
+                                        mesh_sizes, args.capacity_factor, args.autotune, args.profile)
+        report(f"dsv2_jax params={args.param_dtype} remat={args.remat}" + (" autotuned" if args.autotune else "")
+               + (f" mesh={args.mesh} cf={args.capacity_factor}" if mesh_sizes else ""), seconds, rows, {"loss": loss})
     print(f"\nFLOPs/token {fpt:.4g}")
     for r in results:
         print(f"{r['impl']:45s} {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:10.0f} tok/s  "
-              f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%")
+              f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  last loss {r['loss']:.3f}")
 
 
 if __name__ == "__main__":

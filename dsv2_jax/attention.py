@@ -65,11 +65,13 @@ class MLA(nnx.Module):
         return c_kv, k_pe
 
     # ------------------------------------------------------------------ expanded attention
-    def expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
+    @jax.named_scope("attention")
+    def expanded(self, q_nope, q_pe, c_kv, k_pe, mask, causal: bool = False):
         """Attention with per-head keys/values expanded from the latent.
 
         q_*: [B, Sq, H, *]; c_kv, k_pe: [B, Sk, *]; mask: bool [B, Sq, Sk], True where a query may attend.
-        Returns [B, Sq, D].
+        causal: the mask allows nothing above the diagonal (Sq == Sk, query i is key i), so a fused kernel may
+        skip those blocks; the result is the same either way. Returns [B, Sq, D].
         """
         dt = self.dtype
         k_nope = constrain(jnp.einsum("bsc,chk->bshk", c_kv, cast(self.k_b_proj, dt)),
@@ -81,7 +83,7 @@ class MLA(nnx.Module):
             k_rope = jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:3], k_pe.shape[-1]))
             out = tokamax.dot_product_attention(
                 jnp.concatenate([q_nope, q_pe], -1), jnp.concatenate([k_nope, k_rope], -1), v,
-                mask=mask[:, None], scale=self.config.softmax_scale)
+                mask=mask[:, None], is_causal=causal, scale=self.config.softmax_scale)
         else:
             scores = jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
             scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=jnp.float32)
@@ -91,6 +93,7 @@ class MLA(nnx.Module):
         return jnp.einsum("bqhv,hvd->bqd", out, cast(self.o_proj, dt))
 
     # ------------------------------------------------------------------ absorbed attention (decode)
+    @jax.named_scope("attention_absorbed")
     def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """The same attention as `expanded`, computed against the latent without expanding keys or values.
 
@@ -108,12 +111,13 @@ class MLA(nnx.Module):
         out = jnp.einsum("bqhc,chv->bqhv", o_lat, cast(self.v_b_proj, dt))
         return jnp.einsum("bqhv,hvd->bqd", out, cast(self.o_proj, dt))
 
+    @jax.named_scope("mla")
     def __call__(self, x, cos, sin, mask):
         """Training / prefill without a cache: x [B, S, D] -> [B, S, D]."""
         x = x.astype(self.dtype)
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
-        return self.expanded(q_nope, q_pe, c_kv, k_pe, mask)
+        return self.expanded(q_nope, q_pe, c_kv, k_pe, mask, causal=True)
 
 
 def masked_softmax(scores, mask, scale: float, dtype):

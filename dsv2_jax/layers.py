@@ -74,6 +74,7 @@ class MLP(nnx.Module):
         self.up_proj = param(rngs, (hidden, intermediate), ("embed", "mlp"), param_dtype, std)
         self.down_proj = param(rngs, (intermediate, hidden), ("mlp", "embed"), param_dtype, std)
 
+    @jax.named_scope("mlp")
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = x.astype(self.dtype)
         gate = x @ cast(self.gate_proj, self.dtype)

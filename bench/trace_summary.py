@@ -1,0 +1,111 @@
+"""Where device time goes: run a function under jax.profiler and total the GPU kernels of its trace.
+
+    from bench.trace_summary import profile
+    profile(lambda: step(...), "/tmp/prof", sync=jax.block_until_ready)   # prints the top kernels and ops
+
+    python bench/trace_summary.py TRACE_DIR [--top 40]      # summarise a trace written earlier
+
+Kernels are grouped by name, and by the model code that issued them (the jax name stack, e.g. `moe/experts`)
+where the trace carries it: kernels XLA runs inside CUDA graphs (command buffers, the default on GPU) are only
+attributed to their module, so then the kernel names are the guide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+
+
+def _load(trace_dir: str) -> dict:
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+                   + glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+                   key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"no *.trace.json.gz or perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(files[-1], "rt") as f:
+        return json.load(f)
+
+
+def _device_pids(trace: dict) -> set:
+    pids = set()
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            name = str(e.get("args", {}).get("name", ""))
+            if "/device:GPU" in name or "GPU:" in name or "Stream" in name:
+                pids.add(e["pid"])
+    return pids
+
+
+_WRAPPER = re.compile(r"^(jvp|transpose|vmap|remat|checkpoint|pjit|jit|while|cond|body|closed_call)\((.*)\)$")
+
+
+def _scope(args: dict) -> str:
+    """The model-level place of a kernel: the last parts of the jax name stack, transforms unwrapped, and
+    "bwd " in front when it came from a transpose (the backward pass)."""
+    text = str(args.get("tf_op") or args.get("long_name") or args.get("name_stack") or "").split(":")[0]
+    backward, parts = False, []
+    for part in text.split("/"):
+        while (m := _WRAPPER.match(part)):
+            backward |= m.group(1) == "transpose"
+            part = m.group(2)
+        if part and part not in ("while", "body", "cond", "main", "train_step", "checkpoint", "remat",
+                                 "rematted_computation"):
+            parts.append(part)
+    return ("bwd " if backward else "") + ("/".join(parts[-3:]) or "(unnamed)")
+
+
+def summarize(trace_dir: str, top: int = 30, steps: int = 1) -> dict:
+    """Totals of device kernel time by kernel name and by model scope; prints two tables, returns them."""
+    trace = _load(trace_dir)
+    pids = _device_pids(trace)
+    by_kernel, by_scope, count = collections.Counter(), collections.Counter(), collections.Counter()
+    sample = None
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") != "X" or e.get("pid") not in pids or "dur" not in e:
+            continue
+        name = e.get("name", "?")
+        by_kernel[name] += e["dur"]
+        count[name] += 1
+        by_scope[_scope(e.get("args", {}))] += e["dur"]
+        sample = sample or e.get("args")
+    total = sum(by_kernel.values())
+    if not total:
+        print(f"no device kernels found in the trace under {trace_dir}")
+        return {}
+    print(f"\ndevice kernel time per step: {total / 1e3 / steps:.2f} ms, {sum(count.values()) // steps} kernels "
+          f"(sample args: {json.dumps(sample)[:300]})")
+    tables = [("kernel", by_kernel)] + ([("scope", by_scope)] if len(by_scope) > 1 else [])
+    for title, table in tables:
+        print(f"\n{'ms/step':>9} {'%':>6}  by {title}")
+        for name, us in table.most_common(top):
+            extra = f"  x{count[name] // steps}" if title == "kernel" else ""
+            print(f"{us / 1e3 / steps:9.3f} {100 * us / total:6.1f}  {name[:110]}{extra}")
+    return {"total_us": total, "by_kernel": dict(by_kernel), "by_scope": dict(by_scope)}
+
+
+def profile(fn, trace_dir: str, *, sync, steps: int = 1, top: int = 30) -> dict:
+    """Runs fn() `steps` times under the profiler (fn should be warm: compiled once already) and summarises."""
+    import jax
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            out = fn()
+        sync(out)
+    return summarize(trace_dir, top, steps)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("trace_dir")
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=1, help="steps the trace holds (per-step figures)")
+    args = parser.parse_args()
+    summarize(args.trace_dir, args.top, args.steps)
+
+
+if __name__ == "__main__":
+    main()
