@@ -52,7 +52,7 @@ def copy_bandwidth_jax() -> float:
     return 2 * x.nbytes / float(np.median(times))  # read + write
 
 
-def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, profile_dir=None):
+def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None):
     import jax
     import jax.numpy as jnp
 
@@ -69,10 +69,6 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, profile_dir
         dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh)  # compile
         t = {}
         dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh, timings=t)
-        if profile_dir:  # per-token figures: the one prefill is spread over the new tokens
-            from bench.trace_summary import profile
-            profile(lambda: dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh), f"{profile_dir}/batch{b}",
-                    sync=lambda out: out, steps=new_tokens)
         yield b, t["prefill_s"], t["decode_s"], t["steps"]
     del model, jax
 
@@ -112,8 +108,6 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
     parser.add_argument("--mesh", default=None, help="jax only: e.g. expert=8 (all devices)")
-    parser.add_argument("--profile", default=None, metavar="DIR", help="jax only: trace one generate per batch "
-                        "size and print where the device time goes per new token (bench/trace_summary.py)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -122,7 +116,7 @@ def main():
     if args.layers:
         config = config.replace(num_hidden_layers=args.layers)
     copy_bw = copy_bandwidth_jax() if args.impl == "jax" else None
-    runner = functools.partial(run_jax, mesh_text=args.mesh, profile_dir=args.profile) if args.impl == "jax" else run_torch
+    runner = functools.partial(run_jax, mesh_text=args.mesh) if args.impl == "jax" else run_torch
     cache_per_token = 2 * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
     for b, prefill_s, decode_s, steps in runner(config, args.batches, args.prompt, args.new_tokens):
         step_s = decode_s / max(steps, 1)
