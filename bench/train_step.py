@@ -119,7 +119,7 @@ def bench_torch(config, batch: int, seq: int, steps: int, experts_impl: str):
 
     seconds = median_step_seconds(run, steps, torch.cuda.synchronize)
     loss = float(box.pop("loss"))
-    del model, opt  # give the memory back before JAX takes its share
+    model = opt = None  # give the memory back before JAX takes its share
     torch.cuda.empty_cache()
     return seconds, loss
 
