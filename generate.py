@@ -50,19 +50,6 @@ def parse_args(argv=None):
     return p, p.parse_args(argv)
 
 
-def parse_mesh(spec: str) -> dict:
-    sizes = {}
-    for part in spec.split(","):
-        name, sep, value = part.partition("=")
-        if not sep or name.strip() not in ("data", "fsdp", "expert", "tensor"):
-            raise ValueError(f"--mesh {spec!r}: expected AXIS=N pairs with AXIS in data, fsdp, expert, tensor")
-        try:
-            sizes[name.strip()] = int(value)
-        except ValueError:
-            raise ValueError(f"--mesh {spec!r}: size of {name.strip()!r} is not an integer") from None
-    return sizes
-
-
 def find_tokenizer(choice: str, folder: str, config, is_ckpt: bool):
     """The tokenizer for --tokenizer `choice`, or None when auto finds none."""
     from dsv2_jax.tokenizer import ByteTokenizer, load_tokenizer
@@ -137,6 +124,7 @@ def main(argv=None):
     import jax.numpy as jnp
 
     import dsv2_jax
+    from dsv2_jax.sharding import parse_mesh
 
     try:
         mesh = dsv2_jax.make_mesh(**parse_mesh(args.mesh)) if args.mesh else None

@@ -57,11 +57,11 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None):
     import jax.numpy as jnp
 
     import dsv2_jax
-    from dsv2_jax.sharding import init_model, make_mesh
+    from dsv2_jax.sharding import init_model, make_mesh, parse_mesh
 
     mesh = None
     if mesh_text:
-        mesh = make_mesh(**{k: int(v) for k, v in (item.split("=") for item in mesh_text.split(","))})
+        mesh = make_mesh(**parse_mesh(mesh_text))
     model = init_model(config, mesh=mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, seed=0)
     rng = np.random.default_rng(0)
     for b in batches:

@@ -43,13 +43,6 @@ def median_step_seconds(run, steps: int, sync) -> float:
     return float(np.median(times))
 
 
-def parse_mesh(text: str | None) -> dict:
-    """'expert=8,tensor=1' -> {'expert': 8, 'tensor': 1}."""
-    if not text:
-        return {}
-    return {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(","))}
-
-
 def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat: str, mesh_sizes: dict,
               capacity_factor: float | None, autotune: bool = False, profile_dir: str | None = None):
     import jax
@@ -148,7 +141,8 @@ def main():
     from dsv2_jax.training import flops_per_token
     config = bench_config(args.layers, args.preset)
     fpt = flops_per_token(config, args.seq)
-    mesh_sizes = parse_mesh(args.mesh)
+    from dsv2_jax.sharding import parse_mesh
+    mesh_sizes = parse_mesh(args.mesh) if args.mesh else {}
     import jax
     devices = jax.device_count() if mesh_sizes else 1
     results = []

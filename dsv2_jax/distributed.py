@@ -15,9 +15,8 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from .sharding import batch_axes
+from .sharding import batch_axes, batch_sharding
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -69,14 +68,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
 
 
-def _batch_sharding(mesh, ndim: int) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(batch_axes(), *(None,) * (ndim - 1)))
-
-
 def host_rows(global_batch_size: int, mesh) -> tuple[int, int]:
     """The rows [start, stop) of a global batch that this process's devices hold when the batch is split over
     the mesh's batch axes: the rows this process should read (its data shard)."""
-    sharding = _batch_sharding(mesh, 1)
+    sharding = batch_sharding(mesh, 1)
     n = np.prod([mesh.shape[a] for a in batch_axes()])
     if global_batch_size % n:
         raise ValueError(f"global batch size {global_batch_size} is not divisible by the {n} batch shards "
@@ -96,7 +91,7 @@ def global_array(local_rows, mesh, global_batch_size: int | None = None) -> jax.
     global_batch_size defaults to local rows x number of processes holding distinct rows.
     """
     local_rows = np.asarray(local_rows)
-    sharding = _batch_sharding(mesh, local_rows.ndim)
+    sharding = batch_sharding(mesh, local_rows.ndim)
     shape = None
     if global_batch_size is not None:
         shape = (global_batch_size, *local_rows.shape[1:])

@@ -140,6 +140,27 @@ def batch_axes() -> tuple[str, ...]:
     return spec_axes(logical_to_spec(("batch",))[0])
 
 
+def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
+    """The sharding of a data array [*leading dims, rows, seq, ...]: rows split over the batch axes, the sequence by
+    the 'seq' rule, everything else (e.g. a leading micro-batch axis) whole."""
+    rest = ndim - leading
+    return NamedSharding(mesh, logical_to_spec((None,) * leading + ("batch", "seq", *(None,) * rest)[:rest]))
+
+
+def parse_mesh(spec: str) -> dict:
+    """'data=2,tensor=4' -> {'data': 2, 'tensor': 4}, for make_mesh(**sizes); a clear error naming what is wrong."""
+    sizes = {}
+    for part in spec.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or name.strip() not in MESH_AXES:
+            raise ValueError(f"--mesh {spec!r}: expected AXIS=N pairs with AXIS in {', '.join(MESH_AXES)}")
+        try:
+            sizes[name.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh {spec!r}: size of {name.strip()!r} is not an integer") from None
+    return sizes
+
+
 def _check_divisible(shape, spec: PartitionSpec, mesh: Mesh, what: str) -> None:
     for dim, (size, entry) in enumerate(zip(shape, spec)):
         axes = spec_axes(entry)

@@ -24,7 +24,7 @@ from .config import ModelConfig
 from .data import DataConfig, Pipeline
 from .model import REMAT_POLICIES, count_params
 from .moe import RouterOutput
-from .sharding import activation_mesh, constrain, logical_to_spec
+from .sharding import activation_mesh, batch_sharding, constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Dense bf16 peak FLOP/s per chip by jax device_kind prefix, for MFU.
@@ -406,19 +406,12 @@ def peak_flops(recipe: Recipe) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
 
 
-def batch_sharding(mesh, ndim: int):
-    if mesh is None:
-        return None
-    from jax.sharding import NamedSharding, PartitionSpec
-    spec = logical_to_spec(("batch", "seq"))
-    return NamedSharding(mesh, PartitionSpec(None, *spec) if ndim == 3 else spec)
-
-
 def to_global(batch: dict, mesh) -> dict:
     """Process-local numpy rows -> global arrays split over the batch axes (or plain device arrays)."""
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, leading=v.ndim - 2), v)
+            for k, v in batch.items()}
 
 
 def jit_steps(graphdef, optimizer, settings: StepSettings, mesh, params=None, opt_state=None):
