@@ -84,34 +84,51 @@ def grouped_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, group_sizes: jnp.ndarray)
     group_sizes = group_sizes.astype(jnp.int32)
     low_precision = lhs.dtype == rhs.dtype and lhs.dtype in (jnp.bfloat16, jnp.float16)  # tokamax's kernels' inputs
     if low_precision and kernel_backend("DSV2_GROUPED_MATMUL", "ragged_dot") == "tokamax":
-        K, N = rhs.shape[1:]
-        large = lhs.shape[0] >= 4096 and K % 128 == 0 and N % 128 == 0  # training / prefill sizes
-        if large and (op := _tokamax_tiled_ragged_dot()) is not None:
-            return op(lhs, rhs, group_sizes=group_sizes, preferred_element_type=lhs.dtype)
+        M, (K, N) = lhs.shape[0], rhs.shape[1:]
+        large = M >= 4096 and K % 128 == 0 and N % 128 == 0  # training / prefill sizes
+        ops = _tokamax_ragged_dots()
+        if ops is not None:
+            # The kernels take whole tiles of rows (or, below a tile, whole 16-byte rows of the transposed operand):
+            # rows past the groups are padding that belongs to no group.
+            pad = -M % (8 if M <= 64 else 128)
+            out = ops[large](jnp.pad(lhs, ((0, pad), (0, 0))) if pad else lhs, rhs, group_sizes=group_sizes,
+                             preferred_element_type=lhs.dtype)
+            return out[:M] if pad else out
         import tokamax
         return tokamax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
 
 
 @functools.cache
-def _tokamax_tiled_ragged_dot():
-    """tokamax's Hopper ragged-dot kernel with 128×128×64 tiles and 4 stages for the forward product and the input
-    gradient; the weight gradient keeps tokamax's own choice. None where tokamax lacks that kernel.
+def _tokamax_ragged_dots():
+    """tokamax's Hopper ragged-dot op with tile configs checked on an H100: (small, large) for M < / >= 4096 rows;
+    None where tokamax lacks that kernel.
 
-    Measured on an H100 (bench/grouped_matmul.py, V2-Lite expert shapes, 8192 tokens × 6 experts): 1.7× faster than
-    the default tiles for the forward and input-gradient products, within 3% of the best of 60 configs. The weight
-    gradient (the ragged-contracting kernel) would be 1.7× faster too, but returns wrong values with these tiles when
-    an expert gets fewer rows than a tile (checked against a per-group float32 product), so it is left alone.
+    - Weight gradient (the ragged-contracting kernel): 64×128×128 tiles, 3 stages, for every size. tokamax 0.0.17's
+      default for it (64×64×128, 2 stages) returns gradients 4-8% off (relative norm) for every routing tried, and
+      several other configs return inf or a few % error; this one matched a float32 per-group product (1.7e-3, bf16
+      rounding) on 11 routings × 3 runs, from one expert taking all rows to 50 empty experts, and is 7% faster
+      than the default (bench/grouped_matmul.py checks every config it times).
+    - Forward and input gradient, large: 128×128×64 tiles, 4 stages, persistent: 1.7× the default tiles (V2-Lite
+      expert shapes); small: tokamax's default (decoding and small batches).
     """
     try:
         from tokamax._src.ops.ragged_dot import base
         from tokamax._src.ops.ragged_dot.pallas_mosaic_gpu import PallasMosaicGpuRaggedDot
         from tokamax._src.ops.ragged_dot.pallas_mosaic_gpu_common import Config, MatmulDimension
-        config = Config(block_m=128, block_n=128, block_k=64, num_stages=4, split_k=1, persistent=True,
-                        grid_minor_dim=MatmulDimension.M, grid_tile_width=1)
-        vjp = functools.partial(base.vjp, dlhs_ragged_dot=PallasMosaicGpuRaggedDot(config=config),
-                                drhs_ragged_dot=PallasMosaicGpuRaggedDot())
-        return PallasMosaicGpuRaggedDot(config=config, vjp=vjp)
+
+        def config(bm, bn, bk, stages, persistent=False):
+            return Config(block_m=bm, block_n=bn, block_k=bk, num_stages=stages, split_k=1, persistent=persistent,
+                          grid_minor_dim=MatmulDimension.M, grid_tile_width=1)
+
+        drhs = PallasMosaicGpuRaggedDot(config=config(64, 128, 128, 3))
+
+        def op(fwd_config):
+            vjp = functools.partial(base.vjp, dlhs_ragged_dot=PallasMosaicGpuRaggedDot(config=fwd_config),
+                                    drhs_ragged_dot=drhs)
+            return PallasMosaicGpuRaggedDot(config=fwd_config, vjp=vjp)
+
+        return op(None), op(config(128, 128, 64, 4, persistent=True))
     except (ImportError, AttributeError, TypeError, ValueError):  # another tokamax version: its defaults
         return None
 
