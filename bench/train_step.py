@@ -57,7 +57,7 @@ def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat:
     shards = int(np.prod([mesh.shape[a] for a in batch_axes()])) if mesh is not None else 1
     graphdef, state = nnx.split(init_model(config, mesh=mesh, dtype=jnp.bfloat16, param_dtype=dt, seed=0))
     params = state.to_pure_dict()
-    optimizer = make_optimizer(OptimizerConfig(lr=1e-4, warmup_steps=10), 1000)
+    optimizer = make_optimizer(OptimizerConfig(lr=1e-4, warmup_steps=0), 1000)  # constant, as torch's side
     opt_state = on_mesh(jax.jit(optimizer.init)(params), mesh)
     groups = mesh.shape["expert"] if mesh is not None and mesh.shape["expert"] > 1 else 1
     settings = StepSettings(remat, capacity_factor, (0.001, 0.0, 0.0), groups, 1)
@@ -79,10 +79,11 @@ def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat:
 
     with tuned:
         seconds = median_step_seconds(run, steps, lambda: jax.block_until_ready(box["m"]["loss"]))
+        loss = float(box["m"]["loss"])  # after the same number of steps as the transformers side
         if profile_dir:
             from bench.trace_summary import profile
             profile(lambda: run() or box["m"]["loss"], profile_dir, sync=jax.block_until_ready, steps=2)
-    return seconds, float(box["m"]["loss"]), rows
+    return seconds, loss, rows
 
 
 def bench_torch(config, batch: int, seq: int, steps: int, experts_impl: str):
