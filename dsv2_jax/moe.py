@@ -78,14 +78,16 @@ def grouped_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, group_sizes: jnp.ndarray)
     """lhs [M, K] rows sorted by group, rhs [G, K, N], group_sizes [G] -> [M, N]: row block g times rhs[g].
 
     The one place that picks the grouped-matmul backend: tokamax's Hopper kernels for bf16/f16 on GPU where tokamax
-    imports (an optional dependency), jax.lax.ragged_dot otherwise (and always for float32, which tokamax would
-    compute at lower precision). DSV2_GROUPED_MATMUL=ragged_dot|tokamax forces one.
+    imports (an optional dependency) and K, N are whole 128-wide tiles (every DeepSeek-V2 model), jax.lax.ragged_dot
+    otherwise (and always for float32, which tokamax would compute at lower precision).
+    DSV2_GROUPED_MATMUL=ragged_dot|tokamax forces one.
     """
     group_sizes = group_sizes.astype(jnp.int32)
+    M, (K, N) = lhs.shape[0], rhs.shape[1:]
     low_precision = lhs.dtype == rhs.dtype and lhs.dtype in (jnp.bfloat16, jnp.float16)  # tokamax's kernels' inputs
-    if low_precision and kernel_backend("DSV2_GROUPED_MATMUL", "ragged_dot") == "tokamax":
-        M, (K, N) = lhs.shape[0], rhs.shape[1:]
-        large = M >= 4096 and K % 128 == 0 and N % 128 == 0  # training / prefill sizes
+    whole_tiles = K % 128 == 0 and N % 128 == 0  # the widths the checked tile configs cover
+    if low_precision and whole_tiles and kernel_backend("DSV2_GROUPED_MATMUL", "ragged_dot") == "tokamax":
+        large = M >= 4096  # training / prefill sizes
         ops = _tokamax_ragged_dots()
         if ops is not None:
             # The kernels take whole tiles of rows (or, below a tile, whole 16-byte rows of the transposed operand):
