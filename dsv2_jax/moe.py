@@ -107,10 +107,10 @@ def _tokamax_ragged_dots():
     None where tokamax lacks that kernel.
 
     - Weight gradient (the ragged-contracting kernel): 64×128×128 tiles, 3 stages, for every size. tokamax 0.0.17's
-      default for it (64×64×128, 2 stages) returns gradients 4-8% off (relative norm) for every routing tried, and
-      several other configs return inf or a few % error; this one matched a float32 per-group product (1.7e-3, bf16
-      rounding) on 11 routings × 3 runs, from one expert taking all rows to 50 empty experts, and is 7% faster
-      than the default (bench/grouped_matmul.py checks every config it times).
+      default for it (64×64×128, 2 stages) returns gradients 2-8% off (relative norm) for every routing tried that
+      uses more than one expert, and several other configs return inf or a few % error; this one matched a float32
+      per-group product (1.7e-3, bf16 rounding) on 11 routings × 3 runs, from one expert taking all rows to 50 empty
+      experts, and is 7% faster than the default (bench/grouped_matmul.py checks every config it times).
     - Forward and input gradient, large: 128×128×64 tiles, 4 stages, persistent: 1.7× the default tiles (V2-Lite
       expert shapes); small: tokamax's default (decoding and small batches).
     """
