@@ -27,7 +27,7 @@ def param(rngs: nnx.Rngs | None, shape, axes: tuple, dtype, std: float | None = 
 def kernel_backend(env_var: str, fallback: str) -> str:
     """'tokamax' (its Hopper kernels; an optional dependency) on GPU where it imports, else `fallback`.
 
-    The environment variable forces either: e.g. DSV2_GROUPED_MATMUL=ragged_dot, DSV2_ATTENTION=tokamax.
+    The environment variable forces either: e.g. DSV2_ATTENTION=xla|tokamax.
     """
     choice = os.environ.get(env_var, "auto")
     if choice not in ("auto", fallback, "tokamax"):

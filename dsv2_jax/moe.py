@@ -20,7 +20,6 @@ On one device, capacity_factor=f drops the lowest-affinity copies past C = ceil(
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -31,7 +30,8 @@ from jax.sharding import PartitionSpec as P
 
 from . import sharding
 from .config import ModelConfig
-from .layers import MLP, cast, kernel_backend, param
+from .grouped_matmul import grouped_matmul
+from .layers import MLP, cast, param
 from .sharding import constrain
 
 # Logical axes of the MoE parameters (without the stacked "layers" axis).
@@ -72,67 +72,6 @@ def route(config: ModelConfig, logits: jnp.ndarray) -> RouterOutput:
 def route_tokens(config: ModelConfig, x: jnp.ndarray, router: jnp.ndarray) -> RouterOutput:
     """Routing of tokens x [T, D] by the router weight [D, E]; logits in fp32."""
     return route(config, jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32)))
-
-
-def grouped_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, group_sizes: jnp.ndarray) -> jnp.ndarray:
-    """lhs [M, K] rows sorted by group, rhs [G, K, N], group_sizes [G] -> [M, N]: row block g times rhs[g].
-
-    The one place that picks the grouped-matmul backend: tokamax's Hopper kernels for bf16/f16 on GPU where tokamax
-    imports (an optional dependency) and K, N are whole 128-wide tiles (every DeepSeek-V2 model), jax.lax.ragged_dot
-    otherwise (and always for float32, which tokamax would compute at lower precision).
-    DSV2_GROUPED_MATMUL=ragged_dot|tokamax forces one.
-    """
-    group_sizes = group_sizes.astype(jnp.int32)
-    M, (K, N) = lhs.shape[0], rhs.shape[1:]
-    low_precision = lhs.dtype == rhs.dtype and lhs.dtype in (jnp.bfloat16, jnp.float16)  # tokamax's kernels' inputs
-    whole_tiles = K % 128 == 0 and N % 128 == 0  # the widths the checked tile configs cover
-    if low_precision and whole_tiles and kernel_backend("DSV2_GROUPED_MATMUL", "ragged_dot") == "tokamax":
-        large = M >= 4096  # training / prefill sizes
-        ops = _tokamax_ragged_dots()
-        if ops is not None:
-            # The kernels take whole tiles of rows (or, below a tile, whole 16-byte rows of the transposed operand):
-            # rows past the groups are padding that belongs to no group.
-            pad = -M % (8 if M <= 64 else 128)
-            out = ops[large](jnp.pad(lhs, ((0, pad), (0, 0))) if pad else lhs, rhs, group_sizes=group_sizes,
-                             preferred_element_type=lhs.dtype)
-            return out[:M] if pad else out
-        import tokamax
-        return tokamax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
-    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
-
-
-@functools.cache
-def _tokamax_ragged_dots():
-    """tokamax's Hopper ragged-dot op with tile configs checked on an H100: (small, large) for M < / >= 4096 rows;
-    None where tokamax lacks that kernel.
-
-    - Weight gradient (the ragged-contracting kernel): 64×128×128 tiles, 3 stages, for every size. tokamax 0.0.17's
-      default for it (64×64×128, 2 stages) returns gradients 2-8% off (relative norm) for every routing tried that
-      uses more than one expert, and several other configs return inf or a few % error; this one matched a float32
-      per-group product (1.7e-3, bf16 rounding) on 11 routings × 3 runs, from one expert taking all rows to 50 empty
-      experts, and is 7% faster than the default (bench/grouped_matmul.py checks every config it times).
-    - Forward and input gradient, large: 128×128×64 tiles, 4 stages, persistent: 1.7× the default tiles (V2-Lite
-      expert shapes); small: tokamax's default (decoding and small batches).
-    """
-    try:
-        from tokamax._src.ops.ragged_dot import base
-        from tokamax._src.ops.ragged_dot.pallas_mosaic_gpu import PallasMosaicGpuRaggedDot
-        from tokamax._src.ops.ragged_dot.pallas_mosaic_gpu_common import Config, MatmulDimension
-
-        def config(bm, bn, bk, stages, persistent=False):
-            return Config(block_m=bm, block_n=bn, block_k=bk, num_stages=stages, split_k=1, persistent=persistent,
-                          grid_minor_dim=MatmulDimension.M, grid_tile_width=1)
-
-        drhs = PallasMosaicGpuRaggedDot(config=config(64, 128, 128, 3))
-
-        def op(fwd_config):
-            vjp = functools.partial(base.vjp, dlhs_ragged_dot=PallasMosaicGpuRaggedDot(config=fwd_config),
-                                    drhs_ragged_dot=drhs)
-            return PallasMosaicGpuRaggedDot(config=fwd_config, vjp=vjp)
-
-        return op(None), op(config(128, 128, 64, 4, persistent=True))
-    except (ImportError, AttributeError, TypeError, ValueError):  # another tokamax version: its defaults
-        return None
 
 
 @jax.named_scope("experts")

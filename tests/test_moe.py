@@ -119,33 +119,73 @@ def test_grouped_expert_gradients_in_bf16_match_fp32_loop():
         assert err <= 2e-2 * np.abs(np.asarray(w)).max(), (name, err)
 
 
-@pytest.mark.parametrize("sizes", [
+GROUPED_SIZES = [
     [0, 1, 63, 129, 1000, 0, 3000, 32],  # 4224 rows: whole tiles; empty and one-row experts
-    [2, 0, 5, 1, 4092, 0, 0, 0],  # 4100 rows: padded to whole tiles for the kernels
-    [0, 6, 0, 0, 0, 0, 6, 0],  # 12 rows (decoding two tokens): padded
+    [2, 0, 5, 1, 4092, 0, 0, 0],  # 4100 rows: not whole tiles
+    [0, 6, 0, 0, 0, 0, 6, 0],  # 12 rows (decoding two tokens)
     [0, 0, 0, 6, 0, 0, 0, 0],  # 6 rows (decoding one token)
-])
-def test_grouped_matmul_bf16_products_match_fp32(sizes):
+]
+
+
+def _grouped_products(f, x, w, dy):
+    """(output, input gradient, weight gradient) of f(x, w) for the output cotangent dy."""
+    y, vjp = jax.vjp(f, x, w)
+    return (y, *vjp(dy))
+
+
+@pytest.mark.parametrize("path", ["grouped_matmul", "pallas"])
+@pytest.mark.parametrize("sizes", GROUPED_SIZES)
+def test_grouped_matmul_bf16_products_match_fp32(sizes, path):
     """All three products of the grouped matmul (output, input gradient, weight gradient) in bf16 against the
-    float32 products of the same bf16 values: within bf16 rounding, 1e-2 relative (Frobenius) error. On a Hopper GPU
-    these run tokamax's kernels (large and small configs, padded row counts); a weight-gradient kernel that is a few
-    percent off, as tokamax's default tiles were, fails here."""
+    float32 products of the same bf16 values: within bf16 rounding, 1e-2 relative (Frobenius) error. On a GPU these
+    run the kernels `grouped_matmul` picks there (tokamax's forward kernels with the Pallas weight gradient, or the
+    Pallas kernels) and, for path "pallas", the Pallas kernels themselves (interpreted on CPU); a weight-gradient
+    kernel that is a few percent off, as tokamax's default tiles were, fails here."""
     rng = np.random.default_rng(5)
     M, K, N = sum(sizes), 256, 128
     bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
     x, w, dy = bf(rng.normal(size=(M, K))), bf(rng.normal(size=(len(sizes), K, N))), bf(rng.normal(size=(M, N)))
     gs = jnp.asarray(sizes, jnp.int32)
-    from dsv2_jax.moe import grouped_matmul
+    from dsv2_jax import grouped_matmul as gm
 
-    def products(f, x, w, dy):
-        y, vjp = jax.vjp(f, x, w)
-        return (y, *vjp(dy))
-
-    got = jax.jit(lambda *a: products(lambda x, w: grouped_matmul(x, w, gs), *a))(x, w, dy)
-    want = jax.jit(lambda *a: products(
+    f = gm.grouped_matmul if path == "grouped_matmul" else gm._pallas_grouped_matmul
+    got = jax.jit(lambda *a: _grouped_products(lambda x, w: f(x, w, gs), *a))(x, w, dy)
+    want = jax.jit(lambda *a: _grouped_products(
         lambda x, w: jax.lax.ragged_dot(x, w, gs, precision="highest"), *a))(
         *(a.astype(jnp.float32) for a in (x, w, dy)))
     for name, g, r in zip(("output", "input gradient", "weight gradient"), got, want):
         g, r = np.asarray(g, np.float32), np.asarray(r)
         err = np.linalg.norm(g - r) / np.linalg.norm(r)
         assert err < 1e-2, (name, err)
+
+
+@pytest.mark.parametrize("sizes,extra_rows", [(GROUPED_SIZES[0], 0), (GROUPED_SIZES[1], 37), (GROUPED_SIZES[3], 3),
+                                              ([0] * 8, 5)])
+def test_pallas_grouped_matmul_matches_loop(sizes, extra_rows):
+    """The Pallas kernels (`ragged_matmul` forward and input gradient, `weight_gradient`), joined by their custom
+    VJP, against a per-group numpy loop in float32 (1e-5 relative): empty groups, one-row groups, groups sharing a
+    row block, rows past the groups (zeros out, no weight gradient). The kernels run in Pallas's interpreter (CPU);
+    on a GPU they are compiled for bf16 only, which the test above checks there."""
+    from dsv2_jax import grouped_matmul as gm
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("float32 tiles of this size do not fit a GPU's shared memory; the bf16 test covers the GPU")
+
+    rng = np.random.default_rng(6)
+    G, K, N = len(sizes), 256, 128
+    M = sum(sizes) + extra_rows
+    x, w, dy = (rng.normal(size=s).astype(np.float32) for s in ((M, K), (G, K, N), (M, N)))
+    ends = np.cumsum(sizes)
+    y_want, dx_want, dw_want = np.zeros((M, N)), np.zeros((M, K)), np.zeros((G, K, N))
+    for g, (n, e) in enumerate(zip(sizes, ends)):
+        rows = slice(e - n, e)
+        y_want[rows] = x[rows] @ w[g]
+        dx_want[rows] = dy[rows] @ w[g].T
+        dw_want[g] = x[rows].T @ dy[rows]
+    gs = jnp.asarray(sizes, jnp.int32)
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(lambda *a: _grouped_products(lambda x, w: gm._pallas_grouped_matmul(x, w, gs), *a))(x, w, dy)
+    for name, g, want in zip(("output", "input gradient", "weight gradient"), got, (y_want, dx_want, dw_want)):
+        g = np.asarray(g)
+        assert np.isfinite(g).all(), name
+        np.testing.assert_allclose(g, want, rtol=0, atol=1e-5 * max(np.abs(want).max(), 1.0), err_msg=name)
