@@ -1,6 +1,7 @@
-"""Grouped-matmul kernel configs on the GPU: times tokamax's Hopper ragged-dot kernels over a list of tile configs
-for the expert matmuls of a training step (forward, and both backward products), next to a dense matmul of the same
-FLOPs, and prints the best config of each.
+"""Grouped-matmul kernels on the GPU: times tokamax's Hopper ragged-dot kernels over a list of tile configs and
+dsv2_jax's Pallas kernels (dsv2_jax.grouped_matmul) for the expert matmuls of a training step (forward, and both
+backward products), checks each against a float32 product, next to a dense matmul of the same FLOPs, and prints the
+best of each.
 
     python bench/grouped_matmul.py [--tokens 8192] [--preset deepseek-v2-lite]
 
@@ -59,6 +60,16 @@ def reference(lhs, rhs, kind: str, sizes: np.ndarray):
     return run(lhs, rhs)
 
 
+def pallas_product(kind: str):
+    """dsv2_jax's Pallas kernel for one product, with the tiles grouped_matmul uses at training sizes."""
+    import jax
+
+    from dsv2_jax import grouped_matmul as gm
+    if kind == "drhs":
+        return jax.jit(lambda a, b, g: gm.weight_gradient(a, b, g, **gm.WEIGHT_GRADIENT_TILES))
+    return jax.jit(lambda a, b, g: gm.ragged_matmul(a, b, g, transpose_rhs=kind == "dlhs", **gm.FORWARD_TILES))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8192)
@@ -104,10 +115,11 @@ def main():
             continue
         configs.append(Config(block_m=bm, block_n=bn, block_k=bk, num_stages=stages, split_k=1,
                               persistent=persistent, grid_minor_dim=minor, grid_tile_width=width))
-    if args.quick:  # the heuristic and dsv2_jax's two configs (moe._tokamax_ragged_dots)
+    if args.quick:  # the heuristic and dsv2_jax's two configs (grouped_matmul._tokamax_ragged_dots)
         configs = [None] + [Config(block_m=bm, block_n=bn, block_k=bk, num_stages=st, split_k=1, persistent=p,
                                    grid_minor_dim=MatmulDimension.M, grid_tile_width=1)
                             for bm, bn, bk, st, p in ((128, 128, 64, 4, True), (64, 128, 128, 3, False))]
+    configs.append("pallas")  # dsv2_jax's Pallas kernels with the tiles grouped_matmul uses
     print(f"{len(configs)} configs", flush=True)
     best = {}
     for name, (lhs, rhs, dims, flops) in cases.items():
@@ -115,9 +127,13 @@ def main():
         want = reference(lhs, rhs, kind, np.asarray(sizes))
         results, heuristic = [], "failed"
         for cfg in configs:
-            op = PallasMosaicGpuRaggedDot(config=cfg)
-            f = jax.jit(lambda a, b, g, op=op, dims=dims: op(a, b, group_sizes=g, ragged_dot_dimension_numbers=dims,
-                                                               preferred_element_type=jnp.bfloat16))
+            if cfg == "pallas":
+                f = pallas_product(kind)
+            else:
+                op = PallasMosaicGpuRaggedDot(config=cfg)
+                f = jax.jit(lambda a, b, g, op=op, dims=dims: op(a, b, group_sizes=g,
+                                                                   ragged_dot_dimension_numbers=dims,
+                                                                   preferred_element_type=jnp.bfloat16))
             try:
                 got = f(lhs, rhs, sizes).astype(jnp.float32)
                 ms = median_ms(f, lhs, rhs, sizes, reps=10)

@@ -20,6 +20,7 @@ On one device, capacity_factor=f drops the lowest-affinity copies past C = ceil(
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -89,13 +90,56 @@ def sort_by_expert(experts: jnp.ndarray, num_experts: int):
     return order, group_sizes
 
 
+def inverse_permutation(perm: jnp.ndarray) -> jnp.ndarray:
+    return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype), unique_indices=True)
+
+
+@jax.custom_vjp
+def permute_rows(a: jnp.ndarray, perm: jnp.ndarray, inv: jnp.ndarray) -> jnp.ndarray:
+    """a[perm] for a permutation `perm` of a's rows and its inverse `inv`: the backward is the gather d[inv], where
+    autodiff would scatter-add."""
+    return a[perm]
+
+
+def _permute_rows_fwd(a, perm, inv):
+    return a[perm], inv
+
+
+def _permute_rows_bwd(inv, d):
+    return d[inv], None, None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_copies(x: jnp.ndarray, order: jnp.ndarray, inv: jnp.ndarray, k: int) -> jnp.ndarray:
+    """The token copies sorted by expert: row i is x[order[i] // k] (x [T, D], order the sorted copy ids of the
+    T * k (token, choice) pairs, inv its inverse). The backward sums each token's k copies with a gather (fp32
+    accumulation), where autodiff would scatter-add them."""
+    return x[order // k]
+
+
+def _gather_copies_fwd(x, order, inv, k):
+    return x[order // k], inv
+
+
+def _gather_copies_bwd(k, inv, d):
+    dx = d[inv].reshape(-1, k, d.shape[-1]).astype(jnp.float32).sum(axis=1)
+    return dx.astype(d.dtype), None, None
+
+
+gather_copies.defvjp(_gather_copies_fwd, _gather_copies_bwd)
+
+
 @jax.named_scope("dropless")
 def dropless_experts(x, r: RouterOutput, gate, up, down):
     """Σ_k weight_k · expert_k(x) for x [T, D], every chosen (token, expert) pair computed once."""
     T, K = r.experts.shape
     order, group_sizes = sort_by_expert(r.experts, gate.shape[0])
-    y_sorted = expert_mlp(x[order // K], group_sizes, gate, up, down)
-    y_pairs = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
+    inv = inverse_permutation(order)
+    y_sorted = expert_mlp(gather_copies(x, order, inv, K), group_sizes, gate, up, down)
+    y_pairs = permute_rows(y_sorted, inv, order)  # back in (token, choice) order
     y = jnp.einsum("tkd,tk->td", y_pairs.reshape(T, K, -1), r.weights, preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
 
@@ -162,9 +206,10 @@ def dispatch_experts(x, r: RouterOutput, gate, up, down, *, capacity: int, n_ep:
 
     recv_x, recv_e = exchange(send_x), exchange(send_e)  # row block i came from expert-axis device i
     order, group_sizes = sort_by_expert(recv_e[:, None], E_loc)  # empty slots (id E_loc) sort last
-    y_sorted = expert_mlp(recv_x[order], group_sizes, gate, up, down)
+    inv = inverse_permutation(order)
+    y_sorted = expert_mlp(permute_rows(recv_x, order, inv), group_sizes, gate, up, down)
     y_sorted = jnp.where((recv_e[order] < E_loc)[:, None], y_sorted, 0)
-    y_recv = jnp.zeros((rows, D), y_sorted.dtype).at[order].set(y_sorted, unique_indices=True)
+    y_recv = permute_rows(y_sorted, inv, order)
     y_back = exchange(y_recv)  # back in this device's slot order
     y_pairs = jnp.take(y_back, slot, axis=0, mode="fill", fill_value=0).reshape(T, K, D)
     weights = jnp.where(kept, r.weights, 0.0)
