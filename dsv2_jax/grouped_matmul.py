@@ -1,7 +1,8 @@
 """The grouped matmul of the routed experts, and its GPU kernels.
 
 `grouped_matmul(lhs [M, K], rhs [G, K, N], group_sizes [G]) -> [M, N]`: rows sorted by group, row block g times
-rhs[g]; rows past the groups give zeros. Its backward has two products: the input gradient (the same row-ragged
+rhs[g]. Rows past the groups (sum(group_sizes) < M) come out as zeros from ragged_dot and the Pallas kernels and
+unspecified from tokamax: callers mask them. Its backward has two products: the input gradient (the same row-ragged
 product with rhs transposed) and the weight gradient (each group's lhs rows transposed times its output-gradient
 rows: the contraction runs over the ragged rows).
 
@@ -30,7 +31,7 @@ BACKENDS = ("auto", "pallas", "tokamax", "ragged_dot")
 
 def grouped_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, group_sizes: jnp.ndarray) -> jnp.ndarray:
     """lhs [M, K] rows sorted by group, rhs [G, K, N], group_sizes [G] -> [M, N] (lhs.dtype): row block g times
-    rhs[g]; rows past sum(group_sizes) are zeros."""
+    rhs[g]; rows past sum(group_sizes) are not specified (see the module docstring)."""
     group_sizes = group_sizes.astype(jnp.int32)
     M, (K, N) = lhs.shape[0], rhs.shape[1:]
     low_precision = lhs.dtype == rhs.dtype and lhs.dtype in (jnp.bfloat16, jnp.float16)

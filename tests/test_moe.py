@@ -209,3 +209,25 @@ def test_permutation_gathers_match_autodiff():
         y_want, vjp_want = jax.vjp(plain, arg)
         np.testing.assert_array_equal(np.asarray(y), np.asarray(y_want))
         np.testing.assert_allclose(np.asarray(vjp(d)[0]), np.asarray(vjp_want(d)[0]), rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_matmul_backend_choice(monkeypatch):
+    """DSV2_GROUPED_MATMUL: auto is ragged_dot off GPU; a forced backend is taken; a bad value or tokamax where it
+    does not import is a clear error."""
+    from dsv2_jax import grouped_matmul as gm
+
+    choose = gm._backend.__wrapped__
+    monkeypatch.setenv("DSV2_GROUPED_MATMUL", "auto")
+    if jax.default_backend() == "gpu":
+        assert choose() == ("tokamax" if gm._tokamax_ragged_dots() is not None else "pallas")
+    else:
+        assert choose() == "ragged_dot"
+    monkeypatch.setenv("DSV2_GROUPED_MATMUL", "pallas")
+    assert choose() == "pallas"
+    monkeypatch.setenv("DSV2_GROUPED_MATMUL", "cutlass")
+    with pytest.raises(ValueError, match="DSV2_GROUPED_MATMUL must be one of"):
+        choose()
+    if gm._tokamax_ragged_dots() is None:
+        monkeypatch.setenv("DSV2_GROUPED_MATMUL", "tokamax")
+        with pytest.raises(ValueError, match="does not import here"):
+            choose()
