@@ -197,9 +197,13 @@ def weight_gradient(x, dy, group_sizes, *, block_k: int = 128, block_n: int = 12
     )(bounds, x, dy.astype(x.dtype))
 
 
+def _kernel_args(tiles: dict) -> dict:
+    """Tiles plus where the kernel runs: compiled on GPU, in Pallas's interpreter elsewhere (tests)."""
+    return dict(tiles, interpret=jax.default_backend() != "gpu")
+
+
 def _forward_tiles(M: int) -> dict:
-    """Tiles of the row-ragged kernel; off GPU the kernels run in Pallas's interpreter (tests)."""
-    return dict(SMALL_FORWARD_TILES if M <= 64 else FORWARD_TILES, interpret=jax.default_backend() != "gpu")
+    return _kernel_args(SMALL_FORWARD_TILES if M <= 64 else FORWARD_TILES)
 
 
 @jax.custom_vjp
@@ -214,8 +218,7 @@ def _pallas_fwd(lhs, rhs, group_sizes):
 def _pallas_bwd(res, dout):
     lhs, rhs, group_sizes = res
     dlhs = ragged_matmul(dout, rhs, group_sizes, transpose_rhs=True, **_forward_tiles(lhs.shape[0]))
-    drhs = weight_gradient(lhs, dout, group_sizes, **WEIGHT_GRADIENT_TILES,
-                           interpret=jax.default_backend() != "gpu")
+    drhs = weight_gradient(lhs, dout, group_sizes, **_kernel_args(WEIGHT_GRADIENT_TILES))
     return dlhs, drhs.astype(rhs.dtype), None
 
 
