@@ -12,12 +12,20 @@ Backends, one picked per call (DSV2_GROUPED_MATMUL=auto|pallas|tokamax|ragged_do
 - `tokamax`: tokamax's Mosaic Hopper kernels for the forward and input gradient with tiles tuned on an H100, this
   module's `weight_gradient` for the weight gradient (tokamax's own was 2-8% wrong with its default tiles);
 - `ragged_dot`: jax.lax.ragged_dot (CPU; float32 everywhere, which the bf16 kernels would compute at lower precision).
+`auto` is ragged_dot off GPU and, on GPU, tokamax where it imports (else pallas), except inside `outputs_saved()`
+(the layers under the save_dots remat policy, which keeps the experts' outputs for the backward pass): there the
+differentiated products run on the Pallas kernels. JAX cannot drop a tokamax kernel from the recomputation even when
+its output is kept (its Mosaic GPU kernels are effectful), so under save_dots tokamax's forward would run twice; the
+Pallas kernels' runs once (bench/RESULTS.md: 94.5 → 91.3 ms per training step). Undifferentiated calls (prefill,
+decoding) stay on tokamax there.
 The GPU kernels take bf16/f16 operands of one dtype whose widths are whole 128-column tiles (all DeepSeek-V2 models);
 anything else goes to ragged_dot.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 
@@ -27,26 +35,36 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 BACKENDS = ("auto", "pallas", "tokamax", "ragged_dot")
+_OUTPUTS_SAVED = contextvars.ContextVar("dsv2_grouped_matmul_outputs_saved", default=False)
+
+
+@contextlib.contextmanager
+def outputs_saved():
+    """While tracing inside: the caller's remat policy keeps these grouped matmuls' outputs for the backward pass
+    (model.remat_policy's save_dots), so `auto` differentiates them with kernels whose recomputation JAX can drop."""
+    token = _OUTPUTS_SAVED.set(True)
+    try:
+        yield
+    finally:
+        _OUTPUTS_SAVED.reset(token)
 
 
 def grouped_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, group_sizes: jnp.ndarray) -> jnp.ndarray:
     """lhs [M, K] rows sorted by group, rhs [G, K, N], group_sizes [G] -> [M, N] (lhs.dtype): row block g times
     rhs[g]; rows past sum(group_sizes) are not specified (see the module docstring)."""
     group_sizes = group_sizes.astype(jnp.int32)
-    M, (K, N) = lhs.shape[0], rhs.shape[1:]
+    K, N = rhs.shape[1:]
     low_precision = lhs.dtype == rhs.dtype and lhs.dtype in (jnp.bfloat16, jnp.float16)
     whole_tiles = K % 128 == 0 and N % 128 == 0
     backend = _backend() if low_precision and whole_tiles else "ragged_dot"
+    if backend == "tokamax" and _OUTPUTS_SAVED.get() and os.environ.get("DSV2_GROUPED_MATMUL", "auto") == "auto":
+        backend = "tokamax+pallas"
     if backend == "pallas":
         return _pallas_grouped_matmul(lhs, rhs, group_sizes)
     if backend == "tokamax":
-        ops = _tokamax_ragged_dots()
-        # tokamax's kernels take whole tiles of rows (below a tile, whole 16-byte rows): rows past the groups are
-        # padding that belongs to no group.
-        pad = -M % (8 if M <= 64 else 128)
-        out = ops[M >= 4096](jnp.pad(lhs, ((0, pad), (0, 0))) if pad else lhs, rhs, group_sizes=group_sizes,
-                             preferred_element_type=lhs.dtype)
-        return out[:M] if pad else out
+        return _tokamax_grouped_matmul(lhs, rhs, group_sizes)
+    if backend == "tokamax+pallas":
+        return _tokamax_pallas_grouped_matmul(lhs, rhs, group_sizes)
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
 
 
@@ -206,23 +224,35 @@ def _forward_tiles(M: int) -> dict:
     return _kernel_args(SMALL_FORWARD_TILES if M <= 64 else FORWARD_TILES)
 
 
-@jax.custom_vjp
-def _pallas_grouped_matmul(lhs, rhs, group_sizes):
-    return ragged_matmul(lhs, rhs, group_sizes, **_forward_tiles(lhs.shape[0]))
+def _with_vjp(product, differentiated=None):
+    """The grouped matmul as a custom VJP over `product(lhs, rhs, group_sizes, transpose_rhs)` (the forward and the
+    input gradient; `differentiated` in their place where given, when the call is differentiated) and
+    `weight_gradient`. Its residuals are its inputs, so a remat policy that keeps its output (model.remat_policy's
+    save_dots) does not run the forward product again in the backward pass, where the kernel is free of effects."""
+    differentiated = differentiated or product
+
+    @jax.custom_vjp
+    def matmul(lhs, rhs, group_sizes):
+        return product(lhs, rhs, group_sizes, False)
+
+    def fwd(lhs, rhs, group_sizes):
+        return differentiated(lhs, rhs, group_sizes, False), (lhs, rhs, group_sizes)
+
+    def bwd(res, dout):
+        lhs, rhs, group_sizes = res
+        dlhs = differentiated(dout, rhs, group_sizes, True)
+        drhs = weight_gradient(lhs, dout, group_sizes, **_kernel_args(WEIGHT_GRADIENT_TILES))
+        return dlhs, drhs.astype(rhs.dtype), None
+
+    matmul.defvjp(fwd, bwd)
+    return matmul
 
 
-def _pallas_fwd(lhs, rhs, group_sizes):
-    return _pallas_grouped_matmul(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+def _pallas_product(lhs, rhs, group_sizes, transpose_rhs: bool):
+    return ragged_matmul(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, **_forward_tiles(lhs.shape[0]))
 
 
-def _pallas_bwd(res, dout):
-    lhs, rhs, group_sizes = res
-    dlhs = ragged_matmul(dout, rhs, group_sizes, transpose_rhs=True, **_forward_tiles(lhs.shape[0]))
-    drhs = weight_gradient(lhs, dout, group_sizes, **_kernel_args(WEIGHT_GRADIENT_TILES))
-    return dlhs, drhs.astype(rhs.dtype), None
-
-
-_pallas_grouped_matmul.defvjp(_pallas_fwd, _pallas_bwd)
+_pallas_grouped_matmul = _with_vjp(_pallas_product)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,34 +260,37 @@ _pallas_grouped_matmul.defvjp(_pallas_fwd, _pallas_bwd)
 
 @functools.cache
 def _tokamax_ragged_dots():
-    """tokamax's Hopper ragged-dot op with tile configs checked on an H100: (small, large) for M < / >= 4096 rows,
-    with this module's weight_gradient for the weight gradient; None where tokamax or those kernel classes are
-    missing (tokamax 0.0.17's layout).
+    """tokamax's Hopper ragged-dot kernels with tile configs checked on an H100: (small, large) for M < / >= 4096
+    rows; None where tokamax or those kernel classes are missing (tokamax 0.0.17's layout).
 
-    Forward and input gradient, large: 128×128×64 tiles, 4 stages, persistent: 1.7× tokamax's default tiles (V2-Lite
-    expert shapes); small: tokamax's default (decoding and small batches). tokamax's own weight-gradient kernel
-    returned gradients 2-8% off (relative norm) with its default tiles and inf or a few % error with most others
-    (bench/RESULTS.md); the Pallas kernel here is right on every routing checked and 2.9× faster than its one right
-    config.
+    Large: 128×128×64 tiles, 4 stages, persistent: 1.7× tokamax's default tiles (V2-Lite expert shapes); small:
+    tokamax's default (decoding and small batches). Only their forward and input-gradient kernels are used: tokamax's
+    weight-gradient kernel returned gradients 2-8% off (relative norm) with its default tiles and inf or a few %
+    error with most others (bench/RESULTS.md); this module's `weight_gradient` is right on every routing checked and
+    2.9× faster than its one right config.
     """
     try:
-        from tokamax._src.ops.ragged_dot import base
         from tokamax._src.ops.ragged_dot.pallas_mosaic_gpu import PallasMosaicGpuRaggedDot
         from tokamax._src.ops.ragged_dot.pallas_mosaic_gpu_common import Config, MatmulDimension
     except Exception:  # not installed, another layout, or its imports fail on this machine
         return None
-
-    def drhs(lhs, dout, *, group_sizes, ragged_dot_dimension_numbers, preferred_element_type, **_):
-        if ragged_dot_dimension_numbers != base.RAGGED_CONTRACTING_DOT_DIM_NUMS:
-            raise NotImplementedError(f"weight gradient of {ragged_dot_dimension_numbers}")
-        group_sizes = getattr(group_sizes, "value", group_sizes)  # tokamax passes its GroupSizes wrapper
-        return weight_gradient(lhs, dout, group_sizes, **WEIGHT_GRADIENT_TILES).astype(preferred_element_type)
-
-    def op(fwd_config):
-        vjp = functools.partial(base.vjp, dlhs_ragged_dot=PallasMosaicGpuRaggedDot(config=fwd_config),
-                                drhs_ragged_dot=drhs)
-        return PallasMosaicGpuRaggedDot(config=fwd_config, vjp=vjp)
-
     large = Config(block_m=128, block_n=128, block_k=64, num_stages=4, split_k=1, persistent=True,
                    grid_minor_dim=MatmulDimension.M, grid_tile_width=1)
-    return op(None), op(large)
+    return PallasMosaicGpuRaggedDot(), PallasMosaicGpuRaggedDot(config=large)
+
+
+def _tokamax_product(lhs, rhs, group_sizes, transpose_rhs: bool):
+    """lhs [M, K] × rhs [G, K, N] (× rhs [G, N, K]ᵀ with transpose_rhs) by tokamax's kernels, which take whole tiles
+    of rows (below a tile, whole 16-byte rows): rows past the groups are padding that belongs to no group."""
+    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2 if transpose_rhs else 1]), ([], [])),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+    M = lhs.shape[0]
+    pad = -M % (8 if M <= 64 else 128)
+    out = _tokamax_ragged_dots()[M >= 4096](jnp.pad(lhs, ((0, pad), (0, 0))) if pad else lhs, rhs,
+                                            group_sizes=group_sizes, ragged_dot_dimension_numbers=dims,
+                                            preferred_element_type=lhs.dtype)
+    return out[:M] if pad else out
+
+
+_tokamax_grouped_matmul = _with_vjp(_tokamax_product)
+_tokamax_pallas_grouped_matmul = _with_vjp(_tokamax_product, _pallas_product)  # auto under outputs_saved()

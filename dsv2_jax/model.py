@@ -7,6 +7,7 @@ layers run in config order; with moe_layer_freq == 1 that is exactly one scan pe
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import grouped_matmul
 from .attention import MLA, causal_mask
 from .config import ModelConfig
 from .layers import MLP, Embed, RMSNorm, cast, param
@@ -80,8 +82,13 @@ def layer_runs(config: ModelConfig) -> list[tuple[str, int, int]]:
 
 
 def remat_policy(name: str):
+    """'save_dots' keeps the outputs of the matmuls without batch dimensions (projections, dense MLPs, the experts'
+    grouped matmuls) for the backward pass and recomputes the rest (norms, activations, attention, routing); 'full'
+    keeps only each layer's input."""
     if name == "save_dots":
-        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        return jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+            jax.checkpoint_policies.save_only_these_names("experts_gate", "experts_up", "experts_down"))
     if name == "full":
         return jax.checkpoint_policies.nothing_saveable
     raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {name!r}")
@@ -178,7 +185,8 @@ def scan_layers(stack: nnx.Module, start: int, count: int, x, args, remat: str =
 
     if remat != "none":
         body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-    return jax.lax.scan(body, x, state)
+    with grouped_matmul.outputs_saved() if remat == "save_dots" else contextlib.nullcontext():
+        return jax.lax.scan(body, x, state)
 
 
 def abstract_model(config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32) -> DeepseekV2:

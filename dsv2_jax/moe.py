@@ -27,6 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from . import sharding
@@ -78,8 +79,9 @@ def route_tokens(config: ModelConfig, x: jnp.ndarray, router: jnp.ndarray) -> Ro
 @jax.named_scope("experts")
 def expert_mlp(x_sorted, group_sizes, gate, up, down):
     """SwiGLU of each row with its own expert's weights; rows sorted by expert. gate/up [E, D, I], down [E, I, D]."""
-    h = jax.nn.silu(grouped_matmul(x_sorted, gate, group_sizes)) * grouped_matmul(x_sorted, up, group_sizes)
-    return grouped_matmul(h, down, group_sizes)
+    g = checkpoint_name(grouped_matmul(x_sorted, gate, group_sizes), "experts_gate")
+    u = checkpoint_name(grouped_matmul(x_sorted, up, group_sizes), "experts_up")
+    return checkpoint_name(grouped_matmul(jax.nn.silu(g) * u, down, group_sizes), "experts_down")
 
 
 def sort_by_expert(experts: jnp.ndarray, num_experts: int):

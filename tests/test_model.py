@@ -1,5 +1,7 @@
 """Model behaviour that transformers cannot check: packing, moe_layer_freq, dtypes, parameter counts."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,6 +95,41 @@ def test_bf16_compute_with_fp32_params_tracks_fp32():
     assert b.dtype == np.float32
     assert np.abs(a - b).max() / np.abs(a).max() < 5e-2
     assert np.mean(a.argmax(-1) == b.argmax(-1)) > 0.9
+
+
+def all_eqns(jaxpr):
+    """Every equation of a jaxpr, those of its sub-jaxprs (scan bodies, custom VJPs, remat) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from all_eqns(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from all_eqns(sub)
+
+
+def _primitive_counts(jaxpr):
+    return collections.Counter(eqn.primitive.name for eqn in all_eqns(jaxpr))
+
+
+def test_save_dots_keeps_the_expert_products(monkeypatch):
+    """Under save_dots the backward pass reuses the experts' grouped-matmul outputs: each layer's three products
+    run once forward, and the backward adds only their input and weight gradients (six), as without remat; 'full'
+    recomputes the three. Checked with the Pallas backend (its custom VJP, as on GPU) and with ragged_dot."""
+    from dsv2_jax import grouped_matmul as gm
+    c = TINY.replace(hidden_size=128, moe_intermediate_size=128, intermediate_size=128, num_hidden_layers=2)
+    model = random_model(c, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    graphdef, state = nnx.split(model)
+    ids = jnp.zeros((1, 16), jnp.int32)
+    for backend, primitive in (("pallas", "pallas_call"), ("ragged_dot", "ragged_dot_general")):
+        monkeypatch.setenv("DSV2_GROUPED_MATMUL", backend)
+        gm._backend.cache_clear()
+        for remat, want in (("none", 9), ("full", 12), ("save_dots", 9)):
+            def loss(state):
+                return nnx.merge(graphdef, state).forward(ids, remat=remat).logits.astype(jnp.float32).mean()
+            assert _primitive_counts(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)[primitive] == want, (backend, remat)
+    gm._backend.cache_clear()
 
 
 def test_remat_policies_do_not_change_gradients():

@@ -1,5 +1,8 @@
 """Router and grouped experts against plain loops."""
 
+import collections
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,13 +136,14 @@ def _grouped_products(f, x, w, dy):
     return (y, *vjp(dy))
 
 
-@pytest.mark.parametrize("path", ["grouped_matmul", "pallas"])
+@pytest.mark.parametrize("path", ["grouped_matmul", "outputs_saved", "pallas"])
 @pytest.mark.parametrize("sizes", GROUPED_SIZES)
 def test_grouped_matmul_bf16_products_match_fp32(sizes, path):
     """All three products of the grouped matmul (output, input gradient, weight gradient) in bf16 against the
     float32 products of the same bf16 values: within bf16 rounding, 1e-2 relative (Frobenius) error. On a GPU these
     run the kernels `grouped_matmul` picks there (tokamax's forward kernels with the Pallas weight gradient, or the
-    Pallas kernels) and, for path "pallas", the Pallas kernels themselves (interpreted on CPU); a weight-gradient
+    Pallas kernels; under `outputs_saved`, tokamax undifferentiated and Pallas differentiated) and, for path
+    "pallas", the Pallas kernels themselves (interpreted on CPU); a weight-gradient
     kernel that is a few percent off, as tokamax's default tiles were, fails here."""
     rng = np.random.default_rng(5)
     M, K, N = sum(sizes), 256, 128
@@ -148,8 +152,9 @@ def test_grouped_matmul_bf16_products_match_fp32(sizes, path):
     gs = jnp.asarray(sizes, jnp.int32)
     from dsv2_jax import grouped_matmul as gm
 
-    f = gm.grouped_matmul if path == "grouped_matmul" else gm._pallas_grouped_matmul
-    got = jax.jit(lambda *a: _grouped_products(lambda x, w: f(x, w, gs), *a))(x, w, dy)
+    f = gm._pallas_grouped_matmul if path == "pallas" else gm.grouped_matmul
+    with gm.outputs_saved() if path == "outputs_saved" else contextlib.nullcontext():  # GPU: tokamax + Pallas
+        got = jax.jit(lambda *a: _grouped_products(lambda x, w: f(x, w, gs), *a))(x, w, dy)
     want = jax.jit(lambda *a: _grouped_products(
         lambda x, w: jax.lax.ragged_dot(x, w, gs, precision="highest"), *a))(
         *(a.astype(jnp.float32) for a in (x, w, dy)))
@@ -209,6 +214,28 @@ def test_permutation_gathers_match_autodiff():
         y_want, vjp_want = jax.vjp(plain, arg)
         np.testing.assert_array_equal(np.asarray(y), np.asarray(y_want))
         np.testing.assert_allclose(np.asarray(vjp(d)[0]), np.asarray(vjp_want(d)[0]), rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_matmul_vjp_runs_the_differentiated_product_under_differentiation():
+    """_with_vjp(product, differentiated): an undifferentiated call runs `product`; under differentiation the
+    forward and the input gradient run `differentiated` (how auto pairs tokamax with the Pallas kernels inside
+    outputs_saved()). Here product = jax.lax.ragged_dot, differentiated = the Pallas kernels (interpreted off GPU)."""
+    from dsv2_jax import grouped_matmul as gm
+    from test_model import _primitive_counts, all_eqns
+
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(40, 128)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(3, 128, 128)), jnp.bfloat16)
+    gs = jnp.asarray([10, 0, 30], jnp.int32)
+    f = gm._with_vjp(lambda a, b, g, t: jax.lax.ragged_dot(a, jnp.swapaxes(b, 1, 2) if t else b, g),
+                     gm._pallas_product)
+    primal = _primitive_counts(jax.make_jaxpr(f)(x, w, gs).jaxpr)
+    assert primal["ragged_dot_general"] == 1 and primal["pallas_call"] == 0
+    grad = jax.make_jaxpr(jax.grad(lambda x, w: f(x, w, gs).astype(jnp.float32).sum(), (0, 1)))(x, w)
+    names = collections.Counter(str(e.params["name"]) for e in all_eqns(grad.jaxpr)
+                                if e.primitive.name == "pallas_call")
+    assert names == {"grouped_matmul": 2, "grouped_matmul_weight_gradient": 1}, names
+    assert _primitive_counts(grad.jaxpr)["ragged_dot_general"] == 0
 
 
 def test_grouped_matmul_backend_choice(monkeypatch):
