@@ -80,10 +80,12 @@ def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat:
     with tuned:
         seconds = median_step_seconds(run, steps, lambda: jax.block_until_ready(box["m"]["loss"]))
         loss = float(box["m"]["loss"])  # after the same number of steps as the transformers side
+        peak = jax.devices()[0].memory_stats() or {}
+        peak = peak.get("peak_bytes_in_use", 0) / 2**30
         if profile_dir:
             from bench.trace_summary import profile
             profile(lambda: run() or box["m"]["loss"], profile_dir, sync=jax.block_until_ready, steps=2)
-    return seconds, loss, rows
+    return seconds, loss, rows, peak
 
 
 def bench_torch(config, batch: int, seq: int, steps: int, experts_impl: str):
@@ -113,9 +115,10 @@ def bench_torch(config, batch: int, seq: int, steps: int, experts_impl: str):
 
     seconds = median_step_seconds(run, steps, torch.cuda.synchronize)
     loss = float(box.pop("loss"))
+    peak = torch.cuda.max_memory_allocated() / 2**30
     model = opt = None  # give the memory back before JAX takes its share
     torch.cuda.empty_cache()
-    return seconds, loss
+    return seconds, loss, peak
 
 
 def main():
@@ -161,19 +164,22 @@ def main():
 
     if not args.skip_torch:
         try:
-            seconds, loss = bench_torch(config, args.batch, args.seq, args.steps, args.experts_impl)
-            report(f"transformers experts={args.experts_impl}", seconds, args.batch, {"loss": loss})
+            seconds, loss, peak = bench_torch(config, args.batch, args.seq, args.steps, args.experts_impl)
+            report(f"transformers experts={args.experts_impl}", seconds, args.batch,
+                   {"loss": loss, "peak_gib": peak})
         except Exception as e:  # e.g. out of memory at this batch
             print(f"transformers failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     if not args.skip_jax:
-        seconds, loss, rows = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype, args.remat,
+        seconds, loss, rows, peak = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype, args.remat,
                                         mesh_sizes, args.capacity_factor, args.autotune, args.profile)
         report(f"dsv2_jax params={args.param_dtype} remat={args.remat}" + (" autotuned" if args.autotune else "")
-               + (f" mesh={args.mesh} cf={args.capacity_factor}" if mesh_sizes else ""), seconds, rows, {"loss": loss})
+               + (f" mesh={args.mesh} cf={args.capacity_factor}" if mesh_sizes else ""), seconds, rows,
+               {"loss": loss, "peak_gib": peak})
     print(f"\nFLOPs/token {fpt:.4g}")
     for r in results:
         print(f"{r['impl']:45s} {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:10.0f} tok/s  "
-              f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  last loss {r['loss']:.3f}")
+              f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  last loss {r['loss']:.3f}  "
+              f"peak {r['peak_gib']:.1f} GiB")
 
 
 if __name__ == "__main__":
