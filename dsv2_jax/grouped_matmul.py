@@ -14,10 +14,11 @@ Backends, one picked per call (DSV2_GROUPED_MATMUL=auto|pallas|tokamax|ragged_do
 - `ragged_dot`: jax.lax.ragged_dot (CPU; float32 everywhere, which the bf16 kernels would compute at lower precision).
 `auto` is ragged_dot off GPU and, on GPU, tokamax where it imports (else pallas), except inside `outputs_saved()`
 (the layers under the save_dots remat policy, which keeps the experts' outputs for the backward pass): there the
-differentiated products run on the Pallas kernels. JAX cannot drop a tokamax kernel from the recomputation even when
-its output is kept (its Mosaic GPU kernels are effectful), so under save_dots tokamax's forward would run twice; the
-Pallas kernels' runs once (bench/RESULTS.md: 94.5 → 91.3 ms per training step). Undifferentiated calls (prefill,
-decoding) stay on tokamax there.
+differentiated products run on the Pallas kernels. The recomputation in the backward pass keeps tokamax's kernels
+even when their outputs are kept (measured: the same kernels run under save_dots as under full remat; they are
+`plgpu.kernel`s, which the remat's dead-code elimination does not drop), while the Pallas kernels' recomputation is
+dropped (bench/RESULTS.md: 94.5 → 90.5 ms per training step). Undifferentiated calls (prefill, decoding) stay on
+tokamax there.
 The GPU kernels take bf16/f16 operands of one dtype whose widths are whole 128-column tiles (all DeepSeek-V2 models);
 anything else goes to ragged_dot.
 """
@@ -228,7 +229,8 @@ def _with_vjp(product, differentiated=None):
     """The grouped matmul as a custom VJP over `product(lhs, rhs, group_sizes, transpose_rhs)` (the forward and the
     input gradient; `differentiated` in their place where given, when the call is differentiated) and
     `weight_gradient`. Its residuals are its inputs, so a remat policy that keeps its output (model.remat_policy's
-    save_dots) does not run the forward product again in the backward pass, where the kernel is free of effects."""
+    save_dots) does not run the forward product again in the backward pass, where JAX can drop the kernel (the Pallas
+    kernels; not tokamax's, see the module docstring)."""
     differentiated = differentiated or product
 
     @jax.custom_vjp
