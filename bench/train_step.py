@@ -170,8 +170,9 @@ def main():
         except Exception as e:  # e.g. out of memory at this batch
             print(f"transformers failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     if not args.skip_jax:
-        seconds, loss, rows, peak = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype, args.remat,
-                                        mesh_sizes, args.capacity_factor, args.autotune, args.profile)
+        seconds, loss, rows, peak = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype,
+                                              args.remat, mesh_sizes, args.capacity_factor, args.autotune,
+                                              args.profile)
         report(f"dsv2_jax params={args.param_dtype} remat={args.remat}" + (" autotuned" if args.autotune else "")
                + (f" mesh={args.mesh} cf={args.capacity_factor}" if mesh_sizes else ""), seconds, rows,
                {"loss": loss, "peak_gib": peak})

@@ -57,9 +57,7 @@ def grouped_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, group_sizes: jnp.ndarray)
     K, N = rhs.shape[1:]
     low_precision = lhs.dtype == rhs.dtype and lhs.dtype in (jnp.bfloat16, jnp.float16)
     whole_tiles = K % 128 == 0 and N % 128 == 0
-    backend = _backend() if low_precision and whole_tiles else "ragged_dot"
-    if backend == "tokamax" and _OUTPUTS_SAVED.get() and os.environ.get("DSV2_GROUPED_MATMUL", "auto") == "auto":
-        backend = "tokamax+pallas"
+    backend = _backend(_OUTPUTS_SAVED.get()) if low_precision and whole_tiles else "ragged_dot"
     if backend == "pallas":
         return _pallas_grouped_matmul(lhs, rhs, group_sizes)
     if backend == "tokamax":
@@ -70,8 +68,9 @@ def grouped_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, group_sizes: jnp.ndarray)
 
 
 @functools.cache
-def _backend() -> str:
-    """auto: on GPU, tokamax where it imports with the kernel classes this module configures, else pallas; off GPU,
+def _backend(outputs_saved: bool = False) -> str:
+    """auto: on GPU, tokamax where it imports with the kernel classes this module configures (under
+    `outputs_saved()`, "tokamax+pallas": tokamax undifferentiated, Pallas differentiated), else pallas; off GPU,
     ragged_dot."""
     choice = os.environ.get("DSV2_GROUPED_MATMUL", "auto")
     if choice not in BACKENDS:
@@ -83,7 +82,9 @@ def _backend() -> str:
         return choice
     if jax.default_backend() != "gpu":
         return "ragged_dot"
-    return "tokamax" if _tokamax_ragged_dots() is not None else "pallas"
+    if _tokamax_ragged_dots() is None:
+        return "pallas"
+    return "tokamax+pallas" if outputs_saved else "tokamax"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -239,18 +239,20 @@ def test_grouped_matmul_vjp_runs_the_differentiated_product_under_differentiatio
 
 
 def test_grouped_matmul_backend_choice(monkeypatch):
-    """DSV2_GROUPED_MATMUL: auto is ragged_dot off GPU; a forced backend is taken; a bad value or tokamax where it
-    does not import is a clear error."""
+    """DSV2_GROUPED_MATMUL: auto is ragged_dot off GPU; a forced backend is taken, under outputs_saved() too; a bad
+    value or tokamax where it does not import is a clear error."""
     from dsv2_jax import grouped_matmul as gm
 
     choose = gm._backend.__wrapped__
     monkeypatch.setenv("DSV2_GROUPED_MATMUL", "auto")
     if jax.default_backend() == "gpu":
-        assert choose() == ("tokamax" if gm._tokamax_ragged_dots() is not None else "pallas")
+        tokamax = gm._tokamax_ragged_dots() is not None
+        assert choose() == ("tokamax" if tokamax else "pallas")
+        assert choose(outputs_saved=True) == ("tokamax+pallas" if tokamax else "pallas")
     else:
-        assert choose() == "ragged_dot"
+        assert choose() == choose(outputs_saved=True) == "ragged_dot"
     monkeypatch.setenv("DSV2_GROUPED_MATMUL", "pallas")
-    assert choose() == "pallas"
+    assert choose() == choose(outputs_saved=True) == "pallas"
     monkeypatch.setenv("DSV2_GROUPED_MATMUL", "cutlass")
     with pytest.raises(ValueError, match="DSV2_GROUPED_MATMUL must be one of"):
         choose()
