@@ -121,7 +121,7 @@ class DeepseekV2(nnx.Module):
         return self.forward(input_ids, positions, segment_ids).logits
 
     def forward(self, input_ids, positions=None, segment_ids=None, *, remat: str = "none",
-                capacity_factor: float | None = None, logits: bool = True) -> ForwardOutput:
+                capacity_factor: float | None = None, logits: bool = True, scan: bool = True) -> ForwardOutput:
         """Logits and the routing of every MoE layer.
 
         input_ids, positions, segment_ids: int [B, S]. positions default to 0..S-1; segment_ids (default all
@@ -131,6 +131,8 @@ class DeepseekV2(nnx.Module):
         pairs past f times a device's balanced share (moe.py); router.kept marks the pairs that were computed.
         logits=False: return the final-normed hidden states instead of logits, for a loss that applies
         `head_weight()` itself in chunks (training.linear_cross_entropy).
+        scan=False: run the layers of a stack one after another (unrolled) instead of with lax.scan: longer compiles,
+        no stacking of the activations kept for the backward pass (see scan_layers).
         """
         check_capacity_factor(capacity_factor)
         B, S = input_ids.shape
@@ -144,7 +146,7 @@ class DeepseekV2(nnx.Module):
         routers = []
         for kind, start, count in layer_runs(self.config):
             stack = self.moe_layers if kind == "moe" else self.dense_layers
-            x, router = scan_layers(stack, start, count, x, (cos, sin, mask), remat, capacity_factor)
+            x, router = scan_layers(stack, start, count, x, (cos, sin, mask), remat, capacity_factor, scan)
             if router is not None:
                 routers.append(router)
         router = jax.tree.map(lambda *a: jnp.concatenate(a), *routers) if routers else None
@@ -175,8 +177,13 @@ def split_layers(stack: nnx.Module, start: int, count: int):
 
 
 def scan_layers(stack: nnx.Module, start: int, count: int, x, args, remat: str = "none",
-                capacity_factor: float | None = None):
-    """Runs layers [start, start + count) of a stacked module over x with lax.scan."""
+                capacity_factor: float | None = None, scan: bool = True):
+    """Runs layers [start, start + count) of a stacked module over x: (x, per-layer outputs stacked [count, ...]).
+
+    scan=True: one lax.scan (compiles the layer once). scan=False: the layers unrolled, each on its slice of the
+    stacked weights; what remat keeps for the backward pass then stays per layer instead of being copied into
+    [count, ...] buffers by the scan.
+    """
     graphdef, state = split_layers(stack, start, count)
 
     def body(h, layer_state):
@@ -186,7 +193,13 @@ def scan_layers(stack: nnx.Module, start: int, count: int, x, args, remat: str =
     if remat != "none":
         body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
     with grouped_matmul.outputs_saved() if remat == "save_dots" else contextlib.nullcontext():
-        return jax.lax.scan(body, x, state)
+        if scan:
+            return jax.lax.scan(body, x, state)
+        outs = []
+        for i in range(count):
+            x, out = body(x, jax.tree.map(lambda a: a[i], state))
+            outs.append(out)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
 
 def abstract_model(config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32) -> DeepseekV2:

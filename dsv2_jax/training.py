@@ -68,6 +68,7 @@ class Recipe:
     batch_size: int = 8  # global rows per optimizer step
     grad_accum: int = 1
     remat: str = "none"
+    scan_layers: bool = True  # False: layers unrolled (longer compiles, no scan copies of the kept activations)
     capacity_factor: float | None = None  # None: dropless
     loss_chunk: int = 1024  # sequence positions per chunk of the cross-entropy: [rows, chunk, vocab] fp32 logits
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -109,6 +110,8 @@ class Recipe:
             fail("optimizer.schedule", f"must be 'step' or 'cosine', got {self.optimizer.schedule!r}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             fail("capacity_factor", f"must be > 0 or null, got {self.capacity_factor}")
+        if not isinstance(self.scan_layers, bool):
+            fail("scan_layers", f"must be true or false, got {self.scan_layers!r}")
 
 
 def _build(cls, values: dict, where: str):
@@ -315,11 +318,12 @@ class StepSettings:
     groups: int
     limit: int
     loss_chunk: int = 1024  # sequence positions per chunk of the cross-entropy (linear_cross_entropy)
+    scan_layers: bool = True
 
 
 def _forward(graphdef, params, batch, settings: StepSettings):
     model = nnx.merge(graphdef, params)
-    kwargs = {"remat": settings.remat}
+    kwargs = {"remat": settings.remat, "scan": settings.scan_layers}
     if settings.capacity_factor is not None:
         kwargs["capacity_factor"] = settings.capacity_factor
     return model, model.forward(batch["tokens"], batch["positions"], batch["segment_ids"], logits=False, **kwargs)
@@ -544,7 +548,7 @@ def train(recipe: Recipe, workdir: str, *, stop_after: int | None = None, progre
     groups, limit = balance_groups(config, recipe.balance, mesh) if config.num_moe_layers else (1, 1)
     settings = StepSettings(recipe.remat, recipe.capacity_factor,
                             (recipe.balance.alpha1, recipe.balance.alpha2, recipe.balance.alpha3), groups, limit,
-                            recipe.loss_chunk)
+                            recipe.loss_chunk, recipe.scan_layers)
     train_fn, eval_fn = jit_steps(graphdef, optimizer, settings, mesh, params, opt_state)
     ckpt = TrainCheckpoints(workdir, recipe.checkpoint_every, recipe.keep_checkpoints)
     step = 0

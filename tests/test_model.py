@@ -1,6 +1,7 @@
 """Model behaviour that transformers cannot check: packing, moe_layer_freq, dtypes, parameter counts."""
 
 import collections
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,30 @@ def test_interleaved_layers_run_in_config_order():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def test_unrolled_layers_equal_the_scan():
+    """forward(scan=False) runs the stacks unrolled (no lax.scan left): same logits, routing and gradients, under
+    remat too (one dense layer, then three MoE layers in one stack)."""
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 8)))
+    c = TINY.replace(initializer_range=0.1)
+    graphdef, state = nnx.split(random_model(c))
+
+    def loss(state, scan, remat):
+        out = nnx.merge(graphdef, state).forward(ids, scan=scan, remat=remat)
+        return out.logits.mean() + out.router.scores.var(), out
+
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(1, 2))
+    (_, want), g0 = run(state, True, "none")
+    for remat in ("none", "save_dots"):
+        (_, got), g = run(state, False, remat)
+        for a, b in zip(jax.tree.leaves((got.logits, got.router)), jax.tree.leaves((want.logits, want.router))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+    primitives = _primitive_counts(jax.make_jaxpr(lambda s: loss(s, False, "full"))(state).jaxpr)
+    remat = jax.make_jaxpr(jax.checkpoint(lambda x: x))(1.0).eqns[0].primitive.name  # named per jax version
+    assert primitives["scan"] == 0 and primitives[remat] == c.num_hidden_layers
+
+
 def test_router_outputs_cover_every_moe_layer():
     model = random_model(TINY)
     out = nnx.jit(lambda m, ids: m.forward(ids))(model, jnp.zeros((2, 6), jnp.int32))
@@ -125,10 +150,12 @@ def test_save_dots_keeps_the_expert_products(monkeypatch):
     for backend, primitive in (("pallas", "pallas_call"), ("ragged_dot", "ragged_dot_general")):
         monkeypatch.setenv("DSV2_GROUPED_MATMUL", backend)
         gm._backend.cache_clear()
-        for remat, want in (("none", 9), ("full", 12), ("save_dots", 9)):
+        for (remat, want), scan in itertools.product((("none", 9), ("full", 12), ("save_dots", 9)), (True, False)):
             def loss(state):
-                return nnx.merge(graphdef, state).forward(ids, remat=remat).logits.astype(jnp.float32).mean()
-            assert _primitive_counts(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)[primitive] == want, (backend, remat)
+                out = nnx.merge(graphdef, state).forward(ids, remat=remat, scan=scan)
+                return out.logits.astype(jnp.float32).mean()
+            got = _primitive_counts(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)[primitive]
+            assert got == want, (backend, remat, scan)
     gm._backend.cache_clear()
 
 

@@ -235,6 +235,26 @@ def test_recipe_errors_name_the_key(tmp_path):
         load_recipe(TINY_YAML, ["remat=sometimes"])
     with pytest.raises(ValueError, match="loss_chunk"):
         load_recipe(TINY_YAML, ["loss_chunk=0"])
+    with pytest.raises(ValueError, match="scan_layers"):
+        load_recipe(TINY_YAML, ["scan_layers=sometimes"])
+    assert load_recipe(TINY_YAML, ["scan_layers=false"]).scan_layers is False
+
+
+def test_step_settings_scan_layers_unrolls_the_layers():
+    """StepSettings.scan_layers reaches the model: the unrolled step has one lax.scan per layer run fewer (the
+    chunked cross-entropy keeps its own)."""
+    config = ModelConfig.from_preset("tiny")
+    graphdef, state = nnx.split(DeepseekV2(config, rngs=nnx.Rngs(0)))
+    params = state.to_pure_dict()
+    optimizer = optax.sgd(1.0)
+    batch = {k: jnp.ones((1, 2, 16), jnp.int32) for k in ("tokens", "segment_ids", "positions")}
+
+    def scans(scan_layers):
+        settings = StepSettings("full", None, (0.01, 0.0, 0.0), 1, 1, scan_layers=scan_layers)
+        step = functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, settings=settings)
+        return str(jax.make_jaxpr(step)(params, optimizer.init(params), batch)).count(" scan[")
+
+    assert scans(True) - scans(False) == 4  # the dense run and the MoE run, forward and backward
 
 
 @pytest.mark.parametrize("name", ["tiny", "deepseek-v2-lite", "deepseek-v2"])
