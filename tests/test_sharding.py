@@ -16,6 +16,7 @@ import dsv2_jax
 from dsv2_jax import ModelConfig, sharding
 from dsv2_jax.model import DeepseekV2
 from dsv2_jax.moe import MoE, dropless_experts, route
+from test_model import all_eqns
 
 CONFIG = ModelConfig.from_preset("tiny").replace(num_hidden_layers=2, initializer_range=0.1)
 RTOL = 1e-5
@@ -209,6 +210,50 @@ def reference_moe(layer, x, weights, experts):
             e = experts[t, k]
             y[t] += weights[t, k] * ((silu(x[t] @ gate[e]) * (x[t] @ up[e])) @ down[e])
     return y
+
+
+def test_gpu_kernels_run_inside_the_expert_parallel_layer(monkeypatch):
+    """The Pallas grouped-matmul kernels (what GPUs run; interpreted here) inside the expert-parallel shard_map, on
+    expert=4 × tensor=2 in bf16: the same routing, logits and gradients as XLA's ragged_dot there (whose sharded
+    run equals the single-device model in fp32, above), up to bf16 rounding."""
+    from dsv2_jax import grouped_matmul
+    c = CONFIG.replace(hidden_size=128, moe_intermediate_size=256)  # whole 128-column tiles per shard
+    graphdef, state = nnx.split(DeepseekV2(c, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    mesh = dsv2_jax.make_mesh(expert=4, tensor=2)
+    state = jax.device_put(state, sharding.state_shardings(state, mesh))
+    ids = batch_sharded(jnp.asarray(np.random.default_rng(0).integers(0, c.vocab_size, (8, 8))), mesh)
+
+    def run(state, ids, remat):
+        def loss(s):
+            with sharding.activation_mesh(mesh):
+                out = nnx.merge(graphdef, s).forward(ids, remat=remat)
+            return jnp.mean(jnp.sin(out.logits * 3.0)), (out.logits, out.router.experts)
+        return jax.value_and_grad(loss, has_aux=True)(state)
+
+    def norm_err(got, want):
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+    results = {}
+    try:
+        for backend in ("ragged_dot", "pallas"):
+            monkeypatch.setenv("DSV2_GROUPED_MATMUL", backend)
+            grouped_matmul._backend.cache_clear()
+            jax.clear_caches()  # inner jitted functions would keep the other backend's trace
+            jaxpr = jax.make_jaxpr(run, static_argnums=2)(state, ids, "save_dots").jaxpr
+            assert any(e.primitive.name == "pallas_call" for e in all_eqns(jaxpr)) == (backend == "pallas")
+            for remat in ("none", "save_dots"):
+                results[backend, remat] = jax.jit(run, static_argnums=2)(state, ids, remat)
+    finally:
+        grouped_matmul._backend.cache_clear()
+        jax.clear_caches()
+    for remat in ("none", "save_dots"):
+        (_, (want, want_experts)), want_grads = results["ragged_dot", remat]
+        (_, (got, got_experts)), got_grads = results["pallas", remat]
+        np.testing.assert_array_equal(np.asarray(got_experts), np.asarray(want_experts))
+        assert norm_err(got, want) <= 2e-3
+        for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+            assert norm_err(a, b) <= 2e-3
 
 
 @pytest.fixture(scope="module")
