@@ -18,7 +18,7 @@ from flax import nnx
 from .config import ModelConfig
 from .layers import cast, kernel_backend, param, rms_norm
 from .rope import apply_rope
-from .sharding import constrain
+from .sharding import constrain, per_shard
 
 
 class MLA(nnx.Module):
@@ -81,9 +81,14 @@ class MLA(nnx.Module):
         if kernel_backend("DSV2_ATTENTION", "xla") == "tokamax":  # a fused flash-attention kernel on GPU
             import tokamax
             k_rope = jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:3], k_pe.shape[-1]))
-            out = tokamax.dot_product_attention(
-                jnp.concatenate([q_nope, q_pe], -1), jnp.concatenate([k_nope, k_rope], -1), v,
-                mask=mask[:, None], is_causal=causal, scale=self.config.softmax_scale)
+
+            def flash(q, k, v, mask):
+                return tokamax.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=causal,
+                                                     scale=self.config.softmax_scale)
+
+            heads = ("batch", "seq", "heads", "head_dim")
+            out = per_shard(flash, (heads, heads, heads, ("batch", "seq", None)), heads)(
+                jnp.concatenate([q_nope, q_pe], -1), jnp.concatenate([k_nope, k_rope], -1), v, mask)
         else:
             scores = jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
             scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=jnp.float32)

@@ -240,6 +240,20 @@ def current_mesh() -> Mesh | None:
     return getattr(_state, "mesh", None)
 
 
+def per_shard(fn, in_axes: tuple, out_axes):
+    """fn, run on each device's shard inside jax.shard_map when a mesh is active (identity otherwise).
+
+    For kernels XLA cannot partition (custom calls such as tokamax's flash attention): given batch-sharded operands
+    XLA would gather them and run the whole batch on every device. in_axes: logical axes of each argument; out_axes:
+    those of the result. fn must be independent across every axis these map to a mesh axis (batch, heads).
+    """
+    mesh = current_mesh()
+    if mesh is None:
+        return fn
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(logical_to_spec(a) for a in in_axes),
+                         out_specs=logical_to_spec(out_axes), check_vma=False)
+
+
 def constrain(x, axes: tuple):
     """with_sharding_constraint by logical names when a mesh is active; identity otherwise."""
     mesh = current_mesh()

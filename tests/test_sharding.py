@@ -212,6 +212,29 @@ def reference_moe(layer, x, weights, experts):
     return y
 
 
+def test_per_shard_runs_the_function_on_each_devices_shard():
+    """sharding.per_shard (how tokamax's flash attention runs under a mesh): attention computed per (batch, heads)
+    shard equals the whole computation, and the function sees only its device's rows."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(8, 6, 4, 8)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(np.tril(np.ones((6, 6), bool))[None].repeat(8, 0))
+
+    def attention(q, k, v, mask):
+        scores = jnp.where(mask[:, None], jnp.einsum("bqhd,bkhd->bhqk", q, k), -jnp.inf)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v)
+
+    heads = ("batch", "seq", "heads", "head_dim")
+    mesh = dsv2_jax.make_mesh(data=4, tensor=2)
+    with sharding.activation_mesh(mesh):
+        got = jax.jit(sharding.per_shard(attention, (heads, heads, heads, ("batch", "seq", None)), heads))(
+            q, k, v, mask)
+        means = jax.jit(sharding.per_shard(lambda x: jnp.broadcast_to(x.mean(0), x.shape), (("batch", None),),
+                                           ("batch", None)))(jnp.arange(16.0).reshape(8, 2))
+    assert rel_err(got, attention(q, k, v, mask)) <= 1e-6
+    np.testing.assert_array_equal(np.asarray(means)[:, 0], np.repeat([1.0, 5.0, 9.0, 13.0], 2))  # 4 shards × 2 rows
+    assert sharding.per_shard(attention, (), ()) is attention  # no mesh: the function itself
+
+
 def test_gpu_kernels_run_inside_the_expert_parallel_layer(monkeypatch):
     """The Pallas grouped-matmul kernels (what GPUs run; interpreted here) inside the expert-parallel shard_map, on
     expert=4 × tensor=2 in bf16: the same routing, logits and gradients as XLA's ragged_dot there (whose sharded
