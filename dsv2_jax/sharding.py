@@ -246,12 +246,20 @@ def per_shard(fn, in_axes: tuple, out_axes):
     For kernels XLA cannot partition (custom calls such as tokamax's flash attention): given batch-sharded operands
     XLA would gather them and run the whole batch on every device. in_axes: logical axes of each argument; out_axes:
     those of the result. fn must be independent across every axis these map to a mesh axis (batch, heads).
+    Arguments that do not split evenly (e.g. one sequence decoded on a mesh) run fn unsplit.
     """
     mesh = current_mesh()
     if mesh is None:
         return fn
-    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(logical_to_spec(a) for a in in_axes),
-                         out_specs=logical_to_spec(out_axes), check_vma=False)
+    in_specs = tuple(logical_to_spec(a) for a in in_axes)
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=logical_to_spec(out_axes), check_vma=False)
+
+    def run(*args):
+        even = all(size % math.prod(mesh.shape[a] for a in spec_axes(entry)) == 0
+                   for x, spec in zip(args, in_specs) for size, entry in zip(x.shape, spec))
+        return mapped(*args) if even else fn(*args)
+
+    return run
 
 
 def constrain(x, axes: tuple):

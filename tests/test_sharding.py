@@ -230,7 +230,10 @@ def test_per_shard_runs_the_function_on_each_devices_shard():
             q, k, v, mask)
         means = jax.jit(sharding.per_shard(lambda x: jnp.broadcast_to(x.mean(0), x.shape), (("batch", None),),
                                            ("batch", None)))(jnp.arange(16.0).reshape(8, 2))
+        odd = jax.jit(sharding.per_shard(attention, (heads, heads, heads, ("batch", "seq", None)), heads))(
+            q[:3], k[:3], v[:3], mask[:3])  # 3 rows over 4 batch shards: run unsplit
     assert rel_err(got, attention(q, k, v, mask)) <= 1e-6
+    assert rel_err(odd, attention(q[:3], k[:3], v[:3], mask[:3])) <= 1e-6
     np.testing.assert_array_equal(np.asarray(means)[:, 0], np.repeat([1.0, 5.0, 9.0, 13.0], 2))  # 4 shards × 2 rows
     assert sharding.per_shard(attention, (), ()) is attention  # no mesh: the function itself
 
