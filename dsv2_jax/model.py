@@ -1,8 +1,8 @@
 """The DeepSeek-V2 causal LM: embedding, scanned decoder-layer stacks (dense, MoE), final norm, lm_head.
 
-Layers of one kind are stored stacked ([L, ...]) and run with `jax.lax.scan`: one stack for the dense layers
-(the leading `first_k_dense_replace` ones, and those skipped by `moe_layer_freq`), one for the MoE layers. The
-layers run in config order; with moe_layer_freq == 1 that is exactly one scan per stack.
+Layers of one kind are stored stacked ([L, ...]) and run with `jax.lax.scan` (or unrolled, `forward(scan=False)`):
+one stack for the dense layers (the leading `first_k_dense_replace` ones, and those skipped by `moe_layer_freq`),
+one for the MoE layers. The layers run in config order; with moe_layer_freq == 1 that is exactly one scan per stack.
 """
 
 from __future__ import annotations

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from test_model import all_eqns
 
 import dsv2_jax
 from dsv2_jax import ModelConfig, sharding
 from dsv2_jax.model import DeepseekV2
 from dsv2_jax.moe import MoE, dropless_experts, route
-from test_model import all_eqns
 
 CONFIG = ModelConfig.from_preset("tiny").replace(num_hidden_layers=2, initializer_range=0.1)
 RTOL = 1e-5
