@@ -8,6 +8,7 @@ preallocates GPU memory):
     python bench/decode.py --impl jax   --batches 1 16 64
     python bench/decode.py --impl torch --batches 1 16 64
     python bench/decode.py --impl jax   --batches 1 16 64 --mesh expert=8   # experts split over 8 GPUs
+    python bench/decode.py --impl jax   --batches 1 2 4 --decode-experts sorted chosen   # decoding MoE paths
 """
 
 from __future__ import annotations
@@ -52,27 +53,33 @@ def copy_bandwidth_jax() -> float:
     return 2 * x.nbytes / float(np.median(times))  # read + write
 
 
-def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None):
+def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_experts=("auto",)):
     import jax
     import jax.numpy as jnp
 
     import dsv2_jax
+    from dsv2_jax import grouped_matmul
     from dsv2_jax.sharding import init_model, make_mesh, parse_mesh
 
     mesh = None
     if mesh_text:
         mesh = make_mesh(**parse_mesh(mesh_text))
     model = init_model(config, mesh=mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, seed=0)
-    rng = np.random.default_rng(0)
-    for b in batches:
-        prompts = [list(rng.integers(0, config.vocab_size, prompt_len)) for _ in range(b)]
-        dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh)  # compile
-        runs = []
-        for _ in range(3):  # the first timed call after compiling still pays one-off costs: best of three
-            t = {}
-            dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh, timings=t)
-            runs.append(t)
-        yield b, min(t["prefill_s"] for t in runs), min(t["decode_s"] for t in runs), runs[0]["steps"]
+    for experts in decode_experts:  # DSV2_DECODE_EXPERTS, side by side on the same model
+        os.environ["DSV2_DECODE_EXPERTS"] = experts
+        grouped_matmul._decode_backend.cache_clear()
+        jax.clear_caches()
+        rng = np.random.default_rng(0)
+        for b in batches:
+            prompts = [list(rng.integers(0, config.vocab_size, prompt_len)) for _ in range(b)]
+            dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh)  # compile
+            runs = []
+            for _ in range(3):  # the first timed call after compiling still pays one-off costs: best of three
+                t = {}
+                dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh, timings=t)
+                runs.append(t)
+            yield (dict(decode_experts=experts), b, min(t["prefill_s"] for t in runs),
+                   min(t["decode_s"] for t in runs), runs[0]["steps"])
     del model, jax
 
 
@@ -100,7 +107,7 @@ def run_torch(config, batches, prompt_len, new_tokens):
         model.generate(ids, **kw)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
-        yield b, t1 - t0, (t2 - t1) - (t1 - t0), new_tokens
+        yield {}, b, t1 - t0, (t2 - t1) - (t1 - t0), new_tokens
 
 
 def main():
@@ -111,6 +118,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
     parser.add_argument("--mesh", default=None, help="jax only: e.g. expert=8 (all devices)")
+    parser.add_argument("--decode-experts", nargs="+", default=["auto"], choices=["auto", "chosen", "sorted"],
+                        help="jax only: DSV2_DECODE_EXPERTS settings to run one after another on the same model")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -119,12 +128,15 @@ def main():
     if args.layers:
         config = config.replace(num_hidden_layers=args.layers)
     copy_bw = copy_bandwidth_jax() if args.impl == "jax" else None
-    runner = functools.partial(run_jax, mesh_text=args.mesh) if args.impl == "jax" else run_torch
+    runner = run_torch
+    if args.impl == "jax":
+        runner = functools.partial(run_jax, mesh_text=args.mesh, decode_experts=args.decode_experts)
     cache_per_token = 2 * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
-    for b, prefill_s, decode_s, steps in runner(config, args.batches, args.prompt, args.new_tokens):
+    for setting, b, prefill_s, decode_s, steps in runner(config, args.batches, args.prompt, args.new_tokens):
         step_s = decode_s / max(steps, 1)
         bytes_step = weight_bytes_read(config, b) + b * (args.prompt + steps / 2) * cache_per_token
-        row = {"impl": args.impl, "mesh": args.mesh, "batch": b, "prefill_tokens_per_s": b * args.prompt / prefill_s,
+        row = {"impl": args.impl, "mesh": args.mesh, **setting, "batch": b,
+               "prefill_tokens_per_s": b * args.prompt / prefill_s,
                "decode_tokens_per_s": b * steps / decode_s, "step_ms": 1e3 * step_s,
                "bytes_per_step_gb": bytes_step / 1e9, "achieved_gb_s": bytes_step / step_s / 1e9,
                "copy_gb_s": copy_bw / 1e9 if copy_bw else None}

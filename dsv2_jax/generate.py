@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .config import ModelConfig
 from .model import layer_runs, split_layers
+from .moe import ExpertStacks
 from .rope import rope_cos_sin
 from .sharding import activation_mesh, constrain, logical_to_spec, param_sharding
 
@@ -73,31 +74,37 @@ def cache_bytes_per_token(cache: KVCache) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- the cached forward
-def _run_layers(model, x, c_kv, k_pe, attend):
+def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
     """All decoder layers in model order over x [B, S, D], threading the cache arrays through the scans.
 
     attend(attn, h, layer_index, c_kv, k_pe) -> (attention output, c_kv, k_pe) writes the layer's new latent
-    into the cache and attends over it.
+    into the cache and attends over it. decoding: the MoE layers may take their decoding kernels (MoE.__call__),
+    which read each layer's experts out of the whole stacks.
     """
     first = 0
     for kind, start, count in layer_runs(model.config):
         stack = model.moe_layers if kind == "moe" else model.dense_layers
         graphdef, state = split_layers(stack, start, count)
+        stacks = ExpertStacks.of(stack.mlp) if decoding and kind == "moe" else None
 
-        def body(carry, xs, graphdef=graphdef):
+        def body(carry, xs, graphdef=graphdef, stacks=stacks):
             h, c_kv, k_pe = carry
-            layer_state, li = xs
+            layer_state, li, stack_index = xs
             layer = nnx.merge(graphdef, layer_state)
             a, c_kv, k_pe = attend(layer.attn, layer.input_norm(h), li, c_kv, k_pe)
             h = h + a
-            y = layer.mlp(layer.post_attention_norm(h))
+            h_norm = layer.post_attention_norm(h)
             if layer.is_moe:
-                y = y[0]
+                y = layer.mlp(h_norm, decoding=decoding,
+                              stacks=None if stacks is None else stacks._replace(layer=stack_index))[0]
+            else:
+                y = layer.mlp(h_norm)
             h = constrain(h + y, ("batch", "seq", "embed"))
             return (h, constrain(c_kv, CACHE_AXES.c_kv), constrain(k_pe, CACHE_AXES.k_pe)), None
 
         layer_index = first + jnp.arange(count, dtype=jnp.int32)
-        (x, c_kv, k_pe), _ = jax.lax.scan(body, (x, c_kv, k_pe), (state, layer_index))
+        stack_index = start + jnp.arange(count, dtype=jnp.int32)
+        (x, c_kv, k_pe), _ = jax.lax.scan(body, (x, c_kv, k_pe), (state, layer_index, stack_index))
         first += count
     return x, c_kv, k_pe
 
@@ -159,7 +166,7 @@ def decode_forward(model, cache: KVCache, tokens):
         return attn.absorbed(q_nope, q_pe, keys_c, keys_pe, mask), c_kv_all, k_pe_all
 
     x = constrain(model.embed_tokens(tokens[:, None]), ("batch", "seq", "embed"))
-    x, c_kv, k_pe = _run_layers(model, x, cache.c_kv, cache.k_pe, attend)
+    x, c_kv, k_pe = _run_layers(model, x, cache.c_kv, cache.k_pe, attend, decoding=True)
     return KVCache(c_kv, k_pe, pos + 1), model.head(x)[:, 0]
 
 

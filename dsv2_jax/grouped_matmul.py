@@ -297,3 +297,159 @@ def _tokamax_product(lhs, rhs, group_sizes, transpose_rhs: bool):
 
 _tokamax_grouped_matmul = _with_vjp(_tokamax_product)
 _tokamax_pallas_grouped_matmul = _with_vjp(_tokamax_product, _pallas_product)  # auto under outputs_saved()
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding: the chosen experts of a few tokens, read straight from the expert stacks (Pallas, Triton lowering)
+
+DECODE_TILES = dict(block_k=128, block_n=64, num_warps=4, num_stages=3)
+DECODE_BACKENDS = ("auto", "chosen", "sorted")
+CHOSEN_MAX_COPIES = 0.5  # auto takes the chosen-experts kernels up to this many (token, expert) copies per expert
+
+
+@functools.cache
+def _decode_backend() -> str:
+    choice = os.environ.get("DSV2_DECODE_EXPERTS", "auto")
+    if choice not in DECODE_BACKENDS:
+        raise ValueError(f"DSV2_DECODE_EXPERTS must be one of {', '.join(DECODE_BACKENDS)}, got {choice!r}")
+    return choice
+
+
+def use_chosen_experts(copies: int, num_experts: int, hidden: int, width: int) -> bool:
+    """Whether a decoding step with `copies` (token, expert) pairs runs its experts on `chosen_experts_mlp`.
+
+    DSV2_DECODE_EXPERTS=auto (on GPU, when copies <= CHOSEN_MAX_COPIES × num_experts, so that few experts are read
+    twice) | chosen | sorted (the grouped matmul over the copies sorted by expert). The kernels need hidden and
+    expert widths that are multiples of 16; auto runs the sorted path otherwise.
+    """
+    choice = _decode_backend()
+    if choice == "sorted":
+        return False
+    if hidden % 16 or width % 16:
+        if choice == "chosen":
+            raise ValueError(f"DSV2_DECODE_EXPERTS=chosen: hidden {hidden} and expert width {width} must be "
+                             "multiples of 16")
+        return False
+    return choice == "chosen" or (jax.default_backend() == "gpu" and copies <= CHOSEN_MAX_COPIES * num_experts)
+
+
+def _decode_block(block: int, *dims: int) -> int:
+    """The largest power of two <= block dividing every dim (the kernels' tiles); at least 16."""
+    while block > 16 and any(d % block for d in dims):
+        block //= 2
+    if any(d % block for d in dims):
+        raise ValueError(f"chosen_experts_mlp: hidden and expert widths {dims} must be multiples of 16")
+    return block
+
+
+def _matvec(x_of, w_of, length: int, block_k: int, block_n: int):
+    """Σ over the contraction of x_of(ks) [block_k] · w_of(ks) [block_k, block_n], float32, for ks the pl.ds blocks
+    of [0, length) -> [block_n]."""
+    def body(i, acc):
+        ks = pl.ds(i * block_k, block_k)
+        return acc + x_of(ks).astype(jnp.float32)[:, None] * w_of(ks).astype(jnp.float32)
+
+    return jax.lax.fori_loop(0, length // block_k, body, jnp.zeros((block_k, block_n), jnp.float32)).sum(axis=0)
+
+
+def _chosen_gate_up_kernel(layer_ref, experts_ref, x_ref, gate_ref, up_ref, *rest, num_routed, width, block_k,
+                           block_n):
+    """Program (t, j, n): columns n of silu(x_t W_gate) * (x_t W_up) for token t's j-th expert (routed for
+    j < num_routed, else the shared chunk j - num_routed of `width` columns), in layer layer_ref[0] of the stacks."""
+    *shared, h_ref = rest
+    t, j, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    layer, D = layer_ref[0], x_ref.shape[1]
+    x_of = lambda ks: x_ref[t, ks]  # noqa: E731
+
+    def store(w_gate, w_up):
+        g = _matvec(x_of, w_gate, D, block_k, block_n).astype(h_ref.dtype).astype(jnp.float32)
+        u = _matvec(x_of, w_up, D, block_k, block_n).astype(h_ref.dtype).astype(jnp.float32)
+        h_ref[t, j, pl.ds(n * block_n, block_n)] = (g / (1.0 + jnp.exp(-g)) * u).astype(h_ref.dtype)
+
+    @pl.when(j < num_routed)
+    def _():
+        e, ns = experts_ref[t, j], pl.ds(n * block_n, block_n)
+        store(lambda ks: gate_ref[layer, e, ks, ns], lambda ks: up_ref[layer, e, ks, ns])
+
+    if shared:
+        shared_gate_ref, shared_up_ref = shared
+
+        @pl.when(j >= num_routed)
+        def _():
+            cols = pl.ds((j - num_routed) * width + n * block_n, block_n)
+            store(lambda ks: shared_gate_ref[layer, ks, cols], lambda ks: shared_up_ref[layer, ks, cols])
+
+
+def _chosen_down_kernel(layer_ref, experts_ref, h_ref, down_ref, *rest, num_routed, width, block_k, block_n):
+    """Program (t, j, n): columns n of h[t, j] W_down for token t's j-th expert, float32."""
+    *shared, y_ref = rest
+    t, j, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    layer, ns = layer_ref[0], pl.ds(n * block_n, block_n)
+    h_of = lambda ks: h_ref[t, j, ks]  # noqa: E731
+
+    @pl.when(j < num_routed)
+    def _():
+        e = experts_ref[t, j]
+        y_ref[t, j, ns] = _matvec(h_of, lambda ks: down_ref[layer, e, ks, ns], width, block_k, block_n)
+
+    if shared:
+        (shared_down_ref,) = shared
+
+        @pl.when(j >= num_routed)
+        def _():
+            r0 = (j - num_routed) * width
+            y_ref[t, j, ns] = _matvec(h_of, lambda ks: shared_down_ref[layer, pl.ds(r0 + ks.start, block_k), ns],
+                                      width, block_k, block_n)
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "block_n", "num_warps", "num_stages", "interpret"))
+def chosen_experts_mlp(x, experts, gate, up, down, shared=None, layer=None, *,
+                       block_k: int = DECODE_TILES["block_k"], block_n: int = DECODE_TILES["block_n"],
+                       num_warps: int = DECODE_TILES["num_warps"], num_stages: int = DECODE_TILES["num_stages"],
+                       interpret: bool | None = None):
+    """The SwiGLU of each token through each of its chosen experts, read straight from the stacks (no sorting):
+    for decoding, where a step has few tokens and each weight tile is read by one program per (token, expert).
+
+    x [T, D]; experts [T, K] int32 expert ids; gate/up [E, D, I], down [E, I, D]; shared: optional (gate [D, S*I],
+    up [D, S*I], down [S*I, D]) of the shared experts, computed as S more experts of width I per token.
+    layer: with it, every weight has a leading layer axis ([L, E, D, I], [L, D, S*I], ...) and the kernels read
+    layer `layer` (an int32 scalar) themselves: a slice of the stacks handed to a kernel would first be copied
+    whole (measured: 0.9 ms per V2-Lite layer).
+    Returns [T, K + S, D] float32: each expert's output, unweighted. Two kernels: gate/up with the activation
+    (its output rounded to x.dtype, as the grouped path rounds), then down. Tiles shrink to powers of two dividing
+    D and I (multiples of 16). interpret: run in Pallas's interpreter (default: off GPU).
+    """
+    if layer is None:
+        gate, up, down = gate[None], up[None], down[None]
+        shared = None if shared is None else tuple(a[None] for a in shared)
+        layer = 0
+    T, D = x.shape
+    K, I = experts.shape[1], gate.shape[3]
+    block_k, block_n = _decode_block(block_k, D, I), _decode_block(block_n, D, I)
+    S = 0 if shared is None else shared[0].shape[2] // I
+    shared = () if shared is None else tuple(shared)
+    statics = dict(num_routed=K, width=I, block_k=block_k, block_n=block_n)
+    params = dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+                  interpret=jax.default_backend() != "gpu" if interpret is None else interpret)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    experts = experts.astype(jnp.int32)
+    h = pl.pallas_call(
+        functools.partial(_chosen_gate_up_kernel, **statics),
+        out_shape=jax.ShapeDtypeStruct((T, K + S, I), x.dtype),
+        grid=(T, K + S, I // block_n),
+        in_specs=[pl.no_block_spec] * (5 + len(shared[:2])),
+        out_specs=pl.no_block_spec,
+        name="chosen_experts_gate_up",
+        **params,
+    )(layer, experts, x, gate, up, *shared[:2])
+    return pl.pallas_call(
+        functools.partial(_chosen_down_kernel, **statics),
+        out_shape=jax.ShapeDtypeStruct((T, K + S, D), jnp.float32),
+        grid=(T, K + S, D // block_n),
+        in_specs=[pl.no_block_spec] * (4 + len(shared[2:])),
+        out_specs=pl.no_block_spec,
+        name="chosen_experts_down",
+        **params,
+    )(layer, experts, h, down, *shared[2:])

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import sharding
 from .config import ModelConfig
-from .grouped_matmul import grouped_matmul
+from .grouped_matmul import chosen_experts_mlp, grouped_matmul, use_chosen_experts
 from .layers import MLP, cast, param
 from .sharding import constrain
 
@@ -144,6 +144,38 @@ def dropless_experts(x, r: RouterOutput, gate, up, down):
     y_pairs = permute_rows(y_sorted, inv, order)  # back in (token, choice) order
     y = jnp.einsum("tkd,tk->td", y_pairs.reshape(T, K, -1), r.weights, preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
+
+
+class ExpertStacks(NamedTuple):
+    """The expert weights of every layer of a stacked MoE module, and the layer being run. The decoding kernels read
+    that layer out of the stacks themselves: a slice of the stacks handed to a kernel would first be copied whole."""
+
+    gate: jax.Array  # [L, E, D, I]
+    up: jax.Array  # [L, E, D, I]
+    down: jax.Array  # [L, E, I, D]
+    shared: tuple | None  # the shared experts' (gate [L, D, S*I], up [L, D, S*I], down [L, S*I, D]), or None
+    layer: jax.Array | int = 0  # int32: the layer these calls run
+
+    @classmethod
+    def of(cls, moe: "MoE") -> "ExpertStacks":
+        """The stacks of a stacked (layers-leading) MoE module; layer 0 until replaced."""
+        shared = None
+        if moe.shared_experts is not None:
+            s = moe.shared_experts
+            shared = (s.gate_proj[...], s.up_proj[...], s.down_proj[...])
+        return cls(moe.gate_proj[...], moe.up_proj[...], moe.down_proj[...], shared)
+
+
+@jax.named_scope("chosen_experts")
+def chosen_experts(x, r: RouterOutput, w: ExpertStacks, stacked: bool):
+    """Σ_k weight_k · expert_k(x) + the shared experts of x [T, D] by the `chosen_experts_mlp` kernels, which read
+    each token's chosen experts straight from the stacks (decoding; not differentiable). stacked: w's weights have
+    the leading layer axis and w.layer picks the layer; otherwise they are one layer's."""
+    y = chosen_experts_mlp(x, r.experts, w.gate, w.up, w.down, w.shared, w.layer if stacked else None)
+    coef = r.weights
+    if w.shared is not None:
+        coef = jnp.concatenate([coef, jnp.ones((x.shape[0], y.shape[1] - coef.shape[1]), coef.dtype)], axis=1)
+    return jnp.einsum("tjd,tj->td", y, coef).astype(x.dtype)
 
 
 def capacity(tokens: int, config: ModelConfig, n_ep: int, capacity_factor: float | None) -> int:
@@ -286,11 +318,16 @@ class MoE(nnx.Module):
         return route_tokens(self.config, x, self.router[...])
 
     @jax.named_scope("moe")
-    def __call__(self, x: jnp.ndarray, capacity_factor: float | None = None) -> tuple[jnp.ndarray, RouterOutput]:
+    def __call__(self, x: jnp.ndarray, capacity_factor: float | None = None, decoding: bool = False,
+                 stacks: ExpertStacks | None = None) -> tuple[jnp.ndarray, RouterOutput]:
         """x [B, S, D] -> (y [B, S, D], routing of the B*S tokens).
 
         capacity_factor: None = dropless; f > 0 = drop the lowest-affinity copies past f times a device's
         balanced share (see the module docstring). Under sharding.activation_mesh(mesh): expert-parallel.
+        decoding: an undifferentiated step of few tokens; on one device (GPU, grouped_matmul.use_chosen_experts)
+        its chosen and shared experts then run on the `chosen_experts_mlp` kernels, without sorting, reading
+        this layer's weights out of `stacks` when given (this module being one layer sliced from them; in the
+        compute dtype), else this module's own.
         """
         check_capacity_factor(capacity_factor)
         B, S, D = x.shape
@@ -299,6 +336,17 @@ class MoE(nnx.Module):
         dt = self.dtype
         gate, up, down = cast(self.gate_proj, dt), cast(self.up_proj, dt), cast(self.down_proj, dt)
         mesh = sharding.current_mesh()
+        c = self.config
+        if (decoding and mesh is None and capacity_factor is None and
+                use_chosen_experts(B * S * c.num_experts_per_tok, c.num_experts, D, c.moe_intermediate_size)):
+            r = self.route(xt)
+            stacked = stacks is not None and all(a.dtype == dt for a in jax.tree.leaves(stacks[:4]))
+            if not stacked:
+                s = self.shared_experts
+                shared = None if s is None else tuple(cast(p, dt) for p in (s.gate_proj, s.up_proj, s.down_proj))
+                stacks = ExpertStacks(gate, up, down, shared)
+            y = chosen_experts(xt, r, stacks, stacked)
+            return y.reshape(B, S, D), r._replace(kept=jnp.ones(r.experts.shape, bool))
         if mesh is not None:
             # pinned to their own shardings so that their gradients come back sharded the same way
             router = constrain(self.router[...], ROUTER_AXES)

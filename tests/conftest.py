@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 # Eight fake CPU devices for the mesh tests; must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -10,3 +12,21 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def decode_experts(monkeypatch):
+    """Sets DSV2_DECODE_EXPERTS for one test (fresh choice and compilations), restoring both after."""
+    import jax
+
+    from dsv2_jax import grouped_matmul as gm
+
+    def choose(value):
+        monkeypatch.setenv("DSV2_DECODE_EXPERTS", value)
+        gm._decode_backend.cache_clear()
+        jax.clear_caches()
+
+    yield choose
+    monkeypatch.delenv("DSV2_DECODE_EXPERTS", raising=False)
+    gm._decode_backend.cache_clear()
+    jax.clear_caches()

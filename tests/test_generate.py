@@ -122,8 +122,11 @@ def test_absorbed_attention_equals_expanded():
     assert np.abs(want).max() > 1.0  # not a trivially small output
 
 
-def test_decode_steps_equal_full_forward(tiny):
-    """Prefill, then absorbed decode steps of chosen tokens: logits equal the full (expanded) forward pass."""
+@pytest.mark.parametrize("experts", ["sorted", "chosen"])
+def test_decode_steps_equal_full_forward(tiny, experts, decode_experts):
+    """Prefill, then absorbed decode steps of chosen tokens: logits equal the full (expanded) forward pass, with the
+    decoding step's experts on the sorted grouped path and on the chosen-experts kernels (interpreted off GPU)."""
+    decode_experts(experts)
     prompts = random_prompts(256, (6, 3))
     extra = [[7, 100, 42], [250, 1, 9]]
     full = full_forward_logits(tiny, [p + e for p, e in zip(prompts, extra)])  # causal: padding is harmless

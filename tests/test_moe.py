@@ -260,3 +260,109 @@ def test_grouped_matmul_backend_choice(monkeypatch):
         monkeypatch.setenv("DSV2_GROUPED_MATMUL", "tokamax")
         with pytest.raises(ValueError, match="does not import here"):
             choose()
+
+
+def _chosen_loop(x, experts, gate, up, down, shared):
+    """[T, K + S, D]: each token through each of its chosen experts, then the S shared chunks, float64 numpy."""
+    x, gate, up, down = (np.asarray(a, np.float64) for a in (x, gate, up, down))
+
+    def mlp(v, g, u, d):
+        a = v @ g
+        return (a / (1 + np.exp(-a)) * (v @ u)) @ d
+
+    T, K = experts.shape
+    I = gate.shape[2]
+    S = 0 if shared is None else shared[0].shape[1] // I
+    out = np.zeros((T, K + S, x.shape[1]))
+    for t in range(T):
+        for k in range(K):
+            e = experts[t, k]
+            out[t, k] = mlp(x[t], gate[e], up[e], down[e])
+        for s in range(S):
+            cols = slice(s * I, (s + 1) * I)
+            sg, su, sd = (np.asarray(a, np.float64) for a in shared)
+            out[t, K + s] = mlp(x[t], sg[:, cols], su[:, cols], sd[cols])
+    return out
+
+
+@pytest.mark.parametrize("n_shared", [0, 2])
+def test_chosen_experts_kernels_match_loop(n_shared):
+    """chosen_experts_mlp (the decoding kernels, in Pallas's interpreter off GPU) against a per-(token, expert) numpy
+    loop in float32 (1e-5 relative): tokens sharing an expert, a token's experts in any order, shared experts as
+    extra chunks; contractions longer than one block."""
+    from dsv2_jax.grouped_matmul import chosen_experts_mlp
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("float32 on CPU; the GPU runs the bf16 case below")
+    rng = np.random.default_rng(9)
+    T, D, I, E = 3, 192, 128, 6
+    x = rng.normal(size=(T, D)).astype(np.float32)
+    gate, up = (rng.normal(size=(E, D, I)).astype(np.float32) / 8 for _ in range(2))
+    down = rng.normal(size=(E, I, D)).astype(np.float32) / 8
+    experts = np.array([[5, 0], [0, 5], [3, 2]], np.int32)
+    shared = None
+    if n_shared:
+        shared = tuple(rng.normal(size=s).astype(np.float32) / 8 for s in ((D, n_shared * I), (D, n_shared * I),
+                                                                          (n_shared * I, D)))
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(chosen_experts_mlp(x, experts, gate, up, down, shared))
+    want = _chosen_loop(x, experts, gate, up, down, shared)
+    assert got.shape == (T, 2 + n_shared, D)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(ValueError, match="must be multiples of 16"):
+        chosen_experts_mlp(x[:, :100], experts, gate[:, :100], up[:, :100], down[:, :, :100])
+
+
+def test_chosen_experts_kernels_in_bf16():
+    """The same kernels at V2-Lite's widths in bf16 (compiled on a GPU), against the float32 loop on the bf16
+    values: within bf16 rounding (1e-2 of the largest entry)."""
+    from dsv2_jax.grouped_matmul import chosen_experts_mlp
+
+    rng = np.random.default_rng(10)
+    T, D, I, E, K = 2, 2048, 1408, 8, 6
+    bf = lambda *s: jnp.asarray(rng.normal(size=s) / 16, jnp.bfloat16)  # noqa: E731
+    x, gate, up, down = bf(T, D) * 16, bf(E, D, I), bf(E, D, I), bf(E, I, D)
+    shared = (bf(D, 2 * I), bf(D, 2 * I), bf(2 * I, D))
+    experts = np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).astype(np.int32)
+    got = np.asarray(chosen_experts_mlp(x, experts, gate, up, down, shared))
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    want = _chosen_loop(f32(x), experts, f32(gate), f32(up), f32(down), tuple(map(f32, shared)))
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < 1e-2, err
+
+
+def test_moe_decoding_kernels_equal_the_sorted_path(decode_experts):
+    """MoE(x, decoding=True) on the chosen-experts kernels (forced; interpreted off GPU) equals the sorted dropless
+    path with the shared experts (float32, 1e-5 relative), with the same routing; auto takes them only on GPU, and
+    only when decoding."""
+    from test_model import all_eqns
+
+    from dsv2_jax.moe import MoE
+    from flax import nnx
+
+    def chosen_kernels(f, x):
+        return sum(e.primitive.name == "pallas_call" and str(e.params["name"]).startswith("chosen_experts")
+                   for e in all_eqns(jax.make_jaxpr(f)(x).jaxpr))
+
+    c = TINY.replace(moe_intermediate_size=128)
+    moe = MoE(c, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    for p in (moe.gate_proj, moe.up_proj, moe.down_proj, moe.router):
+        p[...] = p[...] * 20  # weights large enough that the experts matter
+    x = jnp.asarray(np.random.default_rng(11).normal(size=(3, 1, c.hidden_size)), jnp.float32)
+    decoding = lambda v: moe(v, decoding=True)[0]  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        want, r_want = moe(x)
+        decode_experts("chosen")
+        got, r_got = moe(x, decoding=True)
+    assert chosen_kernels(decoding, x) == 2
+    np.testing.assert_array_equal(np.asarray(r_got.experts), np.asarray(r_want.experts))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * np.abs(want).max())
+    assert np.abs(np.asarray(want)).max() > 0.1
+    decode_experts("auto")  # one token: 2 copies for 8 experts, under CHOSEN_MAX_COPIES; three tokens: over
+    assert chosen_kernels(decoding, x[:1]) == (2 if jax.default_backend() == "gpu" else 0)
+    assert chosen_kernels(decoding, x) == chosen_kernels(lambda v: moe(v)[0], x[:1]) == 0
+    decode_experts("sorted")
+    assert chosen_kernels(decoding, x[:1]) == 0
+    decode_experts("fused")
+    with pytest.raises(ValueError, match="DSV2_DECODE_EXPERTS must be one of"):
+        moe(x, decoding=True)
