@@ -1,0 +1,101 @@
+"""The decoding MoE layer alone, V2-Lite widths (routed + shared experts), 12 layers' weights so that nothing stays
+in L2: µs per layer for the sorted grouped path and for the chosen-experts kernels, the kernels either indexing the
+layer out of the stacks (as decoding runs them) or handed each layer's slice inside a layer scan (what XLA copies
+first), for several tile shapes. On a GPU:
+
+    python bench/decode_experts.py --tokens 1 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TILES = [(128, 64), (128, 32), (64, 32)]  # (block_k, block_n)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4], help="tokens per step (decoding batch)")
+    parser.add_argument("--layers", type=int, default=12)
+    args = parser.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    from dsv2_jax import ModelConfig
+    from dsv2_jax.grouped_matmul import chosen_experts_mlp
+    from dsv2_jax.moe import RouterOutput, dropless_experts
+
+    c = ModelConfig.from_preset("deepseek-v2-lite")
+    D, I, E, K, S, L = (c.hidden_size, c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok,
+                        c.n_shared_experts, args.layers)
+    bf = jnp.bfloat16
+
+    def stack(shape, k):  # one random layer, scaled differently per layer
+        base = jax.random.normal(jax.random.key(k), shape, bf) / 32
+        return base[None] * jnp.linspace(0.5, 1.5, L).astype(bf).reshape((L,) + (1,) * len(shape))
+
+    weights = (stack((E, D, I), 1), stack((E, D, I), 2), stack((E, I, D), 3),
+               stack((D, S * I), 4), stack((D, S * I), 5), stack((S * I, D), 6))
+
+    def combine(y, w):
+        coef = jnp.concatenate([w, jnp.ones((w.shape[0], S), w.dtype)], 1)
+        return jnp.einsum("tjd,tj->td", y, coef)
+
+    def sorted_path(x, experts, w, ws):
+        def body(out, xs):
+            (g, u, d, sg, su, sd), e, wt = xs
+            y = dropless_experts(x, RouterOutput(wt, e, None), g, u, d)
+            return out + (y + (jax.nn.silu(x @ sg) * (x @ su)) @ sd).astype(jnp.float32), None
+        return jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (ws, experts, w))[0]
+
+    def chosen_stacked(x, experts, w, ws, tiles):
+        def body(out, xs):
+            layer, e, wt = xs
+            y = chosen_experts_mlp(x, e, *ws[:3], ws[3:], layer, block_k=tiles[0], block_n=tiles[1])
+            return out + combine(y, wt), None
+        return jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (jnp.arange(L), experts, w))[0]
+
+    def chosen_sliced(x, experts, w, ws, tiles):
+        def body(out, xs):
+            (g, u, d, sg, su, sd), e, wt = xs
+            y = chosen_experts_mlp(x, e, g, u, d, (sg, su, sd), block_k=tiles[0], block_n=tiles[1])
+            return out + combine(y, wt), None
+        return jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (ws, experts, w))[0]
+
+    def per_layer_us(f, *a, n=30):
+        f(*a).block_until_ready()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            f(*a).block_until_ready()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times)) / L * 1e6
+
+    for T in args.tokens:
+        rng = np.random.default_rng(T)
+        x = jnp.asarray(rng.normal(size=(T, D)), bf)
+        experts = jnp.asarray([[rng.choice(E, K, replace=False) for _ in range(T)] for _ in range(L)], jnp.int32)
+        w = jnp.asarray(rng.uniform(size=(L, T, K)) / K, jnp.float32)
+        want = jax.jit(sorted_path)(x, experts, w, weights)
+        rows = [("sorted", None, jax.jit(sorted_path))]
+        for tiles in TILES:
+            rows.append(("chosen, stacks", tiles, jax.jit(lambda *a, t=tiles: chosen_stacked(*a, t))))
+        rows.append(("chosen, scan slices", TILES[0], jax.jit(lambda *a: chosen_sliced(*a, TILES[0]))))
+        for name, tiles, f in rows:
+            got = f(x, experts, w, weights)
+            err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+            print(json.dumps(dict(tokens=T, path=name, tiles=tiles, us_per_layer=round(per_layer_us(
+                f, x, experts, w, weights), 1), rel_err_vs_sorted=round(err, 5))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
