@@ -289,7 +289,7 @@ def _chosen_loop(x, experts, gate, up, down, shared):
 def test_chosen_experts_kernels_match_loop(n_shared):
     """chosen_experts_mlp (the decoding kernels, in Pallas's interpreter off GPU) against a per-(token, expert) numpy
     loop in float32 (1e-5 relative): tokens sharing an expert, a token's experts in any order, shared experts as
-    extra chunks; contractions longer than one block."""
+    extra chunks; contractions longer than one block; one layer of [layers, ...] stacks picked by `layer`."""
     from dsv2_jax.grouped_matmul import chosen_experts_mlp
 
     if jax.default_backend() == "gpu":
@@ -308,6 +308,12 @@ def test_chosen_experts_kernels_match_loop(n_shared):
         got = np.asarray(chosen_experts_mlp(x, experts, gate, up, down, shared))
     want = _chosen_loop(x, experts, gate, up, down, shared)
     assert got.shape == (T, 2 + n_shared, D)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    # stacked weights: the kernels read layer 1 of [2, ...] stacks themselves (layer 0 holds other values)
+    stacked = [np.stack([a[::-1].copy(), a]) for a in (gate, up, down)]
+    stacked_shared = None if shared is None else tuple(np.stack([-a, a]) for a in shared)
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(chosen_experts_mlp(x, experts, *stacked, stacked_shared, jnp.int32(1)))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
     with pytest.raises(ValueError, match="must be multiples of 16"):
         chosen_experts_mlp(x[:, :100], experts, gate[:, :100], up[:, :100], down[:, :, :100])
