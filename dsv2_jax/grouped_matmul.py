@@ -21,6 +21,10 @@ dropped (bench/RESULTS.md: 94.5 → 90.5 ms per training step). Undifferentiated
 tokamax there.
 The GPU kernels take bf16/f16 operands of one dtype whose widths are whole 128-column tiles (all DeepSeek-V2 models);
 anything else goes to ragged_dot.
+
+Decoding steps of a few tokens skip the grouped matmul: `chosen_experts_mlp` (two more Pallas kernels) reads each
+token's chosen experts, and the shared experts, straight from the expert stacks (`use_chosen_experts` decides;
+DSV2_DECODE_EXPERTS=auto|chosen|sorted forces a path).
 """
 
 from __future__ import annotations
@@ -297,8 +301,6 @@ def _tokamax_product(lhs, rhs, group_sizes, transpose_rhs: bool):
 
 _tokamax_grouped_matmul = _with_vjp(_tokamax_product)
 _tokamax_pallas_grouped_matmul = _with_vjp(_tokamax_product, _pallas_product)  # auto under outputs_saved()
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Router: fp32 softmax over the routed experts, then `greedy` top-k or `group_limi
 groups with the best maximum score, then top-k inside them). Weights are the chosen scores, renormalised when
 norm_topk_prob (and k > 1), otherwise multiplied by routed_scaling_factor.
 
-Routed experts, on one device: one grouped matmul over the token copies sorted by expert (dropless).
+Routed experts, on one device: one grouped matmul over the token copies sorted by expert (dropless). A decoding step
+of few tokens on a GPU instead runs each token's chosen experts, and the shared experts, straight from the weight
+stacks (`chosen_experts`: no sorting; grouped_matmul.use_chosen_experts decides).
 
 Under `sharding.activation_mesh(mesh)` the layer runs expert-parallel inside `jax.shard_map`: each device routes
 its own tokens, packs the (token, expert) copies into fixed-capacity buffers, one per device of the expert axis,
