@@ -31,7 +31,7 @@ from .config import ModelConfig
 from .model import layer_runs, split_layers
 from .moe import ExpertStacks
 from .rope import rope_cos_sin
-from .sharding import activation_mesh, constrain, logical_to_spec, param_sharding
+from .sharding import activation_mesh, batch_axes, constrain, logical_to_spec, param_sharding
 
 
 class KVCache(NamedTuple):
@@ -272,9 +272,7 @@ def batch_shards(mesh) -> int:
     """How many ways the batch axis is split on `mesh` (1 without a mesh)."""
     if mesh is None:
         return 1
-    spec = logical_to_spec(("batch",))[0]
-    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return math.prod(mesh.shape[n] for n in names)
+    return math.prod(mesh.shape[a] for a in batch_axes())
 
 
 def _split(model, mesh):

@@ -71,14 +71,20 @@ def grouped_matmul(lhs: jnp.ndarray, rhs: jnp.ndarray, group_sizes: jnp.ndarray)
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
 
 
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The environment variable `name` (default "auto"), one of `choices`."""
+    choice = os.environ.get(name, "auto")
+    if choice not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {choice!r}")
+    return choice
+
+
 @functools.cache
 def _backend(outputs_saved: bool = False) -> str:
     """auto: on GPU, tokamax where it imports with the kernel classes this module configures (under
     `outputs_saved()`, "tokamax+pallas": tokamax undifferentiated, Pallas differentiated), else pallas; off GPU,
     ragged_dot."""
-    choice = os.environ.get("DSV2_GROUPED_MATMUL", "auto")
-    if choice not in BACKENDS:
-        raise ValueError(f"DSV2_GROUPED_MATMUL must be one of {', '.join(BACKENDS)}, got {choice!r}")
+    choice = _env_choice("DSV2_GROUPED_MATMUL", BACKENDS)
     if choice == "tokamax" and _tokamax_ragged_dots() is None:
         raise ValueError("DSV2_GROUPED_MATMUL=tokamax, but tokamax (0.0.17's Hopper ragged-dot kernels) "
                          "does not import here")
@@ -313,10 +319,7 @@ CHOSEN_MAX_COPIES = 0.5  # auto takes the chosen-experts kernels up to this many
 
 @functools.cache
 def _decode_backend() -> str:
-    choice = os.environ.get("DSV2_DECODE_EXPERTS", "auto")
-    if choice not in DECODE_BACKENDS:
-        raise ValueError(f"DSV2_DECODE_EXPERTS must be one of {', '.join(DECODE_BACKENDS)}, got {choice!r}")
-    return choice
+    return _env_choice("DSV2_DECODE_EXPERTS", DECODE_BACKENDS)
 
 
 def use_chosen_experts(copies: int, num_experts: int, hidden: int, width: int) -> bool:
