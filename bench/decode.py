@@ -8,7 +8,8 @@ preallocates GPU memory):
     python bench/decode.py --impl jax   --batches 1 16 64
     python bench/decode.py --impl torch --batches 1 16 64
     python bench/decode.py --impl jax   --batches 1 16 64 --mesh expert=8   # experts split over 8 GPUs
-    python bench/decode.py --impl jax   --batches 1 2 4 --decode-experts sorted chosen   # decoding MoE paths
+    python bench/decode.py --impl jax   --batches 1 4 8 --decode-kernels sorted:xla chosen:xla chosen:auto
+                                                    # decoding paths: DSV2_DECODE_EXPERTS:DSV2_DECODE_PROJECTIONS
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def copy_bandwidth_jax() -> float:
     return 2 * x.nbytes / float(np.median(times))  # read + write
 
 
-def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_experts=("auto",)):
+def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kernels=("auto:auto",)):
     import jax
     import jax.numpy as jnp
 
@@ -65,9 +66,11 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_expe
     if mesh_text:
         mesh = make_mesh(**parse_mesh(mesh_text))
     model = init_model(config, mesh=mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, seed=0)
-    for experts in decode_experts:  # DSV2_DECODE_EXPERTS, side by side on the same model
-        os.environ["DSV2_DECODE_EXPERTS"] = experts
+    for setting in decode_kernels:  # side by side on the same model
+        experts, projections = setting.split(":")
+        os.environ["DSV2_DECODE_EXPERTS"], os.environ["DSV2_DECODE_PROJECTIONS"] = experts, projections
         grouped_matmul._decode_backend.cache_clear()
+        grouped_matmul._matvec_backend.cache_clear()
         jax.clear_caches()
         rng = np.random.default_rng(0)
         for b in batches:
@@ -78,7 +81,7 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_expe
                 t = {}
                 dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh, timings=t)
                 runs.append(t)
-            yield (dict(decode_experts=experts), b, min(t["prefill_s"] for t in runs),
+            yield (dict(decode_experts=experts, decode_projections=projections), b, min(t["prefill_s"] for t in runs),
                    min(t["decode_s"] for t in runs), runs[0]["steps"])
     del model, jax
 
@@ -110,6 +113,15 @@ def run_torch(config, batches, prompt_len, new_tokens):
         yield {}, b, t1 - t0, (t2 - t1) - (t1 - t0), new_tokens
 
 
+def _decode_setting(text: str) -> str:
+    from dsv2_jax.grouped_matmul import DECODE_BACKENDS, MATVEC_BACKENDS
+    experts, _, projections = text.partition(":")
+    if experts not in DECODE_BACKENDS or projections not in MATVEC_BACKENDS:
+        raise argparse.ArgumentTypeError(f"{text!r}: want EXPERTS:PROJECTIONS, EXPERTS one of {DECODE_BACKENDS}, "
+                                         f"PROJECTIONS one of {MATVEC_BACKENDS}")
+    return text
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impl", choices=["jax", "torch"], required=True)
@@ -118,8 +130,9 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
     parser.add_argument("--mesh", default=None, help="jax only: e.g. expert=8 (all devices)")
-    parser.add_argument("--decode-experts", nargs="+", default=["auto"], choices=["auto", "chosen", "sorted"],
-                        help="jax only: DSV2_DECODE_EXPERTS settings to run one after another on the same model")
+    parser.add_argument("--decode-kernels", nargs="+", default=["auto:auto"], type=_decode_setting,
+                        help="jax only: DSV2_DECODE_EXPERTS:DSV2_DECODE_PROJECTIONS settings (e.g. sorted:xla "
+                             "chosen:auto) to run one after another on the same model")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -130,7 +143,7 @@ def main():
     copy_bw = copy_bandwidth_jax() if args.impl == "jax" else None
     runner = run_torch
     if args.impl == "jax":
-        runner = functools.partial(run_jax, mesh_text=args.mesh, decode_experts=args.decode_experts)
+        runner = functools.partial(run_jax, mesh_text=args.mesh, decode_kernels=args.decode_kernels)
     cache_per_token = 2 * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
     for setting, b, prefill_s, decode_s, steps in runner(config, args.batches, args.prompt, args.new_tokens):
         step_s = decode_s / max(steps, 1)

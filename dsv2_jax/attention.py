@@ -11,14 +11,35 @@ the weighted sum, so keys and values are never expanded.
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig
+from .grouped_matmul import matvec_fits, stacked_matvec
 from .layers import cast, kernel_backend, param, rms_norm
 from .rope import apply_rope
 from .sharding import constrain, per_shard
+
+
+PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "o_proj")
+
+
+class ProjectionStacks(NamedTuple):
+    """The projection weights of every layer of a stacked MLA module, and the layer being run: decoding's
+    `stacked_matvec` reads that layer out of the stacks itself (a slice handed to a kernel would be copied whole)."""
+
+    weights: dict  # name -> [L, *the layer's weight shape], in the compute dtype
+    layer: jax.Array | int = 0  # int32: the layer these calls run
+
+    @classmethod
+    def of(cls, attn: "MLA") -> "ProjectionStacks | None":
+        """The stacks of a stacked (layers-leading) MLA module, or None where they are not in its compute dtype."""
+        weights = {n: getattr(attn, n)[...] for n in PROJECTIONS if hasattr(attn, n)}
+        return cls(weights) if all(w.dtype == attn.dtype for w in weights.values()) else None
 
 
 class MLA(nnx.Module):
@@ -44,22 +65,37 @@ class MLA(nnx.Module):
         self.o_proj = param(rngs, (H, c.v_head_dim, D), ("heads", "head_dim", "embed"), param_dtype, std)
 
     # ------------------------------------------------------------------ projections
-    def query(self, x, cos, sin):
-        """q_nope [B, S, H, nope] and roped q_pe [B, S, H, rope]."""
+    def _project(self, spec: str, x, name: str, stacks: ProjectionStacks | None):
+        """einsum(spec, x, weight `name`); with `stacks` (a decoding step), by `stacked_matvec` reading this layer's
+        weight out of the stacks (where its widths fit the kernel). The contracted dimensions lead the weight and
+        end x."""
+        w = getattr(self, name)
+        w_spec, out_spec = spec.split(",")[1].split("->")
+        n = sum(ch not in out_spec for ch in w_spec)
+        rows, cols = math.prod(w.shape[:n]), math.prod(w.shape[n:])
+        if stacks is None or not matvec_fits(rows, cols):
+            return jnp.einsum(spec, x, cast(w, self.dtype))
+        stack = stacks.weights[name]
+        y = stacked_matvec(x.reshape(-1, rows), stack.reshape(stack.shape[0], rows, cols), stacks.layer)
+        return y.astype(self.dtype).reshape(x.shape[:x.ndim - n] + w.shape[n:])
+
+    def query(self, x, cos, sin, stacks: ProjectionStacks | None = None):
+        """q_nope [B, S, H, nope] and roped q_pe [B, S, H, rope]. stacks: see `_project`."""
         c, dt = self.config, self.dtype
         if c.q_lora_rank is None:
-            q = jnp.einsum("bsd,dhk->bshk", x, cast(self.q_proj, dt))
+            q = self._project("bsd,dhk->bshk", x, "q_proj", stacks)
         else:
-            q_lat = rms_norm(x @ cast(self.q_a_proj, dt), self.q_a_norm[...], c.rms_norm_eps, dt)
-            q = jnp.einsum("bsr,rhk->bshk", q_lat, cast(self.q_b_proj, dt))
+            q_lat = rms_norm(self._project("bsd,dr->bsr", x, "q_a_proj", stacks), self.q_a_norm[...],
+                             c.rms_norm_eps, dt)
+            q = self._project("bsr,rhk->bshk", q_lat, "q_b_proj", stacks)
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
         q_nope, q_pe = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
         return q_nope, apply_rope(q_pe, cos, sin)
 
-    def latent(self, x, cos, sin):
+    def latent(self, x, cos, sin, stacks: ProjectionStacks | None = None):
         """The cached quantities: normalised c_kv [B, S, kv_lora_rank] and roped k_pe [B, S, rope]."""
         c, dt = self.config, self.dtype
-        kv = x @ cast(self.kv_a_proj, dt)
+        kv = self._project("bsd,dr->bsr", x, "kv_a_proj", stacks)
         c_kv = rms_norm(kv[..., : c.kv_lora_rank], self.kv_a_norm[...], c.rms_norm_eps, dt)
         k_pe = apply_rope(kv[..., c.kv_lora_rank:], cos, sin)
         return c_kv, k_pe
@@ -99,11 +135,12 @@ class MLA(nnx.Module):
 
     # ------------------------------------------------------------------ absorbed attention (decode)
     @jax.named_scope("attention_absorbed")
-    def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+    def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, stacks: ProjectionStacks | None = None):
         """The same attention as `expanded`, computed against the latent without expanding keys or values.
 
         W_UK (k_b) is folded into the query: score_nope = (q_nope · W_UK) · c_kvᵀ; W_UV (v_b) is applied after the
-        attention-weighted sum of c_kv, then o_proj. Shapes as in `expanded`; returns [B, Sq, D].
+        attention-weighted sum of c_kv, then o_proj (by `stacked_matvec` with stacks). Shapes as in `expanded`;
+        returns [B, Sq, D].
         """
         dt = self.dtype
         q_lat = jnp.einsum("bqhk,chk->bqhc", q_nope, cast(self.k_b_proj, dt))
@@ -114,7 +151,7 @@ class MLA(nnx.Module):
         o_lat = jnp.einsum("bhqk,bkc->bqhc", probs, c_kv)
         o_lat = constrain(o_lat, ("batch", "seq", "heads", "kv_lora"))
         out = jnp.einsum("bqhc,chv->bqhv", o_lat, cast(self.v_b_proj, dt))
-        return jnp.einsum("bqhv,hvd->bqd", out, cast(self.o_proj, dt))
+        return self._project("bqhv,hvd->bqd", out, "o_proj", stacks)
 
     @jax.named_scope("mla")
     def __call__(self, x, cos, sin, mask):

@@ -27,11 +27,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from .attention import ProjectionStacks
 from .config import ModelConfig
+from .grouped_matmul import use_stacked_matvec
 from .model import layer_runs, split_layers
 from .moe import ExpertStacks
 from .rope import rope_cos_sin
-from .sharding import activation_mesh, batch_axes, constrain, logical_to_spec, param_sharding
+from .sharding import activation_mesh, batch_axes, constrain, current_mesh, logical_to_spec, param_sharding
 
 
 class KVCache(NamedTuple):
@@ -77,26 +79,32 @@ def cache_bytes_per_token(cache: KVCache) -> int:
 def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
     """All decoder layers in model order over x [B, S, D], threading the cache arrays through the scans.
 
-    attend(attn, h, layer_index, c_kv, k_pe) -> (attention output, c_kv, k_pe) writes the layer's new latent
-    into the cache and attends over it. decoding: the MoE layers may take their decoding kernels (MoE.__call__),
-    which read each layer's experts out of the whole stacks.
+    attend(attn, h, layer_index, c_kv, k_pe, projections) -> (attention output, c_kv, k_pe) writes the layer's new
+    latent into the cache and attends over it. decoding: the MoE layers may take their decoding kernels
+    (MoE.__call__), which read each layer's experts out of the whole stacks; on one device with few tokens
+    (grouped_matmul.use_stacked_matvec) the attention projections and routers run on `stacked_matvec` the same
+    way (`projections`: the layer's ProjectionStacks, else None).
     """
+    B, S = x.shape[:2]
+    matvec = decoding and current_mesh() is None and use_stacked_matvec(B * S)
     first = 0
     for kind, start, count in layer_runs(model.config):
         stack = model.moe_layers if kind == "moe" else model.dense_layers
         graphdef, state = split_layers(stack, start, count)
-        stacks = ExpertStacks.of(stack.mlp) if decoding and kind == "moe" else None
+        experts = ExpertStacks.of(stack.mlp, router=matvec) if decoding and kind == "moe" else None
+        projections = ProjectionStacks.of(stack.attn) if matvec else None
 
-        def body(carry, xs, graphdef=graphdef, stacks=stacks):
+        def body(carry, xs, graphdef=graphdef, experts=experts, projections=projections):
             h, c_kv, k_pe = carry
             layer_state, li, stack_index = xs
             layer = nnx.merge(graphdef, layer_state)
-            a, c_kv, k_pe = attend(layer.attn, layer.input_norm(h), li, c_kv, k_pe)
+            here = None if projections is None else projections._replace(layer=stack_index)
+            a, c_kv, k_pe = attend(layer.attn, layer.input_norm(h), li, c_kv, k_pe, here)
             h = h + a
             h_norm = layer.post_attention_norm(h)
             if layer.is_moe:
                 y = layer.mlp(h_norm, decoding=decoding,
-                              stacks=None if stacks is None else stacks._replace(layer=stack_index))[0]
+                              stacks=None if experts is None else experts._replace(layer=stack_index))[0]
             else:
                 y = layer.mlp(h_norm)
             h = constrain(h + y, ("batch", "seq", "embed"))
@@ -127,7 +135,7 @@ def prefill_chunk_forward(model, cache: KVCache, tokens, start, prompt_lens, las
     cos, sin = rope_cos_sin(model.config, jnp.broadcast_to(slots, (B, C)))
     mask = (jnp.arange(W)[None, :] <= slots[:, None])[None]  # [1, C, W]: causal over slots
 
-    def attend(attn, h, li, c_kv_all, k_pe_all):
+    def attend(attn, h, li, c_kv_all, k_pe_all, projections):
         q_nope, q_pe = attn.query(h, cos, sin)
         c_kv, k_pe = attn.latent(h, cos, sin)
         c_kv_all = jax.lax.dynamic_update_slice(c_kv_all, c_kv[None].astype(c_kv_all.dtype), (li, 0, start, 0))
@@ -156,14 +164,14 @@ def decode_forward(model, cache: KVCache, tokens):
     cos, sin = rope_cos_sin(model.config, pos[:, None])
     mask = jnp.arange(T)[None, None, :] <= pos[:, None, None]  # [B, 1, T]: the row's tokens and the new one
 
-    def attend(attn, h, li, c_kv_all, k_pe_all):
-        q_nope, q_pe = attn.query(h, cos, sin)
-        c_kv, k_pe = attn.latent(h, cos, sin)
+    def attend(attn, h, li, c_kv_all, k_pe_all, projections):
+        q_nope, q_pe = attn.query(h, cos, sin, projections)
+        c_kv, k_pe = attn.latent(h, cos, sin, projections)
         c_kv_all = c_kv_all.at[li, rows, pos].set(c_kv[:, 0].astype(c_kv_all.dtype))
         k_pe_all = k_pe_all.at[li, rows, pos].set(k_pe[:, 0].astype(k_pe_all.dtype))
         keys_c = _layer_slice(c_kv_all, li).astype(attn.dtype)
         keys_pe = _layer_slice(k_pe_all, li).astype(attn.dtype)
-        return attn.absorbed(q_nope, q_pe, keys_c, keys_pe, mask), c_kv_all, k_pe_all
+        return attn.absorbed(q_nope, q_pe, keys_c, keys_pe, mask, projections), c_kv_all, k_pe_all
 
     x = constrain(model.embed_tokens(tokens[:, None]), ("batch", "seq", "embed"))
     x, c_kv, k_pe = _run_layers(model, x, cache.c_kv, cache.k_pe, attend, decoding=True)

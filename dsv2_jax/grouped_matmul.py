@@ -314,7 +314,7 @@ _tokamax_pallas_grouped_matmul = _with_vjp(_tokamax_product, _pallas_product)  #
 
 DECODE_TILES = dict(block_k=128, block_n=64, num_warps=4, num_stages=3)
 DECODE_BACKENDS = ("auto", "chosen", "sorted")
-CHOSEN_MAX_COPIES = 0.5  # auto takes the chosen-experts kernels up to this many (token, expert) copies per expert
+CHOSEN_MAX_COPIES = 1.5  # auto takes the chosen-experts kernels up to this many (token, expert) copies per expert
 
 
 @functools.cache
@@ -325,8 +325,9 @@ def _decode_backend() -> str:
 def use_chosen_experts(copies: int, num_experts: int, hidden: int, width: int) -> bool:
     """Whether a decoding step with `copies` (token, expert) pairs runs its experts on `chosen_experts_mlp`.
 
-    DSV2_DECODE_EXPERTS=auto (on GPU, when copies <= CHOSEN_MAX_COPIES × num_experts, so that few experts are read
-    twice) | chosen | sorted (the grouped matmul over the copies sorted by expert). The kernels need hidden and
+    DSV2_DECODE_EXPERTS=auto (on GPU, when copies <= CHOSEN_MAX_COPIES × num_experts: on V2-Lite the kernels were
+    faster than the sorted path up to batch 16, 1.5 copies per expert, though some experts are then read more than
+    once) | chosen | sorted (the grouped matmul over the copies sorted by expert). The kernels need hidden and
     expert widths that are multiples of 16; auto runs the sorted path otherwise.
     """
     choice = _decode_backend()
@@ -345,18 +346,27 @@ def _decode_block(block: int, *dims: int) -> int:
     while block > 16 and any(d % block for d in dims):
         block //= 2
     if any(d % block for d in dims):
-        raise ValueError(f"chosen_experts_mlp: hidden and expert widths {dims} must be multiples of 16")
+        raise ValueError(f"decoding kernels: widths {dims} must be multiples of 16")
     return block
 
 
-def _matvec(x_of, w_of, length: int, block_k: int, block_n: int):
-    """Σ over the contraction of x_of(ks) [block_k] · w_of(ks) [block_k, block_n], float32, for ks the pl.ds blocks
-    of [0, length) -> [block_n]."""
-    def body(i, acc):
-        ks = pl.ds(i * block_k, block_k)
-        return acc + x_of(ks).astype(jnp.float32)[:, None] * w_of(ks).astype(jnp.float32)
+def _matvecs(x_of, w_ofs, length: int, block_k: int, block_n: int):
+    """x · w for each w in w_ofs, in one loop over the contraction: x_of(ks) [block_k] and w_of(ks) [block_k, block_n]
+    for ks the pl.ds blocks of [0, length) -> one [block_n] float32 per w.
 
-    return jax.lax.fori_loop(0, length // block_k, body, jnp.zeros((block_k, block_n), jnp.float32)).sum(axis=0)
+    On tensor cores: x is broadcast to the 16 rows a dot needs and the rows' max (all equal) is the product; the
+    weight tiles then stream through shared memory, which Triton's pipeliner overlaps (measured on an H100: 88 vs
+    114 µs per V2-Lite MoE layer with the multiply-and-reduce form)."""
+    def body(i, accs):
+        ks = pl.ds(i * block_k, block_k)
+        x = x_of(ks)
+        rows = jnp.broadcast_to(x[None, :], (16, block_k))
+        precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+        return tuple(acc + jnp.dot(rows, w_of(ks).astype(x.dtype), precision=precision,
+                                   preferred_element_type=jnp.float32) for acc, w_of in zip(accs, w_ofs))
+
+    zeros = tuple(jnp.zeros((16, block_n), jnp.float32) for _ in w_ofs)
+    return tuple(acc.max(axis=0) for acc in jax.lax.fori_loop(0, length // block_k, body, zeros))
 
 
 def _chosen_gate_up_kernel(layer_ref, experts_ref, x_ref, gate_ref, up_ref, *rest, num_routed, width, block_k,
@@ -369,8 +379,8 @@ def _chosen_gate_up_kernel(layer_ref, experts_ref, x_ref, gate_ref, up_ref, *res
     x_of = lambda ks: x_ref[t, ks]  # noqa: E731
 
     def store(w_gate, w_up):
-        g = _matvec(x_of, w_gate, D, block_k, block_n).astype(h_ref.dtype).astype(jnp.float32)
-        u = _matvec(x_of, w_up, D, block_k, block_n).astype(h_ref.dtype).astype(jnp.float32)
+        g, u = (p.astype(h_ref.dtype).astype(jnp.float32)
+                for p in _matvecs(x_of, (w_gate, w_up), D, block_k, block_n))
         h_ref[t, j, pl.ds(n * block_n, block_n)] = (g / (1.0 + jnp.exp(-g)) * u).astype(h_ref.dtype)
 
     @pl.when(j < num_routed)
@@ -397,7 +407,7 @@ def _chosen_down_kernel(layer_ref, experts_ref, h_ref, down_ref, *rest, num_rout
     @pl.when(j < num_routed)
     def _():
         e = experts_ref[t, j]
-        y_ref[t, j, ns] = _matvec(h_of, lambda ks: down_ref[layer, e, ks, ns], width, block_k, block_n)
+        (y_ref[t, j, ns],) = _matvecs(h_of, (lambda ks: down_ref[layer, e, ks, ns],), width, block_k, block_n)
 
     if shared:
         (shared_down_ref,) = shared
@@ -405,8 +415,8 @@ def _chosen_down_kernel(layer_ref, experts_ref, h_ref, down_ref, *rest, num_rout
         @pl.when(j >= num_routed)
         def _():
             r0 = (j - num_routed) * width
-            y_ref[t, j, ns] = _matvec(h_of, lambda ks: shared_down_ref[layer, pl.ds(r0 + ks.start, block_k), ns],
-                                      width, block_k, block_n)
+            (y_ref[t, j, ns],) = _matvecs(
+                h_of, (lambda ks: shared_down_ref[layer, pl.ds(r0 + ks.start, block_k), ns],), width, block_k, block_n)
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "block_n", "num_warps", "num_stages", "interpret"))
@@ -458,3 +468,85 @@ def chosen_experts_mlp(x, experts, gate, up, down, shared=None, layer=None, *,
         name="chosen_experts_down",
         **params,
     )(layer, experts, h, down, *shared[2:])
+
+
+# The dense projections of a decoding step: a few tokens times one layer of a stacked weight (Pallas, Triton)
+
+MATVEC_TILES = dict(block_k=128, block_n=64, num_warps=4, num_stages=3, programs=256)
+MATVEC_MAX_TOKENS = 16  # the rows of one tensor-core tile
+MATVEC_BACKENDS = ("auto", "pallas", "xla")
+
+
+@functools.cache
+def _matvec_backend() -> str:
+    return _env_choice("DSV2_DECODE_PROJECTIONS", MATVEC_BACKENDS)
+
+
+def matvec_fits(rows: int, cols: int) -> bool:
+    """Whether `stacked_matvec` takes a [rows, cols] weight (its tiles need multiples of 16)."""
+    return rows % 16 == 0 and cols % 16 == 0
+
+
+def use_stacked_matvec(tokens: int) -> bool:
+    """Whether a decoding step of `tokens` tokens runs its attention projections and router on `stacked_matvec`.
+
+    DSV2_DECODE_PROJECTIONS=auto (on GPU, up to MATVEC_MAX_TOKENS tokens) | pallas (forced; in the interpreter off
+    GPU) | xla (XLA's products on the layer's slices). Weights that do not fit (`matvec_fits`) stay on XLA.
+    """
+    choice = _matvec_backend()
+    if choice == "pallas" and tokens > MATVEC_MAX_TOKENS:
+        raise ValueError(f"DSV2_DECODE_PROJECTIONS=pallas: {tokens} tokens per step, at most {MATVEC_MAX_TOKENS}")
+    return choice == "pallas" or (choice == "auto" and jax.default_backend() == "gpu"
+                                  and tokens <= MATVEC_MAX_TOKENS)
+
+
+def _stacked_matvec_kernel(layer_ref, x_ref, w_ref, o_ref, *, rows, block_k, block_n):
+    """Program (n, s): columns n of x · w[layer] over the contraction rows [s·rows, (s+1)·rows), float32."""
+    n, s = pl.program_id(0), pl.program_id(1)
+    layer, ns = layer_ref[0], pl.ds(n * block_n, block_n)
+    precision = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
+
+    def body(i, acc):
+        ks = pl.ds(s * rows + i * block_k, block_k)
+        return acc + jnp.dot(x_ref[:, ks], w_ref[layer, ks, ns].astype(x_ref.dtype), precision=precision,
+                             preferred_element_type=jnp.float32)
+
+    o_ref[s, :, ns] = jax.lax.fori_loop(0, rows // block_k, body, jnp.zeros(o_ref.shape[1:2] + (block_n,),
+                                                                             jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "block_n", "num_warps", "num_stages", "programs",
+                                             "interpret"))
+def stacked_matvec(x, w, layer=None, *, block_k: int = MATVEC_TILES["block_k"],
+                   block_n: int = MATVEC_TILES["block_n"], num_warps: int = MATVEC_TILES["num_warps"],
+                   num_stages: int = MATVEC_TILES["num_stages"], programs: int = MATVEC_TILES["programs"],
+                   interpret: bool | None = None):
+    """x [T, K] (T <= 16 tokens) times w [K, N], or times layer `layer` (an int32 scalar) of w [L, K, N] read by
+    the kernel itself (a slice handed to a kernel would first be copied whole): [T, N] float32.
+
+    For decoding, where XLA turns such products into multiply-and-reduce fusions. The tokens are the rows of one
+    tensor-core tile; programs of block_n columns each split the contraction into up to `programs` / (N / block_n)
+    parts (powers of two), whose float32 partial sums are added outside. float32 x: exact float32 products.
+    """
+    if layer is None:
+        w, layer = w[None], 0
+    T, K = x.shape
+    N = w.shape[2]
+    if T > MATVEC_MAX_TOKENS or w.shape[1] != K:
+        raise ValueError(f"stacked_matvec: x {x.shape} (at most {MATVEC_MAX_TOKENS} rows) against w {w.shape}")
+    block_k, block_n = _decode_block(block_k, K), _decode_block(block_n, N)
+    splits = 1
+    while 2 * splits * (N // block_n) <= programs and K % (2 * splits * block_k) == 0:
+        splits *= 2
+    x = jnp.pad(x, ((0, MATVEC_MAX_TOKENS - T), (0, 0)))
+    out = pl.pallas_call(
+        functools.partial(_stacked_matvec_kernel, rows=K // splits, block_k=block_k, block_n=block_n),
+        out_shape=jax.ShapeDtypeStruct((splits, MATVEC_MAX_TOKENS, N), jnp.float32),
+        grid=(N // block_n, splits),
+        in_specs=[pl.no_block_spec] * 3,
+        out_specs=pl.no_block_spec,
+        name="stacked_matvec",
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
+    )(jnp.asarray(layer, jnp.int32).reshape(1), x, w)
+    return out.sum(axis=0)[:T]

@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import sharding
 from .config import ModelConfig
-from .grouped_matmul import chosen_experts_mlp, grouped_matmul, use_chosen_experts
+from .grouped_matmul import chosen_experts_mlp, grouped_matmul, matvec_fits, stacked_matvec, use_chosen_experts
 from .layers import MLP, cast, param
 from .sharding import constrain
 
@@ -42,6 +42,7 @@ from .sharding import constrain
 ROUTER_AXES = ("embed", "router")
 GATE_UP_AXES = ("experts", "embed", "expert_mlp")
 DOWN_AXES = ("experts", "expert_mlp", "embed")
+ROUTER_BLOCK_N = 32  # stacked_matvec's float32 tiles: 64 columns ran 4x slower on an H100 (bench/RESULTS.md)
 
 
 class RouterOutput(NamedTuple):
@@ -157,15 +158,18 @@ class ExpertStacks(NamedTuple):
     down: jax.Array  # [L, E, I, D]
     shared: tuple | None  # the shared experts' (gate [L, D, S*I], up [L, D, S*I], down [L, S*I, D]), or None
     layer: jax.Array | int = 0  # int32: the layer these calls run
+    router: jax.Array | None = None  # [L, D, E]: with it, the router's product runs on `stacked_matvec`
 
     @classmethod
-    def of(cls, moe: "MoE") -> "ExpertStacks":
-        """The stacks of a stacked (layers-leading) MoE module; layer 0 until replaced."""
+    def of(cls, moe: "MoE", router: bool = False) -> "ExpertStacks":
+        """The stacks of a stacked (layers-leading) MoE module; layer 0 until replaced. router: include the
+        router's stack."""
         shared = None
         if moe.shared_experts is not None:
             s = moe.shared_experts
             shared = (s.gate_proj[...], s.up_proj[...], s.down_proj[...])
-        return cls(moe.gate_proj[...], moe.up_proj[...], moe.down_proj[...], shared)
+        return cls(moe.gate_proj[...], moe.up_proj[...], moe.down_proj[...], shared,
+                   router=moe.router[...] if router else None)
 
 
 @jax.named_scope("chosen_experts")
@@ -329,7 +333,7 @@ class MoE(nnx.Module):
         decoding: an undifferentiated step of few tokens; on one device (GPU, grouped_matmul.use_chosen_experts)
         its chosen and shared experts then run on the `chosen_experts_mlp` kernels, without sorting, reading
         this layer's weights out of `stacks` when given (this module being one layer sliced from them; in the
-        compute dtype), else this module's own.
+        compute dtype), else this module's own; the router's product too where `stacks` carry the router.
         """
         check_capacity_factor(capacity_factor)
         B, S, D = x.shape
@@ -341,7 +345,12 @@ class MoE(nnx.Module):
         c = self.config
         if (decoding and mesh is None and capacity_factor is None and
                 use_chosen_experts(B * S * c.num_experts_per_tok, c.num_experts, D, c.moe_intermediate_size)):
-            r = self.route(xt)
+            if stacks is not None and stacks.router is not None and matvec_fits(D, c.num_experts):  # fp32 logits
+                logits = stacked_matvec(xt.astype(jnp.float32), stacks.router, stacks.layer,
+                                        block_n=ROUTER_BLOCK_N)
+                r = route(c, logits)
+            else:
+                r = self.route(xt)
             stacked = stacks is not None and all(a.dtype == dt for a in jax.tree.leaves(stacks[:4]))
             if not stacked:
                 s = self.shared_experts

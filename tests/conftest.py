@@ -15,18 +15,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture
-def decode_experts(monkeypatch):
-    """Sets DSV2_DECODE_EXPERTS for one test (fresh choice and compilations), restoring both after."""
+def decode_kernels(monkeypatch):
+    """decode_kernels(experts, projections): sets DSV2_DECODE_EXPERTS and DSV2_DECODE_PROJECTIONS for one test
+    (fresh choices and compilations), restoring both after."""
     import jax
 
     from dsv2_jax import grouped_matmul as gm
 
-    def choose(value):
-        monkeypatch.setenv("DSV2_DECODE_EXPERTS", value)
+    def clear():
         gm._decode_backend.cache_clear()
+        gm._matvec_backend.cache_clear()
         jax.clear_caches()
+
+    def choose(experts="auto", projections="auto"):
+        monkeypatch.setenv("DSV2_DECODE_EXPERTS", experts)
+        monkeypatch.setenv("DSV2_DECODE_PROJECTIONS", projections)
+        clear()
 
     yield choose
     monkeypatch.delenv("DSV2_DECODE_EXPERTS", raising=False)
-    gm._decode_backend.cache_clear()
-    jax.clear_caches()
+    monkeypatch.delenv("DSV2_DECODE_PROJECTIONS", raising=False)
+    clear()

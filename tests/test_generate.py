@@ -16,6 +16,7 @@ from dsv2_jax.attention import MLA
 from dsv2_jax.rope import rope_cos_sin
 from dsv2_jax.tokenizer import ByteTokenizer
 from hf_models import YARN, random_hf_model, save_hf_model
+from test_model import pallas_calls
 
 gen = importlib.import_module("dsv2_jax.generate")  # the module; dsv2_jax.generate is the function
 
@@ -122,16 +123,56 @@ def test_absorbed_attention_equals_expanded():
     assert np.abs(want).max() > 1.0  # not a trivially small output
 
 
-@pytest.mark.parametrize("experts", ["sorted", "chosen"])
-def test_decode_steps_equal_full_forward(tiny, experts, decode_experts):
+@pytest.mark.parametrize("q_lora_rank", [64, None])
+def test_projections_on_stacked_matvec(q_lora_rank, decode_kernels):
+    """MLA's query, latent and absorbed attention with ProjectionStacks (decoding's stacked_matvec reading layer 1 of
+    the stacks; interpreted off GPU) equal the module's own products (float32, 1e-5 relative), with the low-rank
+    query path (V2) and the plain q_proj (V2-Lite)."""
+    from dsv2_jax.attention import ProjectionStacks
+
+    config = ModelConfig.from_preset("tiny").replace(initializer_range=0.15, q_lora_rank=q_lora_rank)
+    attn = MLA(config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(4))
+    B, T = 2, 9
+    x = jax.random.normal(jax.random.key(5), (B, T, config.hidden_size))
+    cos, sin = rope_cos_sin(config, jnp.broadcast_to(jnp.arange(T), (B, T)))
+    own = ProjectionStacks.of(attn)
+    stacks = ProjectionStacks({n: jnp.stack([w * 3, w]) for n, w in own.weights.items()}, jnp.int32(1))
+    assert set(stacks.weights) == ({"q_a_proj", "q_b_proj"} if q_lora_rank else {"q_proj"}) | {"kv_a_proj", "o_proj"}
+    mask = jnp.ones((B, 1, T), bool)
+
+    def run(s):  # the last token decoded against the earlier ones' latents
+        new = (x[:, -1:], cos[:, -1:], sin[:, -1:], s)
+        q_nope, q_pe = attn.query(*new)
+        c_kv, k_pe = attn.latent(*new)
+        c_old, k_old = attn.latent(x[:, :-1], cos[:, :-1], sin[:, :-1])
+        c_all, k_all = jnp.concatenate([c_old, c_kv], 1), jnp.concatenate([k_old, k_pe], 1)
+        return q_nope, q_pe, c_kv, k_pe, attn.absorbed(q_nope, q_pe, c_all, k_all, mask, s)
+
+    decode_kernels("auto", "pallas")
+    with jax.default_matmul_precision("highest"):
+        want, got = run(None), run(stacks)
+    kernels = pallas_calls(lambda v: run(stacks)[-1] + v, 0.0, prefix="stacked_matvec")
+    assert kernels == (4 if q_lora_rank else 3)  # the query's one or two products, kv_a, o_proj
+    for w, g in zip(want, got):
+        w, g = np.asarray(w), np.asarray(g)
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())
+    assert np.abs(np.asarray(want[-1])).max() > 0.1
+
+
+@pytest.mark.parametrize("experts,projections", [("sorted", "xla"), ("sorted", "pallas"), ("chosen", "pallas")])
+def test_decode_steps_equal_full_forward(tiny, experts, projections, decode_kernels):
     """Prefill, then absorbed decode steps of chosen tokens: logits equal the full (expanded) forward pass, with the
-    decoding step's experts on the sorted grouped path and on the chosen-experts kernels (interpreted off GPU)."""
-    decode_experts(experts)
+    decoding step's experts on the sorted grouped path or the chosen-experts kernels, and its attention projections
+    on XLA or on stacked_matvec (kernels interpreted off GPU)."""
+    decode_kernels(experts, projections)
     prompts = random_prompts(256, (6, 3))
     extra = [[7, 100, 42], [250, 1, 9]]
     full = full_forward_logits(tiny, [p + e for p, e in zip(prompts, extra)])  # causal: padding is harmless
     cache = dsv2_jax.init_cache(tiny.config, 2, 16, dtype=jnp.float32)
     cache, logits = gen.prefill(tiny, cache, prompts, chunk_size=4)
+    kernels = pallas_calls(lambda c, t: gen.decode_forward(tiny, c, t)[1], cache, jnp.array([7, 250]),
+                           prefix="stacked_matvec")
+    assert kernels == (8 if projections == "pallas" else 0)  # two layer scans, four projections each
     for step in range(3):
         for row in range(2):
             want = full[row, len(prompts[row]) + step - 1]

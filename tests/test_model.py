@@ -122,6 +122,12 @@ def test_bf16_compute_with_fp32_params_tracks_fp32():
     assert np.mean(a.argmax(-1) == b.argmax(-1)) > 0.9
 
 
+def pallas_calls(f, *args, prefix: str) -> int:
+    """How many Pallas kernels whose name starts with `prefix` the function runs on args."""
+    return sum(e.primitive.name == "pallas_call" and str(e.params["name"]).startswith(prefix)
+               for e in all_eqns(jax.make_jaxpr(f)(*args).jaxpr))
+
+
 def all_eqns(jaxpr):
     """Every equation of a jaxpr, those of its sub-jaxprs (scan bodies, custom VJPs, remat) included."""
     for eqn in jaxpr.eqns:

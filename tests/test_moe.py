@@ -337,18 +337,67 @@ def test_chosen_experts_kernels_in_bf16():
     assert err < 1e-2, err
 
 
-def test_moe_decoding_kernels_equal_the_sorted_path(decode_experts):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stacked_matvec_matches_numpy(dtype):
+    """stacked_matvec (decoding's projections; interpreted off GPU) against a float64 numpy product of the chosen
+    layer: 1 to 16 tokens, the contraction split in up to 8 parts or none, float32 inputs exact (1e-6), bf16 inputs
+    (compiled on a GPU) within float32 accumulation (1e-5 of the largest entry); too many rows are an error."""
+    from dsv2_jax.grouped_matmul import MATVEC_MAX_TOKENS, stacked_matvec
+
+    rng = np.random.default_rng(12)
+    L, K, N = 3, 512, 96
+    w = jnp.asarray(rng.normal(size=(L, K, N)), dtype)
+    for T, programs in ((1, 1), (5, 48), (MATVEC_MAX_TOKENS, 256)):
+        x = jnp.asarray(rng.normal(size=(T, K)), dtype)
+        want = np.asarray(x, np.float64) @ np.asarray(w[2], np.float64)
+        got = np.asarray(stacked_matvec(x, w, jnp.int32(2), block_k=64, block_n=32, programs=programs))
+        assert got.shape == (T, N) and got.dtype == np.float32
+        tol = 1e-6 if dtype == "float32" else 1e-5
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        stacked_matvec(jnp.zeros((17, K), dtype), w, 0)
+
+
+def test_moe_router_on_stacked_matvec(decode_kernels):
+    """With the router's stack in ExpertStacks (decoding with DSV2_DECODE_PROJECTIONS), the router's float32 logits
+    come from stacked_matvec reading the stacked layer: the same routing and output as the module's own router."""
+    from test_model import pallas_calls
+
+    from dsv2_jax.moe import ExpertStacks, MoE
+    from flax import nnx
+
+    c = TINY.replace(n_routed_experts=16, moe_intermediate_size=128)  # 16 experts: the kernel's widths
+    moe = MoE(c, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(3))
+    moe.router[...] = moe.router[...] * 20
+    x = jnp.asarray(np.random.default_rng(13).normal(size=(2, 1, c.hidden_size)), jnp.float32)
+    decode_kernels("chosen", "pallas")
+    s = moe.shared_experts
+    stacks = ExpertStacks(*(p[...][None] for p in (moe.gate_proj, moe.up_proj, moe.down_proj)),
+                          tuple(p[...][None] for p in (s.gate_proj, s.up_proj, s.down_proj)),
+                          jnp.int32(1), router=jnp.stack([-moe.router[...], moe.router[...]]))
+    stacks = stacks._replace(gate=jnp.concatenate([stacks.gate] * 2), up=jnp.concatenate([stacks.up] * 2),
+                             down=jnp.concatenate([stacks.down] * 2),
+                             shared=tuple(jnp.concatenate([a] * 2) for a in stacks.shared))
+    with jax.default_matmul_precision("highest"):
+        want, r_want = moe(x, decoding=True)
+        got, r_got = moe(x, decoding=True, stacks=stacks)
+    assert pallas_calls(lambda v: moe(v, decoding=True, stacks=stacks)[0], x, prefix="stacked_matvec") == 1
+    np.testing.assert_array_equal(np.asarray(r_got.experts), np.asarray(r_want.experts))
+    np.testing.assert_allclose(np.asarray(r_got.scores), np.asarray(r_want.scores), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_moe_decoding_kernels_equal_the_sorted_path(decode_kernels):
     """MoE(x, decoding=True) on the chosen-experts kernels (forced; interpreted off GPU) equals the sorted dropless
     path with the shared experts (float32, 1e-5 relative), with the same routing; auto takes them only on GPU, and
     only when decoding."""
-    from test_model import all_eqns
+    from test_model import pallas_calls
 
     from dsv2_jax.moe import MoE
     from flax import nnx
 
     def chosen_kernels(f, x):
-        return sum(e.primitive.name == "pallas_call" and str(e.params["name"]).startswith("chosen_experts")
-                   for e in all_eqns(jax.make_jaxpr(f)(x).jaxpr))
+        return pallas_calls(f, x, prefix="chosen_experts")
 
     c = TINY.replace(moe_intermediate_size=128)
     moe = MoE(c, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
@@ -358,17 +407,20 @@ def test_moe_decoding_kernels_equal_the_sorted_path(decode_experts):
     decoding = lambda v: moe(v, decoding=True)[0]  # noqa: E731
     with jax.default_matmul_precision("highest"):
         want, r_want = moe(x)
-        decode_experts("chosen")
+        decode_kernels("chosen")
         got, r_got = moe(x, decoding=True)
     assert chosen_kernels(decoding, x) == 2
     np.testing.assert_array_equal(np.asarray(r_got.experts), np.asarray(r_want.experts))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * np.abs(want).max())
     assert np.abs(np.asarray(want)).max() > 0.1
-    decode_experts("auto")  # one token: 2 copies for 8 experts, under CHOSEN_MAX_COPIES; three tokens: over
+    decode_kernels("auto")  # one token: 2 copies for 8 experts, under CHOSEN_MAX_COPIES; seven tokens: over
+    from dsv2_jax.grouped_matmul import CHOSEN_MAX_COPIES
+    many = jnp.concatenate([x, x, x[:1]])
+    assert 2 <= CHOSEN_MAX_COPIES * c.num_experts < 2 * many.shape[0]
     assert chosen_kernels(decoding, x[:1]) == (2 if jax.default_backend() == "gpu" else 0)
-    assert chosen_kernels(decoding, x) == chosen_kernels(lambda v: moe(v)[0], x[:1]) == 0
-    decode_experts("sorted")
+    assert chosen_kernels(decoding, many) == chosen_kernels(lambda v: moe(v)[0], x[:1]) == 0
+    decode_kernels("sorted")
     assert chosen_kernels(decoding, x[:1]) == 0
-    decode_experts("fused")
+    decode_kernels("fused")
     with pytest.raises(ValueError, match="DSV2_DECODE_EXPERTS must be one of"):
         moe(x, decoding=True)
