@@ -14,9 +14,13 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from .config import ModelConfig
 from .grouped_matmul import matvec_fits, stacked_matvec
@@ -40,6 +44,16 @@ class ProjectionStacks(NamedTuple):
         """The stacks of a stacked (layers-leading) MLA module, or None where they are not in its compute dtype."""
         weights = {n: getattr(attn, n)[...] for n in PROJECTIONS if hasattr(attn, n)}
         return cls(weights) if all(w.dtype == attn.dtype for w in weights.values()) else None
+
+
+class LatentCache(NamedTuple):
+    """One layer of the whole latent cache, for `latent_attention`: the kernel reads layer `layer` of the cache arrays
+    itself (a slice handed to a kernel would be copied whole)."""
+
+    c_kv: jax.Array  # [L, B, T, kv_lora_rank]
+    k_pe: jax.Array  # [L, B, T, rope]
+    layer: jax.Array  # int32: the layer (model order)
+    last: jax.Array  # [B] int32: each row attends to slots [0, last]
 
 
 class MLA(nnx.Module):
@@ -135,20 +149,26 @@ class MLA(nnx.Module):
 
     # ------------------------------------------------------------------ absorbed attention (decode)
     @jax.named_scope("attention_absorbed")
-    def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, stacks: ProjectionStacks | None = None):
+    def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, stacks: ProjectionStacks | None = None,
+                 cache: LatentCache | None = None):
         """The same attention as `expanded`, computed against the latent without expanding keys or values.
 
         W_UK (k_b) is folded into the query: score_nope = (q_nope · W_UK) · c_kvᵀ; W_UV (v_b) is applied after the
         attention-weighted sum of c_kv, then o_proj (by `stacked_matvec` with stacks). Shapes as in `expanded`;
-        returns [B, Sq, D].
+        returns [B, Sq, D]. cache (one query per row, Sq = 1): the attention over the latents runs on the
+        `latent_attention` kernel against that layer of the whole cache; c_kv, k_pe and mask are then unused.
         """
         dt = self.dtype
         q_lat = jnp.einsum("bqhk,chk->bqhc", q_nope, cast(self.k_b_proj, dt))
         q_lat = constrain(q_lat, ("batch", "seq", "heads", "kv_lora"))
-        scores = jnp.einsum("bqhc,bkc->bhqk", q_lat, c_kv, preferred_element_type=jnp.float32)
-        scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=jnp.float32)
-        probs = masked_softmax(scores, mask, self.config.softmax_scale, dt)
-        o_lat = jnp.einsum("bhqk,bkc->bqhc", probs, c_kv)
+        if cache is not None:
+            o_lat = latent_attention(q_lat[:, 0], q_pe[:, 0], *cache, scale=self.config.softmax_scale)
+            o_lat = o_lat.astype(dt)[:, None]
+        else:
+            scores = jnp.einsum("bqhc,bkc->bhqk", q_lat, c_kv, preferred_element_type=jnp.float32)
+            scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=jnp.float32)
+            probs = masked_softmax(scores, mask, self.config.softmax_scale, dt)
+            o_lat = jnp.einsum("bhqk,bkc->bqhc", probs, c_kv)
         o_lat = constrain(o_lat, ("batch", "seq", "heads", "kv_lora"))
         out = jnp.einsum("bqhc,chv->bqhv", o_lat, cast(self.v_b_proj, dt))
         return self._project("bqhv,hvd->bqd", out, "o_proj", stacks)
@@ -174,3 +194,83 @@ def causal_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
     causal = jnp.tril(jnp.ones((S, S), dtype=bool))
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return causal[None] & same
+
+
+# ---------------------------------------------------------------------------------------------- decoding kernel
+LATENT_HEADS = 16  # heads per program: the rows of one tensor-core tile
+
+
+def latent_attention_fits(config: ModelConfig) -> bool:
+    """Whether `latent_attention` takes this model (heads in groups of 16, latent and rope widths multiples of 16)."""
+    c = config
+    return c.num_attention_heads % LATENT_HEADS == 0 and c.kv_lora_rank % 16 == 0 and c.qk_rope_head_dim % 16 == 0
+
+
+def _latent_attention_kernel(layer_ref, last_ref, q_ref, q_pe_ref, c_ref, k_pe_ref, o_ref, m_ref, l_ref, *, scale,
+                             block_t, span):
+    """Program (b, g, s): heads g·16 .. g·16 + 15 of row b over cache slots [s·span, (s+1)·span) ∩ [0, last]:
+    the unnormalised weighted sum of the latents (online softmax) with its running max and denominator."""
+    b, g, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    layer, last = layer_ref[0], last_ref[b]
+    heads = pl.ds(g * LATENT_HEADS, LATENT_HEADS)
+    q, q_pe = q_ref[b, heads, :], q_pe_ref[b, heads, :]
+    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    dot = functools.partial(jax.lax.dot_general, precision=precision, preferred_element_type=jnp.float32)
+    start = s * span
+    blocks = jnp.clip((last + 1 - start + block_t - 1) // block_t, 0, span // block_t)
+
+    def body(i, carry):
+        m, l, acc = carry
+        slots = start + i * block_t
+        c, k_pe = c_ref[layer, b, pl.ds(slots, block_t), :], k_pe_ref[layer, b, pl.ds(slots, block_t), :]
+        scores = dot(q, c, (((1,), (1,)), ((), ()))) + dot(q_pe, k_pe, (((1,), (1,)), ((), ())))  # [16, block_t]
+        seen = (slots + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)) <= last
+        scores = jnp.where(seen, scores * scale, -jnp.inf)
+        m_new = jnp.maximum(m, scores.max(axis=1))
+        p = jnp.exp(scores - m_new[:, None])
+        alpha = jnp.exp(m - m_new)
+        acc = acc * alpha[:, None] + dot(p.astype(c.dtype), c, (((1,), (0,)), ((), ())))
+        return m_new, l * alpha + p.sum(axis=1), acc
+
+    init = (jnp.full((LATENT_HEADS,), -1e30, jnp.float32), jnp.zeros((LATENT_HEADS,), jnp.float32),
+            jnp.zeros((LATENT_HEADS, q.shape[1]), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, blocks, body, init)
+    o_ref[b, s, heads, :] = acc
+    m_ref[b, s, heads] = m
+    l_ref[b, s, heads] = l
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_t", "splits", "num_warps", "num_stages", "interpret"))
+def latent_attention(q_lat, q_pe, c_kv, k_pe, layer, last, *, scale: float, block_t: int = 32, splits: int = 16,
+                     num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
+    """Decoding's attention over the latent cache (the absorbed path's middle, one query per row), in one kernel
+    that reads layer `layer` of the whole cache: softmax(scale · (q_lat · c_kvᵀ + q_pe · k_peᵀ)) · c_kv over the
+    slots [0, last[b]] of each row b.
+
+    q_lat [B, H, C] (the query with W_UK folded in), q_pe [B, H, R]; c_kv [L, B, T, C], k_pe [L, B, T, R]; last [B].
+    Returns [B, H, C] float32. Programs take 16 heads of one row over a span of the cache (flash-decoding: up to
+    `splits` spans, blocks past a row's last slot skipped); XLA combines the spans' partial sums.
+    """
+    B, H, C = q_lat.shape
+    T = c_kv.shape[2]
+    block_t = min(block_t, T)
+    span = max(block_t, T // splits)
+    S = T // span
+    if H % LATENT_HEADS or block_t < 16 or T % block_t or span % block_t:
+        raise ValueError(f"latent_attention: {H} heads (a multiple of {LATENT_HEADS}) and {T} cache slots "
+                         f"(a multiple of blocks of {block_t} >= 16: a tensor-core tile)")
+    f32 = jnp.float32
+    o, m, l = pl.pallas_call(
+        functools.partial(_latent_attention_kernel, scale=scale, block_t=block_t, span=span),
+        out_shape=[jax.ShapeDtypeStruct((B, S, H, C), f32), jax.ShapeDtypeStruct((B, S, H), f32),
+                   jax.ShapeDtypeStruct((B, S, H), f32)],
+        grid=(B, H // LATENT_HEADS, S),
+        in_specs=[pl.no_block_spec] * 6,
+        out_specs=[pl.no_block_spec] * 3,
+        name="latent_attention",
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
+    )(jnp.asarray(layer, jnp.int32).reshape(1), last.astype(jnp.int32), q_lat, q_pe, c_kv, k_pe)
+    weight = jnp.exp(m - m.max(axis=1, keepdims=True))  # [B, S, H]: each span's share
+    total = (weight * l).sum(axis=1)
+    return (o * weight[..., None]).sum(axis=1) / total[..., None]

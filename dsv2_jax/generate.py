@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from .attention import ProjectionStacks
+from .attention import LatentCache, ProjectionStacks, latent_attention_fits
 from .config import ModelConfig
 from .grouped_matmul import use_stacked_matvec
 from .model import layer_runs, split_layers
@@ -83,7 +83,8 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
     latent into the cache and attends over it. decoding: the MoE layers may take their decoding kernels
     (MoE.__call__), which read each layer's experts out of the whole stacks; on one device with few tokens
     (grouped_matmul.use_stacked_matvec) the attention projections and routers run on `stacked_matvec` the same
-    way (`projections`: the layer's ProjectionStacks, else None).
+    way (`projections`: the layer's ProjectionStacks, else None), and decoding's attention over the latents on
+    `attention.latent_attention`.
     """
     B, S = x.shape[:2]
     matvec = decoding and current_mesh() is None and use_stacked_matvec(B * S)
@@ -169,6 +170,9 @@ def decode_forward(model, cache: KVCache, tokens):
         c_kv, k_pe = attn.latent(h, cos, sin, projections)
         c_kv_all = c_kv_all.at[li, rows, pos].set(c_kv[:, 0].astype(c_kv_all.dtype))
         k_pe_all = k_pe_all.at[li, rows, pos].set(k_pe[:, 0].astype(k_pe_all.dtype))
+        if projections is not None and latent_attention_fits(model.config) and c_kv_all.dtype == attn.dtype:
+            cache = LatentCache(c_kv_all, k_pe_all, li, pos)  # the kernel reads the layer out of the whole cache
+            return attn.absorbed(q_nope, q_pe, None, None, None, projections, cache), c_kv_all, k_pe_all
         keys_c = _layer_slice(c_kv_all, li).astype(attn.dtype)
         keys_pe = _layer_slice(k_pe_all, li).astype(attn.dtype)
         return attn.absorbed(q_nope, q_pe, keys_c, keys_pe, mask, projections), c_kv_all, k_pe_all

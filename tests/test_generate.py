@@ -33,7 +33,16 @@ def random_prompts(vocab, lengths=PROMPT_LENGTHS, seed=0):
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny preset with weights large enough that every part matters (fp32)."""
-    config = ModelConfig.from_preset("tiny")
+    return random_fp32_model(ModelConfig.from_preset("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny16():
+    """The tiny preset with 16 heads (decoding's latent_attention kernel takes heads in groups of 16)."""
+    return random_fp32_model(ModelConfig.from_preset("tiny").replace(num_attention_heads=16, num_key_value_heads=16))
+
+
+def random_fp32_model(config):
     graphdef, state = nnx.split(dsv2_jax.abstract_model(config))
     rng = np.random.default_rng(0)
     for _, var in nnx.to_flat_state(state):  # numpy draws: no compile, no op-by-op initialisation
@@ -159,20 +168,52 @@ def test_projections_on_stacked_matvec(q_lora_rank, decode_kernels):
     assert np.abs(np.asarray(want[-1])).max() > 0.1
 
 
-@pytest.mark.parametrize("experts,projections", [("sorted", "xla"), ("sorted", "pallas"), ("chosen", "pallas")])
-def test_decode_steps_equal_full_forward(tiny, experts, projections, decode_kernels):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_latent_attention_matches_reference(dtype):
+    """latent_attention (decoding's attention over the latent cache; interpreted off GPU) against a float64 softmax
+    per row over its slots [0, last] of the chosen layer: two groups of 16 heads, rows ending in different spans of
+    the cache (one inside the first block), float32 within 1e-6, bf16 (probabilities rounded to bf16 before the
+    weighted sum, as the XLA path rounds them) within 1e-2 of the largest entry."""
+    from dsv2_jax.attention import latent_attention
+
+    rng = np.random.default_rng(14)
+    L, B, T, H, C, R = 3, 3, 128, 32, 64, 16
+    c_kv, k_pe = (jnp.asarray(rng.normal(size=(L, B, T, n)), dtype) for n in (C, R))
+    q_lat, q_pe = (jnp.asarray(rng.normal(size=(B, H, n)) / 4, dtype) for n in (C, R))
+    last = np.array([77, 3, 127])
+    got = np.asarray(latent_attention(q_lat, q_pe, c_kv, k_pe, jnp.int32(1), jnp.asarray(last), scale=0.3,
+                                      block_t=16, splits=4))
+    f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    for b in range(B):
+        keys = slice(0, last[b] + 1)
+        scores = 0.3 * (f(q_lat[b]) @ f(c_kv[1, b, keys]).T + f(q_pe[b]) @ f(k_pe[1, b, keys]).T)
+        p = np.exp(scores - scores.max(axis=1, keepdims=True))
+        want = (p / p.sum(axis=1, keepdims=True)) @ f(c_kv[1, b, keys])
+        tol = 1e-6 if dtype == "float32" else 1e-2
+        np.testing.assert_allclose(got[b], want, rtol=0, atol=tol * np.abs(want).max())
+    with pytest.raises(ValueError, match="multiple of 16"):
+        latent_attention(q_lat[:, :8], q_pe[:, :8], c_kv, k_pe, 0, jnp.asarray(last), scale=0.3)
+    with pytest.raises(ValueError, match="tensor-core tile"):
+        latent_attention(q_lat, q_pe, c_kv, k_pe, 0, jnp.asarray(last), scale=0.3, block_t=8)
+
+
+@pytest.mark.parametrize("model,experts,projections", [("tiny", "sorted", "xla"), ("tiny", "sorted", "pallas"),
+                                                       ("tiny", "chosen", "pallas"), ("tiny16", "chosen", "pallas")])
+def test_decode_steps_equal_full_forward(model, experts, projections, decode_kernels, request):
     """Prefill, then absorbed decode steps of chosen tokens: logits equal the full (expanded) forward pass, with the
     decoding step's experts on the sorted grouped path or the chosen-experts kernels, and its attention projections
-    on XLA or on stacked_matvec (kernels interpreted off GPU)."""
+    on XLA or on stacked_matvec, its attention over the latents (16 heads) on latent_attention (kernels interpreted
+    off GPU)."""
+    tiny = request.getfixturevalue(model)
     decode_kernels(experts, projections)
     prompts = random_prompts(256, (6, 3))
     extra = [[7, 100, 42], [250, 1, 9]]
     full = full_forward_logits(tiny, [p + e for p, e in zip(prompts, extra)])  # causal: padding is harmless
     cache = dsv2_jax.init_cache(tiny.config, 2, 16, dtype=jnp.float32)
     cache, logits = gen.prefill(tiny, cache, prompts, chunk_size=4)
-    kernels = pallas_calls(lambda c, t: gen.decode_forward(tiny, c, t)[1], cache, jnp.array([7, 250]),
-                           prefix="stacked_matvec")
-    assert kernels == (8 if projections == "pallas" else 0)  # two layer scans, four projections each
+    for name, each in (("stacked_matvec", 4), ("latent_attention", 1 if model == "tiny16" else 0)):
+        kernels = pallas_calls(lambda c, t: gen.decode_forward(tiny, c, t)[1], cache, jnp.array([7, 250]), prefix=name)
+        assert kernels == (2 * each if projections == "pallas" else 0), name  # two layer scans
     for step in range(3):
         for row in range(2):
             want = full[row, len(prompts[row]) + step - 1]
