@@ -11,10 +11,9 @@ the weighted sum, so keys and values are never expanded.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
-
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -371,13 +371,11 @@ def test_moe_router_on_stacked_matvec(decode_kernels):
     moe.router[...] = moe.router[...] * 20
     x = jnp.asarray(np.random.default_rng(13).normal(size=(2, 1, c.hidden_size)), jnp.float32)
     decode_kernels("chosen", "pallas")
+    two_layers = lambda p: jnp.stack([-p[...], p[...]])  # noqa: E731  (layer 1 is the module's)
     s = moe.shared_experts
-    stacks = ExpertStacks(*(p[...][None] for p in (moe.gate_proj, moe.up_proj, moe.down_proj)),
-                          tuple(p[...][None] for p in (s.gate_proj, s.up_proj, s.down_proj)),
-                          jnp.int32(1), router=jnp.stack([-moe.router[...], moe.router[...]]))
-    stacks = stacks._replace(gate=jnp.concatenate([stacks.gate] * 2), up=jnp.concatenate([stacks.up] * 2),
-                             down=jnp.concatenate([stacks.down] * 2),
-                             shared=tuple(jnp.concatenate([a] * 2) for a in stacks.shared))
+    stacks = ExpertStacks(*map(two_layers, (moe.gate_proj, moe.up_proj, moe.down_proj)),
+                          tuple(map(two_layers, (s.gate_proj, s.up_proj, s.down_proj))), jnp.int32(1),
+                          router=two_layers(moe.router))
     with jax.default_matmul_precision("highest"):
         want, r_want = moe(x, decoding=True)
         got, r_got = moe(x, decoding=True, stacks=stacks)
