@@ -199,10 +199,12 @@ def causal_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
 LATENT_HEADS = 16  # heads per program: the rows of one tensor-core tile
 
 
-def latent_attention_fits(config: ModelConfig) -> bool:
-    """Whether `latent_attention` takes this model (heads in groups of 16, latent and rope widths multiples of 16)."""
+def latent_attention_fits(config: ModelConfig, slots: int) -> bool:
+    """Whether `latent_attention` takes this model and a cache of `slots` slots (heads in groups of 16; latent and
+    rope widths and the slots multiples of 16)."""
     c = config
-    return c.num_attention_heads % LATENT_HEADS == 0 and c.kv_lora_rank % 16 == 0 and c.qk_rope_head_dim % 16 == 0
+    return (c.num_attention_heads % LATENT_HEADS == 0 and c.kv_lora_rank % 16 == 0 and c.qk_rope_head_dim % 16 == 0
+            and slots % 16 == 0)
 
 
 def _latent_attention_kernel(layer_ref, last_ref, q_ref, q_pe_ref, c_ref, k_pe_ref, o_ref, m_ref, l_ref, *, scale,
@@ -252,12 +254,13 @@ def latent_attention(q_lat, q_pe, c_kv, k_pe, layer, last, *, scale: float, bloc
     """
     B, H, C = q_lat.shape
     T = c_kv.shape[2]
-    block_t = min(block_t, T)
-    span = max(block_t, T // splits)
-    S = T // span
-    if H % LATENT_HEADS or block_t < 16 or T % block_t or span % block_t:
+    while block_t > 16 and T % block_t:
+        block_t //= 2
+    if H % LATENT_HEADS or block_t < 16 or T % block_t:
         raise ValueError(f"latent_attention: {H} heads (a multiple of {LATENT_HEADS}) and {T} cache slots "
                          f"(a multiple of blocks of {block_t} >= 16: a tensor-core tile)")
+    per_span = -(-(T // block_t) // splits)  # blocks per span; the last span may be shorter
+    span, S = per_span * block_t, -(-(T // block_t) // per_span)
     f32 = jnp.float32
     o, m, l = pl.pallas_call(
         functools.partial(_latent_attention_kernel, scale=scale, block_t=block_t, span=span),

@@ -170,7 +170,8 @@ def decode_forward(model, cache: KVCache, tokens):
         c_kv, k_pe = attn.latent(h, cos, sin, projections)
         c_kv_all = c_kv_all.at[li, rows, pos].set(c_kv[:, 0].astype(c_kv_all.dtype))
         k_pe_all = k_pe_all.at[li, rows, pos].set(k_pe[:, 0].astype(k_pe_all.dtype))
-        if projections is not None and latent_attention_fits(model.config) and c_kv_all.dtype == attn.dtype:
+        if (projections is not None and latent_attention_fits(model.config, T)
+                and c_kv_all.dtype == attn.dtype):
             cache = LatentCache(c_kv_all, k_pe_all, li, pos)  # the kernel reads the layer out of the whole cache
             return attn.absorbed(q_nope, q_pe, None, None, None, projections, cache), c_kv_all, k_pe_all
         keys_c = _layer_slice(c_kv_all, li).astype(attn.dtype)

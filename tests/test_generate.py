@@ -172,29 +172,33 @@ def test_projections_on_stacked_matvec(q_lora_rank, decode_kernels):
 def test_latent_attention_matches_reference(dtype):
     """latent_attention (decoding's attention over the latent cache; interpreted off GPU) against a float64 softmax
     per row over its slots [0, last] of the chosen layer: two groups of 16 heads, rows ending in different spans of
-    the cache (one inside the first block), float32 within 1e-6, bf16 (probabilities rounded to bf16 before the
-    weighted sum, as the XLA path rounds them) within 1e-2 of the largest entry."""
-    from dsv2_jax.attention import latent_attention
+    the cache (one inside the first block), a cache whose last span is shorter; float32 within 1e-6, bf16
+    (probabilities rounded to bf16 before the weighted sum, as the XLA path rounds them) within 1e-2 of the largest
+    entry. Shapes it cannot take are errors, and decoding keeps XLA's attention for them."""
+    from dsv2_jax.attention import latent_attention, latent_attention_fits
 
     rng = np.random.default_rng(14)
-    L, B, T, H, C, R = 3, 3, 128, 32, 64, 16
-    c_kv, k_pe = (jnp.asarray(rng.normal(size=(L, B, T, n)), dtype) for n in (C, R))
+    L, B, H, C, R = 3, 3, 32, 64, 16
     q_lat, q_pe = (jnp.asarray(rng.normal(size=(B, H, n)) / 4, dtype) for n in (C, R))
-    last = np.array([77, 3, 127])
-    got = np.asarray(latent_attention(q_lat, q_pe, c_kv, k_pe, jnp.int32(1), jnp.asarray(last), scale=0.3,
-                                      block_t=16, splits=4))
     f = lambda a: np.asarray(a, np.float64)  # noqa: E731
-    for b in range(B):
-        keys = slice(0, last[b] + 1)
-        scores = 0.3 * (f(q_lat[b]) @ f(c_kv[1, b, keys]).T + f(q_pe[b]) @ f(k_pe[1, b, keys]).T)
-        p = np.exp(scores - scores.max(axis=1, keepdims=True))
-        want = (p / p.sum(axis=1, keepdims=True)) @ f(c_kv[1, b, keys])
-        tol = 1e-6 if dtype == "float32" else 1e-2
-        np.testing.assert_allclose(got[b], want, rtol=0, atol=tol * np.abs(want).max())
+    for T, splits, last in ((128, 4, [77, 3, 127]), (80, 2, [79, 50, 15])):  # 80: spans of 3 and 2 blocks of 16
+        c_kv, k_pe = (jnp.asarray(rng.normal(size=(L, B, T, n)), dtype) for n in (C, R))
+        got = np.asarray(latent_attention(q_lat, q_pe, c_kv, k_pe, jnp.int32(1), jnp.asarray(last), scale=0.3,
+                                          block_t=16, splits=splits))
+        for b in range(B):
+            keys = slice(0, last[b] + 1)
+            scores = 0.3 * (f(q_lat[b]) @ f(c_kv[1, b, keys]).T + f(q_pe[b]) @ f(k_pe[1, b, keys]).T)
+            p = np.exp(scores - scores.max(axis=1, keepdims=True))
+            want = (p / p.sum(axis=1, keepdims=True)) @ f(c_kv[1, b, keys])
+            tol = 1e-6 if dtype == "float32" else 1e-2
+            np.testing.assert_allclose(got[b], want, rtol=0, atol=tol * np.abs(want).max(), err_msg=f"T={T}")
     with pytest.raises(ValueError, match="multiple of 16"):
         latent_attention(q_lat[:, :8], q_pe[:, :8], c_kv, k_pe, 0, jnp.asarray(last), scale=0.3)
     with pytest.raises(ValueError, match="tensor-core tile"):
         latent_attention(q_lat, q_pe, c_kv, k_pe, 0, jnp.asarray(last), scale=0.3, block_t=8)
+    config = ModelConfig.from_preset("deepseek-v2-lite")
+    assert latent_attention_fits(config, 1024) and not latent_attention_fits(config, 40)
+    assert not latent_attention_fits(ModelConfig.from_preset("tiny"), 1024)  # 4 heads
 
 
 @pytest.mark.parametrize("model,experts,projections", [("tiny", "sorted", "xla"), ("tiny", "sorted", "pallas"),
