@@ -33,7 +33,8 @@ from .grouped_matmul import use_stacked_matvec
 from .model import layer_runs, split_layers
 from .moe import ExpertStacks
 from .rope import rope_cos_sin
-from .sharding import activation_mesh, batch_axes, constrain, current_mesh, logical_to_spec, param_sharding
+from .sharding import (activation_mesh, batch_axes, constrain, current_mesh, logical_to_spec, mesh_size,
+                       param_sharding)
 
 
 class KVCache(NamedTuple):
@@ -285,7 +286,7 @@ def batch_shards(mesh) -> int:
     """How many ways the batch axis is split on `mesh` (1 without a mesh)."""
     if mesh is None:
         return 1
-    return math.prod(mesh.shape[a] for a in batch_axes())
+    return mesh_size(mesh, batch_axes())
 
 
 def _split(model, mesh):

@@ -272,7 +272,7 @@ def expert_parallel(config: ModelConfig, mesh, x, router, gate, up, down, capaci
     if expert_axis not in token_axes:
         raise ValueError(f"sharding.RULES: expert parallelism needs the batch split over the expert axis "
                          f"{expert_axis!r}, but 'batch' maps to {token_axes}")
-    n_tokens = math.prod(mesh.shape[a] for a in token_axes)
+    n_tokens = sharding.mesh_size(mesh, token_axes)
     n_ep = mesh.shape[expert_axis]
     T = x.shape[0]
     pad = -T % n_tokens

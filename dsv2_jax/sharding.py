@@ -108,7 +108,7 @@ def check_config(config, mesh: Mesh) -> None:
                            "mlp"))
     for field, value, logical in checks:
         axes = spec_axes(logical_to_spec((logical,))[0])
-        size = math.prod(mesh.shape[a] for a in axes)
+        size = mesh_size(mesh, axes)
         if value % size:
             raise ValueError(f"{field}={value} is not divisible by the mesh's {' x '.join(axes)} axis "
                              f"size {size} ({logical!r} is split over {axes}); pick mesh sizes that divide it")
@@ -133,6 +133,11 @@ def logical_to_spec(axes: tuple, rules: dict | None = None) -> PartitionSpec:
 def spec_axes(entry) -> tuple[str, ...]:
     """The mesh axes of one PartitionSpec entry."""
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def mesh_size(mesh: Mesh, entry) -> int:
+    """How many devices the mesh axes of one PartitionSpec entry (None, an axis name or a tuple of them) span."""
+    return math.prod(mesh.shape[a] for a in spec_axes(entry))
 
 
 def batch_axes() -> tuple[str, ...]:
@@ -164,7 +169,7 @@ def parse_mesh(spec: str) -> dict:
 def _check_divisible(shape, spec: PartitionSpec, mesh: Mesh, what: str) -> None:
     for dim, (size, entry) in enumerate(zip(shape, spec)):
         axes = spec_axes(entry)
-        n = math.prod(mesh.shape[a] for a in axes)
+        n = mesh_size(mesh, axes)
         if size % n:
             raise ValueError(f"{what}: dimension {dim} of shape {tuple(shape)} (size {size}) is split over mesh "
                              f"axes {axes} of size {n}, which does not divide it; pick mesh sizes that divide it")
@@ -255,7 +260,7 @@ def per_shard(fn, in_axes: tuple, out_axes):
     mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=logical_to_spec(out_axes), check_vma=False)
 
     def run(*args):
-        even = all(size % math.prod(mesh.shape[a] for a in spec_axes(entry)) == 0
+        even = all(size % mesh_size(mesh, entry) == 0
                    for x, spec in zip(args, in_specs) for size, entry in zip(x.shape, spec))
         return mapped(*args) if even else fn(*args)
 
