@@ -133,7 +133,7 @@ def test_absorbed_attention_equals_expanded():
 
 
 @pytest.mark.parametrize("q_lora_rank", [64, None])
-def test_projections_on_stacked_matvec(q_lora_rank, decode_kernels):
+def test_projections_on_stacked_matvec(q_lora_rank):
     """MLA's query, latent and absorbed attention with ProjectionStacks (decoding's stacked_matvec reading layer 1 of
     the stacks; interpreted off GPU) equal the module's own products (float32, 1e-5 relative), with the low-rank
     query path (V2) and the plain q_proj (V2-Lite)."""
@@ -157,7 +157,6 @@ def test_projections_on_stacked_matvec(q_lora_rank, decode_kernels):
         c_all, k_all = jnp.concatenate([c_old, c_kv], 1), jnp.concatenate([k_old, k_pe], 1)
         return q_nope, q_pe, c_kv, k_pe, attn.absorbed(q_nope, q_pe, c_all, k_all, mask, s)
 
-    decode_kernels("auto", "pallas")
     with jax.default_matmul_precision("highest"):
         want, got = run(None), run(stacks)
     kernels = pallas_calls(lambda v: run(stacks)[-1] + v, 0.0, prefix="stacked_matvec")
