@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .config import ModelConfig
-from .grouped_matmul import matvec_fits, stacked_matvec
+from .grouped_matmul import TILE, dot_precision, interpreted, stacked_matvec, tiles_fit
 from .layers import cast, kernel_backend, param, rms_norm
 from .rope import apply_rope
 from .sharding import constrain, per_shard
@@ -86,7 +86,7 @@ class MLA(nnx.Module):
         w_spec, out_spec = spec.split(",")[1].split("->")
         n = sum(ch not in out_spec for ch in w_spec)
         rows, cols = math.prod(w.shape[:n]), math.prod(w.shape[n:])
-        if stacks is None or not matvec_fits(rows, cols):
+        if stacks is None or not tiles_fit(rows, cols):
             return jnp.einsum(spec, x, cast(w, self.dtype))
         stack = stacks.weights[name]
         y = stacked_matvec(x.reshape(-1, rows), stack.reshape(stack.shape[0], rows, cols), stacks.layer)
@@ -196,15 +196,14 @@ def causal_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- decoding kernel
-LATENT_HEADS = 16  # heads per program: the rows of one tensor-core tile
+LATENT_HEADS = TILE  # heads per program: the rows of one tensor-core tile
 
 
 def latent_attention_fits(config: ModelConfig, slots: int) -> bool:
     """Whether `latent_attention` takes this model and a cache of `slots` slots (heads in groups of 16; latent and
     rope widths and the slots multiples of 16)."""
     c = config
-    return (c.num_attention_heads % LATENT_HEADS == 0 and c.kv_lora_rank % 16 == 0 and c.qk_rope_head_dim % 16 == 0
-            and slots % 16 == 0)
+    return c.num_attention_heads % LATENT_HEADS == 0 and tiles_fit(c.kv_lora_rank, c.qk_rope_head_dim, slots)
 
 
 def _latent_attention_kernel(layer_ref, last_ref, q_ref, q_pe_ref, c_ref, k_pe_ref, o_ref, m_ref, l_ref, *, scale,
@@ -215,8 +214,7 @@ def _latent_attention_kernel(layer_ref, last_ref, q_ref, q_pe_ref, c_ref, k_pe_r
     layer, last = layer_ref[0], last_ref[b]
     heads = pl.ds(g * LATENT_HEADS, LATENT_HEADS)
     q, q_pe = q_ref[b, heads, :], q_pe_ref[b, heads, :]
-    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    dot = functools.partial(jax.lax.dot_general, precision=precision, preferred_element_type=jnp.float32)
+    dot = functools.partial(jax.lax.dot_general, precision=dot_precision(q.dtype), preferred_element_type=jnp.float32)
     start = s * span
     blocks = jnp.clip((last + 1 - start + block_t - 1) // block_t, 0, span // block_t)
 
@@ -254,9 +252,9 @@ def latent_attention(q_lat, q_pe, c_kv, k_pe, layer, last, *, scale: float, bloc
     """
     B, H, C = q_lat.shape
     T = c_kv.shape[2]
-    while block_t > 16 and T % block_t:
+    while block_t > TILE and T % block_t:
         block_t //= 2
-    if H % LATENT_HEADS or block_t < 16 or T % block_t:
+    if H % LATENT_HEADS or block_t < TILE or T % block_t:
         raise ValueError(f"latent_attention: {H} heads (a multiple of {LATENT_HEADS}) and {T} cache slots "
                          f"(a multiple of blocks of {block_t} >= 16: a tensor-core tile)")
     per_span = -(-(T // block_t) // splits)  # blocks per span; the last span may be shorter
@@ -271,7 +269,7 @@ def latent_attention(q_lat, q_pe, c_kv, k_pe, layer, last, *, scale: float, bloc
         out_specs=[pl.no_block_spec] * 3,
         name="latent_attention",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
+        interpret=interpreted(interpret),
     )(jnp.asarray(layer, jnp.int32).reshape(1), last.astype(jnp.int32), q_lat, q_pe, c_kv, k_pe)
     weight = jnp.exp(m - m.max(axis=1, keepdims=True))  # [B, S, H]: each span's share
     total = (weight * l).sum(axis=1)

@@ -227,9 +227,15 @@ def weight_gradient(x, dy, group_sizes, *, block_k: int = 128, block_n: int = 12
     )(bounds, x, dy.astype(x.dtype))
 
 
+def interpreted(interpret: bool | None = None) -> bool:
+    """Where a Pallas kernel runs: `interpret` when given, else compiled on GPU and in Pallas's interpreter elsewhere
+    (tests)."""
+    return jax.default_backend() != "gpu" if interpret is None else interpret
+
+
 def _kernel_args(tiles: dict) -> dict:
-    """Tiles plus where the kernel runs: compiled on GPU, in Pallas's interpreter elsewhere (tests)."""
-    return dict(tiles, interpret=jax.default_backend() != "gpu")
+    """Tiles plus where the kernel runs (`interpreted`)."""
+    return dict(tiles, interpret=interpreted())
 
 
 def _forward_tiles(M: int) -> dict:
@@ -312,6 +318,7 @@ _tokamax_pallas_grouped_matmul = _with_vjp(_tokamax_product, _pallas_product)  #
 # ---------------------------------------------------------------------------------------------------------------
 # Decoding: the chosen experts of a few tokens, read straight from the expert stacks (Pallas, Triton lowering)
 
+TILE = 16  # the rows, and the smallest width, of a tensor-core tile in the decoding kernels
 DECODE_TILES = dict(block_k=128, block_n=64, num_warps=4, num_stages=3)
 DECODE_BACKENDS = ("auto", "chosen", "sorted")
 CHOSEN_MAX_COPIES = 1.5  # auto takes the chosen-experts kernels up to this many (token, expert) copies per expert
@@ -320,6 +327,16 @@ CHOSEN_MAX_COPIES = 1.5  # auto takes the chosen-experts kernels up to this many
 @functools.cache
 def _decode_backend() -> str:
     return _env_choice("DSV2_DECODE_EXPERTS", DECODE_BACKENDS)
+
+
+def tiles_fit(*widths: int) -> bool:
+    """Whether every width is a whole number of TILE-wide tiles, as the decoding kernels need."""
+    return all(w % TILE == 0 for w in widths)
+
+
+def dot_precision(dtype):
+    """A decoding kernel's dot precision for operands of `dtype`: float32 exact (Triton would use TF32)."""
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
 def use_chosen_experts(copies: int, num_experts: int, hidden: int, width: int) -> bool:
@@ -333,7 +350,7 @@ def use_chosen_experts(copies: int, num_experts: int, hidden: int, width: int) -
     choice = _decode_backend()
     if choice == "sorted":
         return False
-    if hidden % 16 or width % 16:
+    if not tiles_fit(hidden, width):
         if choice == "chosen":
             raise ValueError(f"DSV2_DECODE_EXPERTS=chosen: hidden {hidden} and expert width {width} must be "
                              "multiples of 16")
@@ -342,11 +359,11 @@ def use_chosen_experts(copies: int, num_experts: int, hidden: int, width: int) -
 
 
 def _decode_block(block: int, *dims: int) -> int:
-    """The largest power of two <= block dividing every dim (the kernels' tiles); at least 16."""
-    while block > 16 and any(d % block for d in dims):
+    """The largest power of two <= block dividing every dim (the kernels' tiles); at least TILE."""
+    while block > TILE and any(d % block for d in dims):
         block //= 2
     if any(d % block for d in dims):
-        raise ValueError(f"decoding kernels: widths {dims} must be multiples of 16")
+        raise ValueError(f"decoding kernels: widths {dims} must be multiples of {TILE}")
     return block
 
 
@@ -360,12 +377,11 @@ def _matvecs(x_of, w_ofs, length: int, block_k: int, block_n: int):
     def body(i, accs):
         ks = pl.ds(i * block_k, block_k)
         x = x_of(ks)
-        rows = jnp.broadcast_to(x[None, :], (16, block_k))
-        precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-        return tuple(acc + jnp.dot(rows, w_of(ks).astype(x.dtype), precision=precision,
+        rows = jnp.broadcast_to(x[None, :], (TILE, block_k))
+        return tuple(acc + jnp.dot(rows, w_of(ks).astype(x.dtype), precision=dot_precision(x.dtype),
                                    preferred_element_type=jnp.float32) for acc, w_of in zip(accs, w_ofs))
 
-    zeros = tuple(jnp.zeros((16, block_n), jnp.float32) for _ in w_ofs)
+    zeros = tuple(jnp.zeros((TILE, block_n), jnp.float32) for _ in w_ofs)
     return tuple(acc.max(axis=0) for acc in jax.lax.fori_loop(0, length // block_k, body, zeros))
 
 
@@ -447,7 +463,7 @@ def chosen_experts_mlp(x, experts, gate, up, down, shared=None, layer=None, *,
     shared = () if shared is None else tuple(shared)
     statics = dict(num_routed=K, width=I, block_k=block_k, block_n=block_n)
     params = dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-                  interpret=jax.default_backend() != "gpu" if interpret is None else interpret)
+                  interpret=interpreted(interpret))
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     experts = experts.astype(jnp.int32)
     h = pl.pallas_call(
@@ -473,7 +489,7 @@ def chosen_experts_mlp(x, experts, gate, up, down, shared=None, layer=None, *,
 # The dense projections of a decoding step: a few tokens times one layer of a stacked weight (Pallas, Triton)
 
 MATVEC_TILES = dict(block_k=128, block_n=64, num_warps=4, num_stages=3, programs=256)
-MATVEC_MAX_TOKENS = 16  # the rows of one tensor-core tile
+MATVEC_MAX_TOKENS = TILE  # the token rows of one tensor-core tile
 MATVEC_BACKENDS = ("auto", "pallas", "xla")
 
 
@@ -482,16 +498,11 @@ def _matvec_backend() -> str:
     return _env_choice("DSV2_DECODE_PROJECTIONS", MATVEC_BACKENDS)
 
 
-def matvec_fits(rows: int, cols: int) -> bool:
-    """Whether `stacked_matvec` takes a [rows, cols] weight (its tiles need multiples of 16)."""
-    return rows % 16 == 0 and cols % 16 == 0
-
-
 def use_stacked_matvec(tokens: int) -> bool:
     """Whether a decoding step of `tokens` tokens runs its attention projections and router on `stacked_matvec`.
 
     DSV2_DECODE_PROJECTIONS=auto (on GPU, up to MATVEC_MAX_TOKENS tokens) | pallas (forced; in the interpreter off
-    GPU) | xla (XLA's products on the layer's slices). Weights that do not fit (`matvec_fits`) stay on XLA.
+    GPU) | xla (XLA's products on the layer's slices). Weights whose widths do not fit (`tiles_fit`) stay on XLA.
     """
     choice = _matvec_backend()
     if choice == "pallas" and tokens > MATVEC_MAX_TOKENS:
@@ -504,12 +515,11 @@ def _stacked_matvec_kernel(layer_ref, x_ref, w_ref, o_ref, *, rows, block_k, blo
     """Program (n, s): columns n of x · w[layer] over the contraction rows [s·rows, (s+1)·rows), float32."""
     n, s = pl.program_id(0), pl.program_id(1)
     layer, ns = layer_ref[0], pl.ds(n * block_n, block_n)
-    precision = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
 
     def body(i, acc):
         ks = pl.ds(s * rows + i * block_k, block_k)
-        return acc + jnp.dot(x_ref[:, ks], w_ref[layer, ks, ns].astype(x_ref.dtype), precision=precision,
-                             preferred_element_type=jnp.float32)
+        return acc + jnp.dot(x_ref[:, ks], w_ref[layer, ks, ns].astype(x_ref.dtype),
+                             precision=dot_precision(x_ref.dtype), preferred_element_type=jnp.float32)
 
     o_ref[s, :, ns] = jax.lax.fori_loop(0, rows // block_k, body, jnp.zeros(o_ref.shape[1:2] + (block_n,),
                                                                              jnp.float32))
@@ -547,6 +557,6 @@ def stacked_matvec(x, w, layer=None, *, block_k: int = MATVEC_TILES["block_k"],
         out_specs=pl.no_block_spec,
         name="stacked_matvec",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
+        interpret=interpreted(interpret),
     )(jnp.asarray(layer, jnp.int32).reshape(1), x, w)
     return out.sum(axis=0)[:T]

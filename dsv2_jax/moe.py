@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import sharding
 from .config import ModelConfig
-from .grouped_matmul import chosen_experts_mlp, grouped_matmul, matvec_fits, stacked_matvec, use_chosen_experts
+from .grouped_matmul import chosen_experts_mlp, grouped_matmul, stacked_matvec, tiles_fit, use_chosen_experts
 from .layers import MLP, cast, param
 from .sharding import constrain
 
@@ -345,7 +345,7 @@ class MoE(nnx.Module):
         c = self.config
         if (decoding and mesh is None and capacity_factor is None and
                 use_chosen_experts(B * S * c.num_experts_per_tok, c.num_experts, D, c.moe_intermediate_size)):
-            if stacks is not None and stacks.router is not None and matvec_fits(D, c.num_experts):  # fp32 logits
+            if stacks is not None and stacks.router is not None and tiles_fit(D, c.num_experts):  # fp32 logits
                 logits = stacked_matvec(xt.astype(jnp.float32), stacks.router, stacks.layer,
                                         block_n=ROUTER_BLOCK_N)
                 r = route(c, logits)
