@@ -96,10 +96,12 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
         experts = ExpertStacks.of(stack.mlp, router=matvec) if decoding and kind == "moe" else None
         projections = ProjectionStacks.of(stack.attn) if matvec else None
 
-        def body(carry, xs, graphdef=graphdef, experts=experts, projections=projections):
+        def body(i, carry, graphdef=graphdef, state=state, experts=experts, projections=projections, first=first,
+                 start=start):
             h, c_kv, k_pe = carry
-            layer_state, li, stack_index = xs
-            layer = nnx.merge(graphdef, layer_state)
+            # the layer indices come from the loop counter: scanning over index arrays would slice them (copies)
+            li, stack_index = first + i, start + i
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
             here = None if projections is None else projections._replace(layer=stack_index)
             a, c_kv, k_pe = attend(layer.attn, layer.input_norm(h), li, c_kv, k_pe, here)
             h = h + a
@@ -110,11 +112,9 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
             else:
                 y = layer.mlp(h_norm)
             h = constrain(h + y, ("batch", "seq", "embed"))
-            return (h, constrain(c_kv, CACHE_AXES.c_kv), constrain(k_pe, CACHE_AXES.k_pe)), None
+            return h, constrain(c_kv, CACHE_AXES.c_kv), constrain(k_pe, CACHE_AXES.k_pe)
 
-        layer_index = first + jnp.arange(count, dtype=jnp.int32)
-        stack_index = start + jnp.arange(count, dtype=jnp.int32)
-        (x, c_kv, k_pe), _ = jax.lax.scan(body, (x, c_kv, k_pe), (state, layer_index, stack_index))
+        x, c_kv, k_pe = jax.lax.fori_loop(0, count, body, (x, c_kv, k_pe))
         first += count
     return x, c_kv, k_pe
 
@@ -157,20 +157,27 @@ def prefill_chunk_forward(model, cache: KVCache, tokens, start, prompt_lens, las
     return KVCache(c_kv, k_pe, lengths), last_logits
 
 
+def _write_slot(cache, li, pos, new):
+    """cache [L, B, T, n] with new [B, 1, n] written at layer li, slot pos[b] of each row b. In bounds: generate
+    sizes the cache for every token it feeds (XLA then skips the bounds checks; one row is one in-place update)."""
+    new = new[:, 0].astype(cache.dtype)
+    if cache.shape[1] == 1:
+        return jax.lax.dynamic_update_slice(cache, new[None, :, None], (li, 0, pos[0], 0))
+    return cache.at[li, jnp.arange(cache.shape[1]), pos].set(new, mode="promise_in_bounds")
+
+
 def decode_forward(model, cache: KVCache, tokens):
-    """Absorbed-path forward of one new token per row (tokens [B]) at slot cache.lengths: (cache, logits [B, V])."""
-    B = tokens.shape[0]
+    """Absorbed-path forward of one new token per row (tokens [B]) at slot cache.lengths: (cache, logits [B, V]).
+    Every row needs room for the token (cache.lengths < max_len, as `generate` sizes the cache)."""
     T = cache.c_kv.shape[2]
     pos = cache.lengths
-    rows = jnp.arange(B)
     cos, sin = rope_cos_sin(model.config, pos[:, None])
     mask = jnp.arange(T)[None, None, :] <= pos[:, None, None]  # [B, 1, T]: the row's tokens and the new one
 
     def attend(attn, h, li, c_kv_all, k_pe_all, projections):
         q_nope, q_pe = attn.query(h, cos, sin, projections)
         c_kv, k_pe = attn.latent(h, cos, sin, projections)
-        c_kv_all = c_kv_all.at[li, rows, pos].set(c_kv[:, 0].astype(c_kv_all.dtype))
-        k_pe_all = k_pe_all.at[li, rows, pos].set(k_pe[:, 0].astype(k_pe_all.dtype))
+        c_kv_all, k_pe_all = (_write_slot(a, li, pos, new) for a, new in ((c_kv_all, c_kv), (k_pe_all, k_pe)))
         if (projections is not None and latent_attention_fits(model.config, T)
                 and c_kv_all.dtype == attn.dtype):
             cache = LatentCache(c_kv_all, k_pe_all, li, pos)  # the kernel reads the layer out of the whole cache
