@@ -22,18 +22,19 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .config import ModelConfig
-from .grouped_matmul import TILE, dot_precision, interpreted, stacked_matvec, tiles_fit
+from .grouped_matmul import TILE, decode_block, dot_precision, interpreted, matvecs, stacked_matvec, tiles_fit
 from .layers import cast, kernel_backend, param, rms_norm
 from .rope import apply_rope
 from .sharding import constrain, per_shard
 
 
-PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "o_proj")
+PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "o_proj", "v_b_proj")
 
 
 class ProjectionStacks(NamedTuple):
     """The projection weights of every layer of a stacked MLA module, and the layer being run: decoding's
-    `stacked_matvec` reads that layer out of the stacks itself (a slice handed to a kernel would be copied whole)."""
+    `stacked_matvec` and `latent_output` read that layer out of the stacks themselves (a slice handed to a kernel
+    would be copied whole)."""
 
     weights: dict  # name -> [L, *the layer's weight shape], in the compute dtype
     layer: jax.Array | int = 0  # int32: the layer these calls run
@@ -155,14 +156,18 @@ class MLA(nnx.Module):
         W_UK (k_b) is folded into the query: score_nope = (q_nope · W_UK) · c_kvᵀ; W_UV (v_b) is applied after the
         attention-weighted sum of c_kv, then o_proj (by `stacked_matvec` with stacks). Shapes as in `expanded`;
         returns [B, Sq, D]. cache (one query per row, Sq = 1): the attention over the latents runs on the
-        `latent_attention` kernel against that layer of the whole cache; c_kv, k_pe and mask are then unused.
+        `latent_attention` kernel against that layer of the whole cache, and with stacks its spans are combined
+        and W_UV applied by `latent_output`; c_kv, k_pe and mask are then unused.
         """
         dt = self.dtype
         q_lat = jnp.einsum("bqhk,chk->bqhc", q_nope, cast(self.k_b_proj, dt))
         q_lat = constrain(q_lat, ("batch", "seq", "heads", "kv_lora"))
         if cache is not None:
-            o_lat = latent_attention(q_lat[:, 0], q_pe[:, 0], *cache, scale=self.config.softmax_scale)
-            o_lat = o_lat.astype(dt)[:, None]
+            spans = latent_attention_spans(q_lat[:, 0], q_pe[:, 0], *cache, scale=self.config.softmax_scale)
+            if stacks is not None and tiles_fit(self.config.v_head_dim):
+                out = latent_output(*spans, stacks.weights["v_b_proj"], stacks.layer, dtype=dt)[:, None]
+                return self._project("bqhv,hvd->bqd", out, "o_proj", stacks)
+            o_lat = combine_spans(*spans).astype(dt)[:, None]
         else:
             scores = jnp.einsum("bqhc,bkc->bhqk", q_lat, c_kv, preferred_element_type=jnp.float32)
             scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=jnp.float32)
@@ -239,16 +244,31 @@ def _latent_attention_kernel(layer_ref, last_ref, q_ref, q_pe_ref, c_ref, k_pe_r
     l_ref[b, s, heads] = l
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_t", "splits", "num_warps", "num_stages", "interpret"))
-def latent_attention(q_lat, q_pe, c_kv, k_pe, layer, last, *, scale: float, block_t: int = 32, splits: int = 16,
-                     num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
+def latent_attention(q_lat, q_pe, c_kv, k_pe, layer, last, *, scale: float, **options):
     """Decoding's attention over the latent cache (the absorbed path's middle, one query per row), in one kernel
     that reads layer `layer` of the whole cache: softmax(scale · (q_lat · c_kvᵀ + q_pe · k_peᵀ)) · c_kv over the
     slots [0, last[b]] of each row b.
 
     q_lat [B, H, C] (the query with W_UK folded in), q_pe [B, H, R]; c_kv [L, B, T, C], k_pe [L, B, T, R]; last [B].
-    Returns [B, H, C] float32. Programs take 16 heads of one row over a span of the cache (flash-decoding: up to
-    `splits` spans, blocks past a row's last slot skipped); XLA combines the spans' partial sums.
+    Returns [B, H, C] float32: `latent_attention_spans` (options: its tiles), combined by XLA.
+    """
+    return combine_spans(*latent_attention_spans(q_lat, q_pe, c_kv, k_pe, layer, last, scale=scale, **options))
+
+
+def combine_spans(o, m, l):
+    """The attention output [B, H, C] from the spans' unnormalised sums o [B, S, H, C], maxima and denominators
+    m, l [B, S, H]."""
+    weight = jnp.exp(m - m.max(axis=1, keepdims=True))  # [B, S, H]: each span's share
+    total = (weight * l).sum(axis=1)
+    return (o * weight[..., None]).sum(axis=1) / total[..., None]
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_t", "splits", "num_warps", "num_stages", "interpret"))
+def latent_attention_spans(q_lat, q_pe, c_kv, k_pe, layer, last, *, scale: float, block_t: int = 32,
+                           splits: int = 16, num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
+    """`latent_attention`'s kernel: programs take 16 heads of one row over a span of the cache (flash-decoding: up
+    to `splits` spans, blocks past a row's last slot skipped). Returns each span's unnormalised weighted sum
+    o [B, S, H, C], score maximum m and denominator l [B, S, H] (float32), for `combine_spans` or `latent_output`.
     """
     B, H, C = q_lat.shape
     T = c_kv.shape[2]
@@ -271,6 +291,45 @@ def latent_attention(q_lat, q_pe, c_kv, k_pe, layer, last, *, scale: float, bloc
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpreted(interpret),
     )(jnp.asarray(layer, jnp.int32).reshape(1), last.astype(jnp.int32), q_lat, q_pe, c_kv, k_pe)
-    weight = jnp.exp(m - m.max(axis=1, keepdims=True))  # [B, S, H]: each span's share
-    total = (weight * l).sum(axis=1)
-    return (o * weight[..., None]).sum(axis=1) / total[..., None]
+    return o, m, l
+
+
+def _latent_output_kernel(layer_ref, o_ref, m_ref, l_ref, w_ref, out_ref, *, block_k, block_n):
+    """Program (b, h, n): columns n of head h's combined attention output (row b) times W_UV[layer, :, h]."""
+    b, h, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    layer, ns = layer_ref[0], pl.ds(n * block_n, block_n)
+    spans, C = o_ref.shape[1], o_ref.shape[3]
+    maxima = [m_ref[b, s, h] for s in range(spans)]
+    top = functools.reduce(jnp.maximum, maxima)
+    shares = [jnp.exp(m - top) for m in maxima]
+    total = functools.reduce(jnp.add, [share * l_ref[b, s, h] for s, share in enumerate(shares)])
+
+    def o_of(ks):  # the combined output, rounded to the compute dtype as the XLA path rounds it
+        acc = functools.reduce(jnp.add, [share * o_ref[b, s, h, ks] for s, share in enumerate(shares)])
+        return (acc / total).astype(out_ref.dtype)
+
+    (y,) = matvecs(o_of, (lambda ks: w_ref[layer, ks, h, ns],), C, block_k, block_n)
+    out_ref[b, h, ns] = y.astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "block_k", "block_n", "num_warps", "num_stages", "interpret"))
+def latent_output(o, m, l, w_uv, layer, *, dtype, block_k: int = 256, block_n: int = 32, num_warps: int = 4,
+                  num_stages: int = 3, interpret: bool | None = None):
+    """The absorbed path after the attention, in one kernel: `combine_spans` of `latent_attention_spans`' output
+    (rounded to dtype), times W_UV: layer `layer` of the v_b_proj stack w_uv [L, C, H, V], read by the kernel.
+    Returns [B, H, V] in dtype. Replaces XLA's combine, its rounding and the per-head product."""
+    B, S, H, C = o.shape
+    V = w_uv.shape[3]
+    if w_uv.shape[1:3] != (C, H) or not tiles_fit(C, V):
+        raise ValueError(f"latent_output: spans {o.shape} against W_UV {w_uv.shape} (widths multiples of {TILE})")
+    block_k, block_n = decode_block(block_k, C), decode_block(block_n, V)
+    return pl.pallas_call(
+        functools.partial(_latent_output_kernel, block_k=block_k, block_n=block_n),
+        out_shape=jax.ShapeDtypeStruct((B, H, V), dtype),
+        grid=(B, H, V // block_n),
+        in_specs=[pl.no_block_spec] * 5,
+        out_specs=pl.no_block_spec,
+        name="latent_output",
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpreted(interpret),
+    )(jnp.asarray(layer, jnp.int32).reshape(1), o, m, l, w_uv)

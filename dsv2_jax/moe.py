@@ -30,11 +30,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
 from . import sharding
 from .config import ModelConfig
-from .grouped_matmul import chosen_experts_mlp, grouped_matmul, stacked_matvec, tiles_fit, use_chosen_experts
+from .grouped_matmul import (chosen_experts_mlp, grouped_matmul, interpreted, stacked_matvec, tiles_fit,
+                             use_chosen_experts)
 from .layers import MLP, cast, param
 from .sharding import constrain
 
@@ -71,6 +74,59 @@ def route(config: ModelConfig, logits: jnp.ndarray) -> RouterOutput:
     else:
         weights = weights * c.routed_scaling_factor
     return RouterOutput(weights, experts.astype(jnp.int32), scores)
+
+
+def routes_on_kernel(config: ModelConfig) -> bool:
+    """Whether `route_kernel` takes this model's routing: greedy top-k over a power-of-two number of experts."""
+    E = config.num_experts
+    return config.topk_method == "greedy" and E & (E - 1) == 0 and config.num_experts_per_tok <= E
+
+
+def _route_kernel(partials_ref, scores_ref, weights_ref, experts_ref, *, top_k, norm, scaling):
+    """Program t: token t's logits (the sum of the router's partial products), their softmax, the greedy top-k
+    (the highest score first, the lowest expert id among equal scores, as jax.lax.top_k) and its weights."""
+    t = pl.program_id(0)
+    logits = partials_ref[:, t, :].sum(axis=0)
+    e = jnp.exp(logits - logits.max())
+    scores = e / e.sum()
+    scores_ref[t, :] = scores
+    ids = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 0)
+    rest, chosen = scores, []
+    for k in range(top_k):
+        best = rest.max()
+        expert = jnp.min(jnp.where(rest == best, ids, scores.shape[0]))
+        experts_ref[t, k] = expert
+        chosen.append(best)
+        rest = jnp.where(ids == expert, -1.0, rest)  # scores are >= 0
+    total = functools.reduce(jnp.add, chosen) + 1e-20
+    for k, w in enumerate(chosen):
+        weights_ref[t, k] = w / total if norm else w * scaling
+
+
+@functools.partial(jax.jit, static_argnames=("config", "tokens", "interpret"))
+def route_kernel(config: ModelConfig, partials: jnp.ndarray, tokens: int, interpret: bool | None = None
+                 ) -> RouterOutput:
+    """Decoding's routing in one kernel (Pallas, Triton; `routes_on_kernel` configs), the same as `route` of the
+    logits partials.sum(0)[:tokens]: partials [S, R >= tokens, E] float32 are the router's split products
+    (`stacked_matvec(..., partial_sums=True)`). Replaces XLA's sum, softmax, sort and slices of a step."""
+    c = config
+    K, E = c.num_experts_per_tok, c.num_experts
+    if not routes_on_kernel(c) or partials.ndim != 3 or partials.shape[1] < tokens or partials.shape[2] != E:
+        raise ValueError(f"route_kernel: greedy top-{K} of a power-of-two number of experts ({c.topk_method}, "
+                         f"{E} experts) from [splits, >= {tokens}, {E}] partial logits, got {partials.shape}")
+    f32 = jnp.float32
+    scores, weights, experts = pl.pallas_call(
+        functools.partial(_route_kernel, top_k=K, norm=c.norm_topk_prob and K > 1, scaling=c.routed_scaling_factor),
+        out_shape=[jax.ShapeDtypeStruct((tokens, E), f32), jax.ShapeDtypeStruct((tokens, K), f32),
+                   jax.ShapeDtypeStruct((tokens, K), jnp.int32)],
+        grid=(tokens,),
+        in_specs=[pl.no_block_spec],
+        out_specs=[pl.no_block_spec] * 3,
+        name="route",
+        compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1),
+        interpret=interpreted(interpret),
+    )(partials.astype(f32))
+    return RouterOutput(weights, experts, scores)
 
 
 @jax.named_scope("router")
@@ -346,9 +402,10 @@ class MoE(nnx.Module):
         if (decoding and mesh is None and capacity_factor is None and
                 use_chosen_experts(B * S * c.num_experts_per_tok, c.num_experts, D, c.moe_intermediate_size)):
             if stacks is not None and stacks.router is not None and tiles_fit(D, c.num_experts):  # fp32 logits
-                logits = stacked_matvec(xt.astype(jnp.float32), stacks.router, stacks.layer,
-                                        block_n=ROUTER_BLOCK_N)
-                r = route(c, logits)
+                partials = stacked_matvec(xt, stacks.router, stacks.layer, dtype=jnp.float32,
+                                          partial_sums=True, block_n=ROUTER_BLOCK_N)
+                r = (route_kernel(c, partials, B * S) if routes_on_kernel(c)
+                     else route(c, partials.sum(axis=0)[:B * S]))
             else:
                 r = self.route(xt)
             stacked = stacks is not None and all(a.dtype == dt for a in jax.tree.leaves(stacks[:4]))

@@ -38,8 +38,10 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def tiny16():
-    """The tiny preset with 16 heads (decoding's latent_attention kernel takes heads in groups of 16)."""
-    return random_fp32_model(ModelConfig.from_preset("tiny").replace(num_attention_heads=16, num_key_value_heads=16))
+    """The tiny preset with 16 heads (decoding's latent_attention kernel takes heads in groups of 16) and 16 experts
+    routed greedily (its router runs on stacked_matvec and route_kernel)."""
+    return random_fp32_model(ModelConfig.from_preset("tiny").replace(
+        num_attention_heads=16, num_key_value_heads=16, n_routed_experts=16, topk_method="greedy", norm_topk_prob=True))
 
 
 def random_fp32_model(config):
@@ -146,7 +148,7 @@ def test_projections_on_stacked_matvec(q_lora_rank):
     cos, sin = rope_cos_sin(config, jnp.broadcast_to(jnp.arange(T), (B, T)))
     own = ProjectionStacks.of(attn)
     stacks = ProjectionStacks({n: jnp.stack([w * 3, w]) for n, w in own.weights.items()}, jnp.int32(1))
-    assert set(stacks.weights) == ({"q_a_proj", "q_b_proj"} if q_lora_rank else {"q_proj"}) | {"kv_a_proj", "o_proj"}
+    assert set(stacks.weights) == ({"q_a_proj", "q_b_proj"} if q_lora_rank else {"q_proj"}) | {"kv_a_proj", "o_proj", "v_b_proj"}
     mask = jnp.ones((B, 1, T), bool)
 
     def run(s):  # the last token decoded against the earlier ones' latents
@@ -200,13 +202,39 @@ def test_latent_attention_matches_reference(dtype):
     assert not latent_attention_fits(ModelConfig.from_preset("tiny"), 1024)  # 4 heads
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_latent_output_matches_reference(dtype):
+    """latent_output (the spans combined and W_UV of the chosen layer applied in one kernel; interpreted off GPU)
+    against float64 numpy of combine_spans, the combined output rounded to the dtype as the XLA path rounds it:
+    3 spans of 2 rows x 32 heads, one span empty (m = -1e30, l = 0) as latent_attention leaves a span past a row's
+    last slot; float32 within 1e-6, bf16 within 1e-2 of the largest entry. Mismatched shapes are errors."""
+    from dsv2_jax.attention import combine_spans, latent_output
+
+    rng = np.random.default_rng(15)
+    L, B, S, H, C, V = 3, 2, 3, 32, 64, 48
+    o = jnp.asarray(rng.normal(size=(B, S, H, C)), jnp.float32)
+    m = jnp.asarray(rng.normal(size=(B, S, H)), jnp.float32).at[1, 2].set(-1e30)
+    l = jnp.asarray(rng.uniform(0.5, 3.0, size=(B, S, H)), jnp.float32).at[1, 2].set(0.0)
+    o = o.at[1, 2].set(0.0)
+    w = jnp.asarray(rng.normal(size=(L, C, H, V)) / 8, dtype)
+    got = np.asarray(latent_output(o, m, l, w, jnp.int32(2), dtype=jnp.dtype(dtype), block_k=32, block_n=16),
+                     np.float64)
+    f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    o_lat = f(combine_spans(o, m, l).astype(dtype))
+    want = np.einsum("bhc,chv->bhv", o_lat, f(w[2]))
+    tol = 1e-6 if dtype == "float32" else 1e-2
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+    with pytest.raises(ValueError, match="W_UV"):
+        latent_output(o, m, l, w[:, :, :16], 0, dtype=jnp.float32)
+
+
 @pytest.mark.parametrize("model,experts,projections", [("tiny", "sorted", "xla"), ("tiny", "sorted", "pallas"),
                                                        ("tiny", "chosen", "pallas"), ("tiny16", "chosen", "pallas")])
 def test_decode_steps_equal_full_forward(model, experts, projections, decode_kernels, request):
     """Prefill, then absorbed decode steps of chosen tokens: logits equal the full (expanded) forward pass, with the
     decoding step's experts on the sorted grouped path or the chosen-experts kernels, and its attention projections
-    on XLA or on stacked_matvec, its attention over the latents (16 heads) on latent_attention (kernels interpreted
-    off GPU)."""
+    on XLA or on stacked_matvec, its attention over the latents (16 heads) on latent_attention, its routing (16
+    experts, greedy) on stacked_matvec and route_kernel (kernels interpreted off GPU)."""
     tiny = request.getfixturevalue(model)
     decode_kernels(experts, projections)
     prompts = random_prompts(256, (6, 3))
@@ -214,9 +242,11 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
     full = full_forward_logits(tiny, [p + e for p, e in zip(prompts, extra)])  # causal: padding is harmless
     cache = dsv2_jax.init_cache(tiny.config, 2, 16, dtype=jnp.float32)
     cache, logits = gen.prefill(tiny, cache, prompts, chunk_size=4)
-    for name, each in (("stacked_matvec", 4), ("latent_attention", 1 if model == "tiny16" else 0)):
+    wide = model == "tiny16"  # per layer scan (dense, MoE): 4 projections; the router, attention, routing kernels
+    for name, want in (("stacked_matvec", 9 if wide else 8), ("latent_attention", 2 if wide else 0),
+                       ("latent_output", 2 if wide else 0), ("route", 1 if wide else 0)):
         kernels = pallas_calls(lambda c, t: gen.decode_forward(tiny, c, t)[1], cache, jnp.array([7, 250]), prefix=name)
-        assert kernels == (2 * each if projections == "pallas" else 0), name  # two layer scans
+        assert kernels == (want if projections == "pallas" else 0), name
     for step in range(3):
         for row in range(2):
             want = full[row, len(prompts[row]) + step - 1]
@@ -224,6 +254,21 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
             assert err <= 1e-5, (step, row, err)
         cache, logits = gen.decode_step(tiny, cache, [extra[0][step], extra[1][step]])
     np.testing.assert_array_equal(np.asarray(cache.lengths), [9, 6])
+
+
+def test_one_row_decode_equals_full_forward(tiny):
+    """One row: its decoding step writes the cache in place (dynamic_update_slice, not a scatter); logits still
+    equal the full forward pass (1e-5) and the latents land in the slots after the prompt."""
+    prompt, extra = random_prompts(256, (5,), seed=6)[0], [11, 200, 3]
+    full = full_forward_logits(tiny, [prompt + extra])
+    cache = dsv2_jax.init_cache(tiny.config, 1, 16, dtype=jnp.float32)
+    cache, logits = gen.prefill(tiny, cache, [prompt], chunk_size=4)
+    for step, token in enumerate(extra):
+        want = full[0, len(prompt) + step - 1]
+        assert np.abs(np.asarray(logits[0]) - want).max() <= 1e-5 * np.abs(want).max(), step
+        cache, logits = gen.decode_step(tiny, cache, [token])
+    filled = np.abs(np.asarray(cache.c_kv[:, 0])).sum(axis=(0, 2)) > 0
+    np.testing.assert_array_equal(filled, np.arange(16) < len(prompt) + len(extra))
 
 
 def test_chunked_prefill_equals_one_shot(tiny):

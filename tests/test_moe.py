@@ -340,22 +340,53 @@ def test_chosen_experts_kernels_in_bf16():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_stacked_matvec_matches_numpy(dtype):
     """stacked_matvec (decoding's projections; interpreted off GPU) against a float64 numpy product of the chosen
-    layer: 1 to 16 tokens, the contraction split in up to 8 parts or none, float32 inputs exact (1e-6), bf16 inputs
-    (compiled on a GPU) within float32 accumulation (1e-5 of the largest entry); too many rows are an error."""
+    layer: 1 to 16 tokens (one token on its own path), the contraction split in up to 8 parts or none, float32
+    inputs exact (1e-6), bf16 inputs (compiled on a GPU) within float32 accumulation (1e-5 of the largest entry),
+    bf16 inputs multiplied in float32 (the router's way) exact; too many rows are an error."""
     from dsv2_jax.grouped_matmul import MATVEC_MAX_TOKENS, stacked_matvec
 
     rng = np.random.default_rng(12)
     L, K, N = 3, 512, 96
     w = jnp.asarray(rng.normal(size=(L, K, N)), dtype)
-    for T, programs in ((1, 1), (5, 48), (MATVEC_MAX_TOKENS, 256)):
+    for T, programs, compute in ((1, 1, None), (1, 48, None), (5, 48, None), (MATVEC_MAX_TOKENS, 256, None),
+                                 (1, 48, jnp.float32), (3, 48, jnp.float32)):
         x = jnp.asarray(rng.normal(size=(T, K)), dtype)
         want = np.asarray(x, np.float64) @ np.asarray(w[2], np.float64)
-        got = np.asarray(stacked_matvec(x, w, jnp.int32(2), block_k=64, block_n=32, programs=programs))
+        got = np.asarray(stacked_matvec(x, w, jnp.int32(2), dtype=compute, block_k=64, block_n=32,
+                                        programs=programs))
         assert got.shape == (T, N) and got.dtype == np.float32
-        tol = 1e-6 if dtype == "float32" else 1e-5
+        tol = 1e-6 if dtype == "float32" or compute == jnp.float32 else 1e-5
         np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
     with pytest.raises(ValueError, match="at most 16 rows"):
         stacked_matvec(jnp.zeros((17, K), dtype), w, 0)
+
+
+@pytest.mark.parametrize("norm,scaling", [(False, 1.0), (True, 1.0), (False, 2.5)])
+def test_route_kernel_matches_route(norm, scaling):
+    """route_kernel (decoding's routing in one kernel; interpreted off GPU) against `route` of the summed partial
+    logits: the same experts in the same order (ties: the lower id first, two exact ties built in), scores and
+    weights to 1e-6 of the largest (a GPU's exp differs in the last bits); 1 and 5 tokens of 16 rows, 4 partial
+    sums; group-limited routing is refused."""
+    from dsv2_jax.moe import route, route_kernel, routes_on_kernel
+
+    c = TINY.replace(n_routed_experts=16, num_experts_per_tok=6, topk_method="greedy", norm_topk_prob=norm,
+                     routed_scaling_factor=scaling)
+    assert routes_on_kernel(c) and not routes_on_kernel(TINY)
+    rng = np.random.default_rng(14)
+    partials = rng.normal(size=(4, 16, 16)).astype(np.float32)
+    partials[:, 0, [2, 5]] = partials[:, 0, [2]] + 6.0  # token 0: experts 2 and 5 tie for the top, then 3 and 9
+    partials[:, 0, [3, 9]] = partials[:, 0, [3]] + 3.0
+    for tokens in (1, 5):
+        got = route_kernel(c, jnp.asarray(partials), tokens)
+        want = route(c, jnp.asarray(partials).sum(axis=0)[:tokens])
+        np.testing.assert_array_equal(np.asarray(got.experts), np.asarray(want.experts))
+        for name in ("weights", "scores"):
+            w = np.asarray(getattr(want, name))
+            np.testing.assert_allclose(np.asarray(getattr(got, name)), w, rtol=0, atol=1e-6 * np.abs(w).max(),
+                                       err_msg=name)
+    assert list(np.asarray(got.experts[0, :4])) == [2, 5, 3, 9]
+    with pytest.raises(ValueError, match="power-of-two"):
+        route_kernel(TINY, jnp.asarray(partials[:, :, :8]), 1)
 
 
 def test_moe_router_on_stacked_matvec(decode_kernels):
