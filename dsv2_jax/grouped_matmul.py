@@ -535,19 +535,19 @@ def _stacked_matvec_kernel(layer_ref, x_ref, w_ref, o_ref, *, rows, block_k, blo
 
 @functools.partial(jax.jit, static_argnames=("dtype", "partial_sums", "block_k", "block_n", "num_warps",
                                              "num_stages", "programs", "interpret"))
-def stacked_matvec(x, w, layer=None, *, dtype=None, partial_sums: bool = False, block_k: int = MATVEC_TILES["block_k"],
-                   block_n: int = MATVEC_TILES["block_n"], num_warps: int = MATVEC_TILES["num_warps"],
-                   num_stages: int = MATVEC_TILES["num_stages"], programs: int | None = None,
-                   interpret: bool | None = None):
+def stacked_matvec(x, w, layer=None, *, dtype=None, partial_sums: bool = False,
+                   block_k: int = MATVEC_TILES["block_k"], block_n: int = MATVEC_TILES["block_n"],
+                   num_warps: int = MATVEC_TILES["num_warps"], num_stages: int = MATVEC_TILES["num_stages"],
+                   programs: int | None = None, interpret: bool | None = None):
     """x [T, K] (T <= 16 tokens) times w [K, N], or times layer `layer` (an int32 scalar) of w [L, K, N] read by
     the kernel itself (a slice handed to a kernel would first be copied whole): [T, N] float32.
 
     For decoding, where XLA turns such products into multiply-and-reduce fusions. The tokens are the rows of one
     tensor-core tile; programs of block_n columns each split the contraction into up to `programs` / (N / block_n)
     parts (powers of two; default MATVEC_TILES' programs, more for one token), whose float32 partial sums are
-    added outside. dtype: the operands' type in the products
-    (default x's; float32: exact float32 products, x and w converted in the kernel). partial_sums: return the
-    [parts, R, N] partial sums instead (R >= T rows, the tokens first), for a kernel that adds them itself.
+    added outside. dtype: the operands' type in the products (default x's; float32: exact float32 products, x and
+    w converted in the kernel). partial_sums: return the [parts, R, N] partial sums instead (R >= T rows, the
+    tokens first), for a kernel that adds them itself.
     """
     if layer is None:
         w, layer = w[None], 0

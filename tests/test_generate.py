@@ -148,7 +148,8 @@ def test_projections_on_stacked_matvec(q_lora_rank):
     cos, sin = rope_cos_sin(config, jnp.broadcast_to(jnp.arange(T), (B, T)))
     own = ProjectionStacks.of(attn)
     stacks = ProjectionStacks({n: jnp.stack([w * 3, w]) for n, w in own.weights.items()}, jnp.int32(1))
-    assert set(stacks.weights) == ({"q_a_proj", "q_b_proj"} if q_lora_rank else {"q_proj"}) | {"kv_a_proj", "o_proj", "v_b_proj"}
+    query = {"q_a_proj", "q_b_proj"} if q_lora_rank else {"q_proj"}
+    assert set(stacks.weights) == query | {"kv_a_proj", "o_proj", "v_b_proj"}
     mask = jnp.ones((B, 1, T), bool)
 
     def run(s):  # the last token decoded against the earlier ones' latents
