@@ -93,23 +93,39 @@ class MLA(nnx.Module):
         y = stacked_matvec(x.reshape(-1, rows), stack.reshape(stack.shape[0], rows, cols), stacks.layer)
         return y.astype(self.dtype).reshape(x.shape[:x.ndim - n] + w.shape[n:])
 
-    def query(self, x, cos, sin, stacks: ProjectionStacks | None = None):
-        """q_nope [B, S, H, nope] and roped q_pe [B, S, H, rope]. stacks: see `_project`."""
+    def input_products(self, x, stacks: ProjectionStacks) -> dict | None:
+        """x's products with the weights that read the layer's input (q_proj or q_a_proj, and kv_a_proj), by name,
+        in one `stacked_matvec` over their stacks (decoding: one kernel instead of two); None where a width does
+        not fit. `query` and `latent` take them as `products`."""
+        names = ("q_proj" if self.config.q_lora_rank is None else "q_a_proj", "kv_a_proj")
+        D = self.config.hidden_size
+        stacked = [stacks.weights[n] for n in names]
+        widths = [math.prod(w.shape[2:]) for w in stacked]
+        if not tiles_fit(D, *widths):
+            return None
+        ys = stacked_matvec(x.reshape(-1, D), tuple(w.reshape(w.shape[0], D, n) for w, n in zip(stacked, widths)),
+                            stacks.layer)
+        return {n: y.astype(self.dtype).reshape(x.shape[:-1] + w.shape[2:]) for n, y, w in zip(names, ys, stacked)}
+
+    def query(self, x, cos, sin, stacks: ProjectionStacks | None = None, products: dict | None = None):
+        """q_nope [B, S, H, nope] and roped q_pe [B, S, H, rope]. stacks: see `_project`; products: x's first
+        product computed already (`input_products`)."""
         c, dt = self.config, self.dtype
         if c.q_lora_rank is None:
-            q = self._project("bsd,dhk->bshk", x, "q_proj", stacks)
+            q = products["q_proj"] if products else self._project("bsd,dhk->bshk", x, "q_proj", stacks)
         else:
-            q_lat = rms_norm(self._project("bsd,dr->bsr", x, "q_a_proj", stacks), self.q_a_norm[...],
-                             c.rms_norm_eps, dt)
+            q_a = products["q_a_proj"] if products else self._project("bsd,dr->bsr", x, "q_a_proj", stacks)
+            q_lat = rms_norm(q_a, self.q_a_norm[...], c.rms_norm_eps, dt)
             q = self._project("bsr,rhk->bshk", q_lat, "q_b_proj", stacks)
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
         q_nope, q_pe = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
         return q_nope, apply_rope(q_pe, cos, sin)
 
-    def latent(self, x, cos, sin, stacks: ProjectionStacks | None = None):
-        """The cached quantities: normalised c_kv [B, S, kv_lora_rank] and roped k_pe [B, S, rope]."""
+    def latent(self, x, cos, sin, stacks: ProjectionStacks | None = None, products: dict | None = None):
+        """The cached quantities: normalised c_kv [B, S, kv_lora_rank] and roped k_pe [B, S, rope]. stacks,
+        products: as in `query`."""
         c, dt = self.config, self.dtype
-        kv = self._project("bsd,dr->bsr", x, "kv_a_proj", stacks)
+        kv = products["kv_a_proj"] if products else self._project("bsd,dr->bsr", x, "kv_a_proj", stacks)
         c_kv = rms_norm(kv[..., : c.kv_lora_rank], self.kv_a_norm[...], c.rms_norm_eps, dt)
         k_pe = apply_rope(kv[..., c.kv_lora_rank:], cos, sin)
         return c_kv, k_pe

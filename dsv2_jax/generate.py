@@ -175,8 +175,9 @@ def decode_forward(model, cache: KVCache, tokens):
     mask = jnp.arange(T)[None, None, :] <= pos[:, None, None]  # [B, 1, T]: the row's tokens and the new one
 
     def attend(attn, h, li, c_kv_all, k_pe_all, projections):
-        q_nope, q_pe = attn.query(h, cos, sin, projections)
-        c_kv, k_pe = attn.latent(h, cos, sin, projections)
+        products = None if projections is None else attn.input_products(h, projections)
+        q_nope, q_pe = attn.query(h, cos, sin, projections, products)
+        c_kv, k_pe = attn.latent(h, cos, sin, projections, products)
         c_kv_all, k_pe_all = (_write_slot(a, li, pos, new) for a, new in ((c_kv_all, c_kv), (k_pe_all, k_pe)))
         if (projections is not None and latent_attention_fits(model.config, T)
                 and c_kv_all.dtype == attn.dtype):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import itertools
 import os
 
 import jax
@@ -512,25 +513,35 @@ def use_stacked_matvec(tokens: int) -> bool:
                                   and tokens <= MATVEC_MAX_TOKENS)
 
 
-def _stacked_matvec_kernel(layer_ref, x_ref, w_ref, o_ref, *, rows, block_k, block_n, dtype):
+def _stacked_matvec_kernel(layer_ref, x_ref, *refs, rows, block_k, block_n, dtype, blocks):
     """Program (n, s): columns n of x · w[layer] over the contraction rows [s·rows, (s+1)·rows), float32, the
-    operands in `dtype`. One token: its row is broadcast to the 16 rows of a tensor-core tile (as in `matvecs`)."""
+    operands in `dtype`, w the weight whose column blocks [blocks[i], blocks[i + 1]) hold n. One token: its row is
+    broadcast to the 16 rows of a tensor-core tile (as in `matvecs`)."""
+    *w_refs, o_ref = refs
     n, s = pl.program_id(0), pl.program_id(1)
     layer, ns = layer_ref[0], pl.ds(n * block_n, block_n)
     one = x_ref.shape[0] == 1
 
-    def body(i, acc):
-        ks = pl.ds(s * rows + i * block_k, block_k)
-        x = x_ref[:, ks].astype(dtype)
-        x = jnp.broadcast_to(x, (TILE, block_k)) if one else x
-        return acc + jnp.dot(x, w_ref[layer, ks, ns].astype(dtype), precision=dot_precision(dtype),
-                             preferred_element_type=jnp.float32)
+    def product(w_ref, first):
+        def body(i, acc):
+            ks = pl.ds(s * rows + i * block_k, block_k)
+            x = x_ref[:, ks].astype(dtype)
+            x = jnp.broadcast_to(x, (TILE, block_k)) if one else x
+            w = w_ref[layer, ks, pl.ds((n - first) * block_n, block_n)]
+            return acc + jnp.dot(x, w.astype(dtype), precision=dot_precision(dtype),
+                                 preferred_element_type=jnp.float32)
 
-    acc = jax.lax.fori_loop(0, rows // block_k, body, jnp.zeros((TILE, block_n), jnp.float32))
-    if one:
-        o_ref[s, 0, ns] = acc.max(axis=0)  # the 16 equal rows
+        acc = jax.lax.fori_loop(0, rows // block_k, body, jnp.zeros((TILE, block_n), jnp.float32))
+        if one:
+            o_ref[s, 0, ns] = acc.max(axis=0)  # the 16 equal rows
+        else:
+            o_ref[s, :, ns] = acc
+
+    if len(w_refs) == 1:
+        product(w_refs[0], 0)
     else:
-        o_ref[s, :, ns] = acc
+        for w_ref, first, end in zip(w_refs, blocks, blocks[1:]):
+            pl.when((n >= first) & (n < end))(functools.partial(product, w_ref, first))
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "partial_sums", "block_k", "block_n", "num_warps",
@@ -540,7 +551,8 @@ def stacked_matvec(x, w, layer=None, *, dtype=None, partial_sums: bool = False,
                    num_warps: int = MATVEC_TILES["num_warps"], num_stages: int = MATVEC_TILES["num_stages"],
                    programs: int | None = None, interpret: bool | None = None):
     """x [T, K] (T <= 16 tokens) times w [K, N], or times layer `layer` (an int32 scalar) of w [L, K, N] read by
-    the kernel itself (a slice handed to a kernel would first be copied whole): [T, N] float32.
+    the kernel itself (a slice handed to a kernel would first be copied whole): [T, N] float32. w a tuple of such
+    weights (one K): one kernel for all, a tuple of products.
 
     For decoding, where XLA turns such products into multiply-and-reduce fusions. The tokens are the rows of one
     tensor-core tile; programs of block_n columns each split the contraction into up to `programs` / (N / block_n)
@@ -549,28 +561,35 @@ def stacked_matvec(x, w, layer=None, *, dtype=None, partial_sums: bool = False,
     w converted in the kernel). partial_sums: return the [parts, R, N] partial sums instead (R >= T rows, the
     tokens first), for a kernel that adds them itself.
     """
+    several = isinstance(w, (tuple, list))
+    ws = tuple(w) if several else (w,)
     if layer is None:
-        w, layer = w[None], 0
+        ws, layer = tuple(a[None] for a in ws), 0
     T, K = x.shape
-    N = w.shape[2]
-    if T > MATVEC_MAX_TOKENS or w.shape[1] != K:
-        raise ValueError(f"stacked_matvec: x {x.shape} (at most {MATVEC_MAX_TOKENS} rows) against w {w.shape}")
-    block_k, block_n = decode_block(block_k, K), decode_block(block_n, N)
+    widths = [a.shape[2] for a in ws]
+    if T > MATVEC_MAX_TOKENS or any(a.shape[1] != K for a in ws):
+        raise ValueError(f"stacked_matvec: x {x.shape} (at most {MATVEC_MAX_TOKENS} rows) against w "
+                         f"{[a.shape for a in ws]}")
+    block_k, block_n = decode_block(block_k, K), decode_block(block_n, *widths)
+    blocks = tuple(itertools.accumulate((n // block_n for n in widths), initial=0))
     programs = programs or MATVEC_TILES["one_token_programs" if T == 1 else "programs"]
     splits = 1
-    while 2 * splits * (N // block_n) <= programs and K % (2 * splits * block_k) == 0:
+    while 2 * splits * blocks[-1] <= programs and K % (2 * splits * block_k) == 0:
         splits *= 2
     rows = 1 if T == 1 else MATVEC_MAX_TOKENS
     x = jnp.pad(x, ((0, rows - T), (0, 0)))
     out = pl.pallas_call(
         functools.partial(_stacked_matvec_kernel, rows=K // splits, block_k=block_k, block_n=block_n,
-                          dtype=jnp.dtype(dtype or x.dtype)),
-        out_shape=jax.ShapeDtypeStruct((splits, rows, N), jnp.float32),
-        grid=(N // block_n, splits),
-        in_specs=[pl.no_block_spec] * 3,
+                          dtype=jnp.dtype(dtype or x.dtype), blocks=blocks),
+        out_shape=jax.ShapeDtypeStruct((splits, rows, sum(widths)), jnp.float32),
+        grid=(blocks[-1], splits),
+        in_specs=[pl.no_block_spec] * (2 + len(ws)),
         out_specs=pl.no_block_spec,
         name="stacked_matvec",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpreted(interpret),
-    )(jnp.asarray(layer, jnp.int32).reshape(1), x, w)
-    return out if partial_sums else out.sum(axis=0)[:T]
+    )(jnp.asarray(layer, jnp.int32).reshape(1), x, *ws)
+    if not partial_sums:
+        out = out.sum(axis=0)[:T]
+    parts = tuple(out[..., a * block_n:b * block_n] for a, b in zip(blocks, blocks[1:]))
+    return parts if several else parts[0]

@@ -137,8 +137,9 @@ def test_absorbed_attention_equals_expanded():
 @pytest.mark.parametrize("q_lora_rank", [64, None])
 def test_projections_on_stacked_matvec(q_lora_rank):
     """MLA's query, latent and absorbed attention with ProjectionStacks (decoding's stacked_matvec reading layer 1 of
-    the stacks; interpreted off GPU) equal the module's own products (float32, 1e-5 relative), with the low-rank
-    query path (V2) and the plain q_proj (V2-Lite)."""
+    the stacks; interpreted off GPU), the products of the layer input one kernel each or together
+    (`input_products`), equal the module's own products (float32, 1e-5 relative), with the low-rank query path (V2)
+    and the plain q_proj (V2-Lite)."""
     from dsv2_jax.attention import ProjectionStacks
 
     config = ModelConfig.from_preset("tiny").replace(initializer_range=0.15, q_lora_rank=q_lora_rank)
@@ -152,21 +153,25 @@ def test_projections_on_stacked_matvec(q_lora_rank):
     assert set(stacks.weights) == query | {"kv_a_proj", "o_proj", "v_b_proj"}
     mask = jnp.ones((B, 1, T), bool)
 
-    def run(s):  # the last token decoded against the earlier ones' latents
+    def run(s, together=False):  # the last token decoded against the earlier ones' latents
         new = (x[:, -1:], cos[:, -1:], sin[:, -1:], s)
-        q_nope, q_pe = attn.query(*new)
-        c_kv, k_pe = attn.latent(*new)
+        products = attn.input_products(x[:, -1:], s) if together else None
+        q_nope, q_pe = attn.query(*new, products)
+        c_kv, k_pe = attn.latent(*new, products)
         c_old, k_old = attn.latent(x[:, :-1], cos[:, :-1], sin[:, :-1])
         c_all, k_all = jnp.concatenate([c_old, c_kv], 1), jnp.concatenate([k_old, k_pe], 1)
         return q_nope, q_pe, c_kv, k_pe, attn.absorbed(q_nope, q_pe, c_all, k_all, mask, s)
 
     with jax.default_matmul_precision("highest"):
-        want, got = run(None), run(stacks)
+        want, got, merged = run(None), run(stacks), run(stacks, together=True)
     kernels = pallas_calls(lambda v: run(stacks)[-1] + v, 0.0, prefix="stacked_matvec")
     assert kernels == (4 if q_lora_rank else 3)  # the query's one or two products, kv_a, o_proj
-    for w, g in zip(want, got):
-        w, g = np.asarray(w), np.asarray(g)
-        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())
+    kernels = pallas_calls(lambda v: run(stacks, together=True)[-1] + v, 0.0, prefix="stacked_matvec")
+    assert kernels == (3 if q_lora_rank else 2)  # q_proj or q_a_proj with kv_a in one, [q_b,] o_proj
+    for w, g, m in zip(want, got, merged):
+        w = np.asarray(w)
+        for g in (g, m):
+            np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=1e-5 * np.abs(w).max())
     assert np.abs(np.asarray(want[-1])).max() > 0.1
 
 
@@ -243,8 +248,8 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
     full = full_forward_logits(tiny, [p + e for p, e in zip(prompts, extra)])  # causal: padding is harmless
     cache = dsv2_jax.init_cache(tiny.config, 2, 16, dtype=jnp.float32)
     cache, logits = gen.prefill(tiny, cache, prompts, chunk_size=4)
-    wide = model == "tiny16"  # per layer scan (dense, MoE): 4 projections; the router, attention, routing kernels
-    for name, want in (("stacked_matvec", 9 if wide else 8), ("latent_attention", 2 if wide else 0),
+    wide = model == "tiny16"  # per layer loop (dense, MoE): q_a with kv_a, q_b, o_proj; router, attention, routing
+    for name, want in (("stacked_matvec", 7 if wide else 6), ("latent_attention", 2 if wide else 0),
                        ("latent_output", 2 if wide else 0), ("route", 1 if wide else 0)):
         kernels = pallas_calls(lambda c, t: gen.decode_forward(tiny, c, t)[1], cache, jnp.array([7, 250]), prefix=name)
         assert kernels == (want if projections == "pallas" else 0), name

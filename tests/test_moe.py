@@ -342,7 +342,8 @@ def test_stacked_matvec_matches_numpy(dtype):
     """stacked_matvec (decoding's projections; interpreted off GPU) against a float64 numpy product of the chosen
     layer: 1 to 16 tokens (one token on its own path), the contraction split in up to 8 parts or none, float32
     inputs exact (1e-6), bf16 inputs (compiled on a GPU) within float32 accumulation (1e-5 of the largest entry),
-    bf16 inputs multiplied in float32 (the router's way) exact; too many rows are an error."""
+    bf16 inputs multiplied in float32 (the router's way) exact, two weights in one kernel; too many rows are an
+    error."""
     from dsv2_jax.grouped_matmul import MATVEC_MAX_TOKENS, stacked_matvec
 
     rng = np.random.default_rng(12)
@@ -357,6 +358,15 @@ def test_stacked_matvec_matches_numpy(dtype):
         assert got.shape == (T, N) and got.dtype == np.float32
         tol = 1e-6 if dtype == "float32" or compute == jnp.float32 else 1e-5
         np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+    w2 = jnp.asarray(rng.normal(size=(L, K, 32)), dtype)  # two weights of one contraction in one kernel
+    for T in (1, 5):
+        x = jnp.asarray(rng.normal(size=(T, K)), dtype)
+        got = stacked_matvec(x, (w, w2), jnp.int32(1), block_k=64, block_n=32, programs=48)
+        for g, a in zip(got, (w, w2)):
+            want = np.asarray(x, np.float64) @ np.asarray(a[1], np.float64)
+            assert g.shape == want.shape
+            tol = 1e-6 if dtype == "float32" else 1e-5
+            np.testing.assert_allclose(np.asarray(g), want, rtol=0, atol=tol * np.abs(want).max())
     with pytest.raises(ValueError, match="at most 16 rows"):
         stacked_matvec(jnp.zeros((17, K), dtype), w, 0)
 
