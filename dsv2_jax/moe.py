@@ -389,7 +389,8 @@ class MoE(nnx.Module):
         decoding: an undifferentiated step of few tokens; on one device (GPU, grouped_matmul.use_chosen_experts)
         its chosen and shared experts then run on the `chosen_experts_mlp` kernels, without sorting, reading
         this layer's weights out of `stacks` when given (this module being one layer sliced from them; in the
-        compute dtype), else this module's own; the router's product too where `stacks` carry the router.
+        compute dtype), else this module's own; the router's product too where `stacks` carry the router, and then
+        the greedy routing itself on `route_kernel` (`routes_on_kernel`).
         """
         check_capacity_factor(capacity_factor)
         B, S, D = x.shape
