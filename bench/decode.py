@@ -10,6 +10,7 @@ preallocates GPU memory):
     python bench/decode.py --impl jax   --batches 1 16 64 --mesh expert=8   # experts split over 8 GPUs
     python bench/decode.py --impl jax   --batches 1 4 8 --decode-kernels sorted:xla chosen:xla chosen:auto
                                                     # decoding paths: DSV2_DECODE_EXPERTS:DSV2_DECODE_PROJECTIONS
+    python bench/decode.py --impl jax   --batches 1 --profile /tmp/decode_prof   # + the decode loop's kernels
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ def copy_bandwidth_jax() -> float:
     return 2 * x.nbytes / float(np.median(times))  # read + write
 
 
-def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kernels=("auto:auto",)):
+PROFILE_TOKENS = 8  # --profile: the tokens of the traced generate call
+
+
+def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kernels=("auto:auto",),
+            profile_dir=None):
     import jax
     import jax.numpy as jnp
 
@@ -83,6 +88,14 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kern
                 runs.append(t)
             yield (dict(decode_experts=experts, decode_projections=projections), b, min(t["prefill_s"] for t in runs),
                    min(t["decode_s"] for t in runs), runs[0]["steps"])
+            if profile_dir:  # the decode loop's kernels per step, by name
+                from bench.trace_summary import summarize
+                trace_dir = os.path.join(profile_dir, f"{experts}_{projections}_b{b}")
+                dsv2_jax.generate(model, prompts, PROFILE_TOKENS, mesh=mesh)  # compile this length's buckets
+                with jax.profiler.trace(trace_dir):
+                    dsv2_jax.generate(model, prompts, PROFILE_TOKENS, mesh=mesh)
+                print(f"\n{experts}:{projections}, batch {b}, decode loop:")
+                summarize(trace_dir, top=40, steps=PROFILE_TOKENS, module="decode_loop")
     del model, jax
 
 
@@ -133,6 +146,9 @@ def main():
     parser.add_argument("--decode-kernels", nargs="+", default=["auto:auto"], type=_decode_setting,
                         help="jax only: DSV2_DECODE_EXPERTS:DSV2_DECODE_PROJECTIONS settings (e.g. sorted:xla "
                              "chosen:auto) to run one after another on the same model")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help=f"jax only: after each timing, trace a {PROFILE_TOKENS}-token generate here and print "
+                             "the decode loop's kernels per step by name")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -143,7 +159,8 @@ def main():
     copy_bw = copy_bandwidth_jax() if args.impl == "jax" else None
     runner = run_torch
     if args.impl == "jax":
-        runner = functools.partial(run_jax, mesh_text=args.mesh, decode_kernels=args.decode_kernels)
+        runner = functools.partial(run_jax, mesh_text=args.mesh, decode_kernels=args.decode_kernels,
+                                   profile_dir=args.profile)
     cache_per_token = 2 * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
     for setting, b, prefill_s, decode_s, steps in runner(config, args.batches, args.prompt, args.new_tokens):
         step_s = decode_s / max(steps, 1)

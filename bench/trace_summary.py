@@ -59,14 +59,17 @@ def _scope(args: dict) -> str:
     return ("bwd " if backward else "") + ("/".join(parts[-3:]) or "(unnamed)")
 
 
-def summarize(trace_dir: str, top: int = 30, steps: int = 1) -> dict:
-    """Totals of device kernel time by kernel name and by model scope; prints two tables, returns them."""
+def summarize(trace_dir: str, top: int = 30, steps: int = 1, module: str | None = None) -> dict:
+    """Totals of device kernel time by kernel name and by model scope; prints two tables, returns them.
+    module: only the kernels of XLA modules whose name contains it (e.g. "decode_loop")."""
     trace = _load(trace_dir)
     pids = _device_pids(trace)
     by_kernel, by_scope, count = collections.Counter(), collections.Counter(), collections.Counter()
     sample = None
     for e in trace.get("traceEvents", []):
         if e.get("ph") != "X" or e.get("pid") not in pids or "dur" not in e:
+            continue
+        if module and module not in str(e.get("args", {}).get("hlo_module", "")):
             continue
         name = e.get("name", "?")
         by_kernel[name] += e["dur"]
@@ -103,8 +106,9 @@ def main():
     parser.add_argument("trace_dir")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--steps", type=int, default=1, help="steps the trace holds (per-step figures)")
+    parser.add_argument("--module", default=None, help="only kernels of XLA modules whose name contains this")
     args = parser.parse_args()
-    summarize(args.trace_dir, args.top, args.steps)
+    summarize(args.trace_dir, args.top, args.steps, args.module)
 
 
 if __name__ == "__main__":
