@@ -398,7 +398,12 @@ def prefill(model, cache: KVCache, prompts, chunk_size: int = 256, mesh=None, _s
 
 
 def decode_step(model, cache: KVCache, tokens, mesh=None):
-    """One absorbed-path step: feeds tokens [B] at each row's next slot. Returns (cache, logits [B, V])."""
+    """One absorbed-path step: feeds tokens [B] at each row's next slot. Returns (cache, logits [B, V]).
+    A row whose cache is full is an error (the step would have no slot to write)."""
+    full = np.flatnonzero(np.asarray(cache.lengths) >= cache.c_kv.shape[2])
+    if full.size:
+        raise ValueError(f"decode_step: row(s) {full.tolist()} already hold {cache.c_kv.shape[2]} tokens, the cache's "
+                         "max_len: no slot left for the next token")
     graphdef, state = _split(model, mesh)
     where = _placement(state, mesh)
     tokens = _put(jnp.asarray(tokens, jnp.int32), where, ("batch",))

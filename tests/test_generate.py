@@ -264,7 +264,8 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
 
 def test_one_row_decode_equals_full_forward(tiny):
     """One row: its decoding step writes the cache in place (dynamic_update_slice, not a scatter); logits still
-    equal the full forward pass (1e-5) and the latents land in the slots after the prompt."""
+    equal the full forward pass (1e-5) and the latents land in the slots after the prompt; a step on a full cache
+    is refused."""
     prompt, extra = random_prompts(256, (5,), seed=6)[0], [11, 200, 3]
     full = full_forward_logits(tiny, [prompt + extra])
     cache = dsv2_jax.init_cache(tiny.config, 1, 16, dtype=jnp.float32)
@@ -275,6 +276,9 @@ def test_one_row_decode_equals_full_forward(tiny):
         cache, logits = gen.decode_step(tiny, cache, [token])
     filled = np.abs(np.asarray(cache.c_kv[:, 0])).sum(axis=(0, 2)) > 0
     np.testing.assert_array_equal(filled, np.arange(16) < len(prompt) + len(extra))
+    full = cache._replace(lengths=jnp.array([16], jnp.int32))  # no slot left: an error, not a silent write
+    with pytest.raises(ValueError, match=r"row\(s\) \[0\] already hold 16 tokens"):
+        gen.decode_step(tiny, full, [5])
 
 
 def test_chunked_prefill_equals_one_shot(tiny):
