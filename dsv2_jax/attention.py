@@ -83,29 +83,29 @@ class MLA(nnx.Module):
         """einsum(spec, x, weight `name`); with `stacks` (a decoding step), by `stacked_matvec` reading this layer's
         weight out of the stacks (where its widths fit the kernel). The contracted dimensions lead the weight and
         end x."""
-        w = getattr(self, name)
         w_spec, out_spec = spec.split(",")[1].split("->")
-        n = sum(ch not in out_spec for ch in w_spec)
-        rows, cols = math.prod(w.shape[:n]), math.prod(w.shape[n:])
-        if stacks is None or not tiles_fit(rows, cols):
-            return jnp.einsum(spec, x, cast(w, self.dtype))
-        stack = stacks.weights[name]
-        y = stacked_matvec(x.reshape(-1, rows), stack.reshape(stack.shape[0], rows, cols), stacks.layer)
-        return y.astype(self.dtype).reshape(x.shape[:x.ndim - n] + w.shape[n:])
+        products = self._stacked_products(x, (name,), sum(ch not in out_spec for ch in w_spec), stacks)
+        return products[name] if products else jnp.einsum(spec, x, cast(getattr(self, name), self.dtype))
+
+    def _stacked_products(self, x, names, n: int, stacks: ProjectionStacks | None) -> dict | None:
+        """x's products with the weights `names` (their first n dimensions contracted with x's last n), by name, in
+        one `stacked_matvec` reading this layer out of their stacks; None without stacks or where a width does not
+        fit the kernel."""
+        ws = [getattr(self, name) for name in names]
+        rows, cols = math.prod(ws[0].shape[:n]), [math.prod(w.shape[n:]) for w in ws]
+        if stacks is None or not tiles_fit(rows, *cols):
+            return None
+        stacked = tuple(stacks.weights[name].reshape(-1, rows, c) for name, c in zip(names, cols))
+        ys = stacked_matvec(x.reshape(-1, rows), stacked, stacks.layer)
+        lead = x.shape[:x.ndim - n]
+        return {name: y.astype(self.dtype).reshape(lead + w.shape[n:]) for name, y, w in zip(names, ys, ws)}
 
     def input_products(self, x, stacks: ProjectionStacks) -> dict | None:
         """x's products with the weights that read the layer's input (q_proj or q_a_proj, and kv_a_proj), by name,
         in one `stacked_matvec` over their stacks (decoding: one kernel instead of two); None where a width does
         not fit. `query` and `latent` take them as `products`."""
         names = ("q_proj" if self.config.q_lora_rank is None else "q_a_proj", "kv_a_proj")
-        D = self.config.hidden_size
-        stacked = [stacks.weights[n] for n in names]
-        widths = [math.prod(w.shape[2:]) for w in stacked]
-        if not tiles_fit(D, *widths):
-            return None
-        ys = stacked_matvec(x.reshape(-1, D), tuple(w.reshape(w.shape[0], D, n) for w, n in zip(stacked, widths)),
-                            stacks.layer)
-        return {n: y.astype(self.dtype).reshape(x.shape[:-1] + w.shape[2:]) for n, y, w in zip(names, ys, stacked)}
+        return self._stacked_products(x, names, 1, stacks)
 
     def query(self, x, cos, sin, stacks: ProjectionStacks | None = None, products: dict | None = None):
         """q_nope [B, S, H, nope] and roped q_pe [B, S, H, rope]. stacks: see `_project`; products: x's first
