@@ -74,9 +74,7 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kern
     for setting in decode_kernels:  # side by side on the same model
         experts, projections = setting.split(":")
         os.environ["DSV2_DECODE_EXPERTS"], os.environ["DSV2_DECODE_PROJECTIONS"] = experts, projections
-        grouped_matmul._decode_backend.cache_clear()
-        grouped_matmul._matvec_backend.cache_clear()
-        jax.clear_caches()
+        grouped_matmul.reread_decode_choices()
         rng = np.random.default_rng(0)
         for b in batches:
             prompts = [list(rng.integers(0, config.vocab_size, prompt_len)) for _ in range(b)]

@@ -500,6 +500,14 @@ def _matvec_backend() -> str:
     return _env_choice("DSV2_DECODE_PROJECTIONS", MATVEC_BACKENDS)
 
 
+def reread_decode_choices() -> None:
+    """Read DSV2_DECODE_EXPERTS and DSV2_DECODE_PROJECTIONS again (they are read once), and drop jax's compiled
+    functions that were traced under the old choices."""
+    _decode_backend.cache_clear()
+    _matvec_backend.cache_clear()
+    jax.clear_caches()
+
+
 def use_stacked_matvec(tokens: int) -> bool:
     """Whether a decoding step of `tokens` tokens runs its attention projections and router on `stacked_matvec`.
 

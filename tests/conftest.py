@@ -18,21 +18,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def decode_kernels(monkeypatch):
     """decode_kernels(experts, projections): sets DSV2_DECODE_EXPERTS and DSV2_DECODE_PROJECTIONS for one test
     (fresh choices and compilations), restoring both after."""
-    import jax
-
-    from dsv2_jax import grouped_matmul as gm
-
-    def clear():
-        gm._decode_backend.cache_clear()
-        gm._matvec_backend.cache_clear()
-        jax.clear_caches()
+    from dsv2_jax.grouped_matmul import reread_decode_choices
 
     def choose(experts="auto", projections="auto"):
         monkeypatch.setenv("DSV2_DECODE_EXPERTS", experts)
         monkeypatch.setenv("DSV2_DECODE_PROJECTIONS", projections)
-        clear()
+        reread_decode_choices()
 
     yield choose
     monkeypatch.delenv("DSV2_DECODE_EXPERTS", raising=False)
     monkeypatch.delenv("DSV2_DECODE_PROJECTIONS", raising=False)
-    clear()
+    reread_decode_choices()
