@@ -22,13 +22,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .config import ModelConfig
-from .grouped_matmul import TILE, decode_block, dot_precision, interpreted, matvecs, stacked_matvec, tiles_fit
+from .grouped_matmul import (TILE, decode_block, dot_precision, interpreted, matvecs, stacked_matvec,
+                             stacked_partials, tiles_fit)
 from .layers import cast, kernel_backend, param, rms_norm
 from .rope import apply_rope
 from .sharding import constrain, per_shard
 
 
-PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "o_proj", "v_b_proj")
+PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "o_proj", "k_b_proj", "v_b_proj")
 
 
 class ProjectionStacks(NamedTuple):
@@ -38,12 +39,15 @@ class ProjectionStacks(NamedTuple):
 
     weights: dict  # name -> [L, *the layer's weight shape], in the compute dtype
     layer: jax.Array | int = 0  # int32: the layer these calls run
+    kv_a_norm: jax.Array | None = None  # [L, kv_lora_rank]: the latent's norm weights (any dtype), for absorbed_query
 
     @classmethod
     def of(cls, attn: "MLA") -> "ProjectionStacks | None":
         """The stacks of a stacked (layers-leading) MLA module, or None where they are not in its compute dtype."""
         weights = {n: getattr(attn, n)[...] for n in PROJECTIONS if hasattr(attn, n)}
-        return cls(weights) if all(w.dtype == attn.dtype for w in weights.values()) else None
+        if any(w.dtype != attn.dtype for w in weights.values()):
+            return None
+        return cls(weights, kv_a_norm=attn.kv_a_norm[...])
 
 
 class LatentCache(NamedTuple):
@@ -179,19 +183,53 @@ class MLA(nnx.Module):
         q_lat = jnp.einsum("bqhk,chk->bqhc", q_nope, cast(self.k_b_proj, dt))
         q_lat = constrain(q_lat, ("batch", "seq", "heads", "kv_lora"))
         if cache is not None:
-            spans = latent_attention_spans(q_lat[:, 0], q_pe[:, 0], *cache, scale=self.config.softmax_scale)
-            if stacks is not None and tiles_fit(self.config.v_head_dim):
-                out = latent_output(*spans, stacks.weights["v_b_proj"], stacks.layer, dtype=dt)[:, None]
-                return self._project("bqhv,hvd->bqd", out, "o_proj", stacks)
-            o_lat = combine_spans(*spans).astype(dt)[:, None]
-        else:
-            scores = jnp.einsum("bqhc,bkc->bhqk", q_lat, c_kv, preferred_element_type=jnp.float32)
-            scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=jnp.float32)
-            probs = masked_softmax(scores, mask, self.config.softmax_scale, dt)
-            o_lat = jnp.einsum("bhqk,bkc->bqhc", probs, c_kv)
+            return self.attend_latent(q_lat[:, 0], q_pe[:, 0], stacks, cache)
+        scores = jnp.einsum("bqhc,bkc->bhqk", q_lat, c_kv, preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=jnp.float32)
+        probs = masked_softmax(scores, mask, self.config.softmax_scale, dt)
+        return self._latent_out(jnp.einsum("bhqk,bkc->bqhc", probs, c_kv), stacks)
+
+    def _latent_out(self, o_lat, stacks: ProjectionStacks | None):
+        """o_proj(W_UV · o_lat) of the attention's latent output o_lat [B, Sq, H, C]: [B, Sq, D]."""
         o_lat = constrain(o_lat, ("batch", "seq", "heads", "kv_lora"))
-        out = jnp.einsum("bqhc,chv->bqhv", o_lat, cast(self.v_b_proj, dt))
+        out = jnp.einsum("bqhc,chv->bqhv", o_lat, cast(self.v_b_proj, self.dtype))
         return self._project("bqhv,hvd->bqd", out, "o_proj", stacks)
+
+    def attend_latent(self, q_lat, q_pe, stacks: ProjectionStacks | None, cache: LatentCache):
+        """A decoding step's attention from its absorbed query q_lat [B, H, C] and q_pe [B, H, R] (one token per
+        row): `latent_attention_spans` over that layer of the whole cache, then with stacks `latent_output`
+        (the spans combined and W_UV in one kernel) and o_proj on `stacked_matvec`. Returns [B, 1, D]."""
+        spans = latent_attention_spans(q_lat, q_pe, *cache, scale=self.config.softmax_scale)
+        if stacks is not None and tiles_fit(self.config.v_head_dim):
+            out = latent_output(*spans, stacks.weights["v_b_proj"], stacks.layer, dtype=self.dtype)[:, None]
+            return self._project("bqhv,hvd->bqd", out, "o_proj", stacks)
+        return self._latent_out(combine_spans(*spans).astype(self.dtype)[:, None], stacks)
+
+    def absorbed_inputs(self, x, cos, sin, stacks: ProjectionStacks, cache: LatentCache):
+        """A decoding step's attention inputs in two or three kernels (x [B, 1, D], one token per row): the
+        layer input's products (`stacked_partials`; on the low-rank path q_a_proj with kv_a_proj, then q_b_proj
+        of the normalised q_a), then `absorbed_query` for the absorbed query and the new latent written into the
+        cache at slot cache.last. Returns (q_lat [B, H, C], q_pe [B, H, R], the cache), or None where the widths
+        do not fit the kernels (`absorbed_query_fits`, `tiles_fit`)."""
+        c, dt = self.config, self.dtype
+        B, D = x.shape[0], x.shape[-1]
+        query = "q_proj" if c.q_lora_rank is None else "q_a_proj"
+        width = c.num_attention_heads * c.qk_head_dim
+        first = width if c.q_lora_rank is None else c.q_lora_rank
+        if not (absorbed_query_fits(c) and tiles_fit(D, first, c.kv_lora_rank + c.qk_rope_head_dim, width)
+                and stacks.kv_a_norm is not None and x.shape[1] == 1):
+            return None
+        w = stacks.weights
+        xt = x.reshape(B, D).astype(dt)
+        parts = stacked_partials(xt, (w[query].reshape(-1, D, first), w["kv_a_proj"]), stacks.layer)
+        q_parts = parts
+        if c.q_lora_rank is not None:
+            q_a = rms_norm(parts.sum(axis=0)[:B, :first].astype(dt), self.q_a_norm[...], c.rms_norm_eps, dt)
+            q_parts = stacked_partials(q_a, w["q_b_proj"].reshape(-1, first, width), stacks.layer)
+        q_lat, q_pe, c_kv, k_pe = absorbed_query(
+            q_parts, parts, w["k_b_proj"], stacks.kv_a_norm, cos.reshape(B, -1), sin.reshape(B, -1), cache.c_kv,
+            cache.k_pe, stacks.layer, cache.layer, cache.last, q_at=0, kv_at=first, eps=c.rms_norm_eps)
+        return q_lat, q_pe, cache._replace(c_kv=c_kv, k_pe=k_pe)
 
     @jax.named_scope("mla")
     def __call__(self, x, cos, sin, mask):
@@ -349,3 +387,95 @@ def latent_output(o, m, l, w_uv, layer, *, dtype, block_k: int = 256, block_n: i
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpreted(interpret),
     )(jnp.asarray(layer, jnp.int32).reshape(1), o, m, l, w_uv)
+
+
+def absorbed_query_fits(config: ModelConfig) -> bool:
+    """Whether `absorbed_query` takes this model's widths (the nope and latent widths powers of two of at least 16
+    and a power-of-two rope width: the kernel's tiles)."""
+    c = config
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+    return (pow2(c.qk_nope_head_dim) and pow2(c.kv_lora_rank) and pow2(c.qk_rope_head_dim)
+            and c.qk_nope_head_dim >= TILE and c.kv_lora_rank >= TILE and c.qk_rope_head_dim >= 2)
+
+
+def _absorbed_query_kernel(layers_ref, pos_ref, q_ref, kv_ref, k_b_ref, norm_ref, cos_ref, sin_ref, c_in, k_in,
+                           q_lat_ref, q_pe_ref, c_ref, k_pe_ref, *, q_at, kv_at, nope, block_c, eps):
+    """Program (b, h, j): latents j·block_c.. of head h's query with W_UK folded in (row b); j = 0 also its roped
+    q_pe; h = 0 writes the normalised latent's block j (and j = 0 the roped k_pe) into the cache at slot pos[b]."""
+    del c_in, k_in  # aliased to c_ref, k_pe_ref
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    weights, layer, pos = layers_ref[0], layers_ref[1], pos_ref[b]
+    dt, f32 = q_lat_ref.dtype, jnp.float32
+    rope, latent = q_pe_ref.shape[2], c_ref.shape[3]
+    half, cs = rope // 2, pl.ds(j * block_c, block_c)
+
+    def product(ref, start, size, stride=1):  # the partials summed and rounded to dt, as the XLA path rounds them
+        return ref[:, b, pl.ds(start, size, stride)].sum(axis=0).astype(dt).astype(f32)
+
+    def rotated(ref, start, out, index):  # RoPE on interleaved pairs, in float32
+        x0, x1 = product(ref, start, half, 2), product(ref, start + 1, half, 2)
+        cos, sin = cos_ref[b, :], sin_ref[b, :]
+        out[index(pl.ds(0, half, 2))] = (x0 * cos - x1 * sin).astype(out.dtype)
+        out[index(pl.ds(1, half, 2))] = (x0 * sin + x1 * cos).astype(out.dtype)
+
+    q_at = q_at + h * (nope + rope)
+    q_nope = jnp.broadcast_to(product(q_ref, q_at, nope).astype(dt)[None, :], (TILE, nope))
+    w_uk = k_b_ref[weights, cs, h, :]  # [block_c, nope]
+    q_lat = jax.lax.dot_general(q_nope, w_uk.astype(dt), (((1,), (1,)), ((), ())), precision=dot_precision(dt),
+                                preferred_element_type=f32)
+    q_lat_ref[b, h, cs] = q_lat.max(axis=0).astype(dt)  # the 16 equal rows
+
+    @pl.when(j == 0)
+    def _():
+        rotated(q_ref, q_at + nope, q_pe_ref, lambda ds: (b, h, ds))
+
+    @pl.when(h == 0)
+    def _():
+        kv = product(kv_ref, kv_at, latent)
+        scale = jax.lax.rsqrt((kv * kv).sum() / latent + eps)
+        c_ref[layer, b, pos, cs] = (product(kv_ref, kv_at + j * block_c, block_c) * scale).astype(dt) \
+            * norm_ref[weights, cs].astype(dt)
+
+        @pl.when(j == 0)
+        def _():
+            rotated(kv_ref, kv_at + latent, k_pe_ref, lambda ds: (layer, b, pos, ds))
+
+
+@functools.partial(jax.jit, static_argnames=("q_at", "kv_at", "eps", "block_c", "num_warps", "interpret"))
+def absorbed_query(q_parts, kv_parts, k_b, kv_norm, cos, sin, c_kv, k_pe, weights_layer, cache_layer, pos, *,
+                   q_at: int, kv_at: int, eps: float, block_c: int = 64, num_warps: int = 4,
+                   interpret: bool | None = None):
+    """Decoding's attention inputs in one kernel, from the float32 partial products of `stacked_partials`:
+    the query with W_UK folded in and the roped q_pe, and the normalised latent and roped k_pe of the new token
+    written into the cache. Replaces XLA's partial sums, the latent's RMSNorm, both RoPEs, the W_UK product and
+    the two cache updates of a step.
+
+    q_parts [S, R, *] holds each row's query product (heads side by side, each [nope | rope]) at columns q_at..,
+    kv_parts [S', R, *] its kv_a product [latent | rope] at kv_at.. (R >= B rows; the two may be one array).
+    k_b [L', C, H, nope] and kv_norm [L', C]: the stacks, read at weights_layer; cos, sin [B, rope / 2] float32;
+    c_kv [L, B, T, C], k_pe [L, B, T, rope]: the cache (aliased: updated in place inside a jitted step) at
+    cache_layer, slot pos[b].
+    Returns (q_lat [B, H, C], q_pe [B, H, rope] in the cache's dtype, c_kv, k_pe).
+    """
+    L, B, T, C = c_kv.shape
+    H, nope, rope = k_b.shape[2], k_b.shape[3], k_pe.shape[3]
+    if (k_b.shape[1] != C or kv_norm.shape[1:] != (C,) or cos.shape != (B, rope // 2) or pos.shape != (B,)
+            or q_parts.shape[1] < B or kv_parts.shape[1] < B):
+        raise ValueError(f"absorbed_query: W_UK {k_b.shape}, norm {kv_norm.shape}, cos {cos.shape}, positions "
+                         f"{pos.shape} against a cache {c_kv.shape} and partials {q_parts.shape}, {kv_parts.shape}")
+    block_c = decode_block(block_c, C)
+    dt = c_kv.dtype
+    layers = jnp.stack([jnp.asarray(weights_layer, jnp.int32), jnp.asarray(cache_layer, jnp.int32)])
+    return pl.pallas_call(
+        functools.partial(_absorbed_query_kernel, q_at=q_at, kv_at=kv_at, nope=nope, block_c=block_c, eps=eps),
+        out_shape=[jax.ShapeDtypeStruct((B, H, C), dt), jax.ShapeDtypeStruct((B, H, rope), dt),
+                   jax.ShapeDtypeStruct(c_kv.shape, dt), jax.ShapeDtypeStruct(k_pe.shape, k_pe.dtype)],
+        grid=(B, H, C // block_c),
+        in_specs=[pl.no_block_spec] * 10,
+        out_specs=[pl.no_block_spec] * 4,
+        input_output_aliases={8: 2, 9: 3},
+        name="absorbed_query",
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpreted(interpret),
+    )(layers, pos.astype(jnp.int32), q_parts, kv_parts, k_b, kv_norm, cos.astype(jnp.float32),
+      sin.astype(jnp.float32), c_kv, k_pe)

@@ -175,13 +175,19 @@ def decode_forward(model, cache: KVCache, tokens):
     mask = jnp.arange(T)[None, None, :] <= pos[:, None, None]  # [B, 1, T]: the row's tokens and the new one
 
     def attend(attn, h, li, c_kv_all, k_pe_all, projections):
+        kernels = (projections is not None and latent_attention_fits(model.config, T)
+                   and c_kv_all.dtype == attn.dtype)
+        if kernels:  # the kernels read the layer out of the whole cache
+            inputs = attn.absorbed_inputs(h, cos, sin, projections, LatentCache(c_kv_all, k_pe_all, li, pos))
+            if inputs is not None:
+                q_lat, q_pe, cache = inputs
+                return attn.attend_latent(q_lat, q_pe, projections, cache), cache.c_kv, cache.k_pe
         products = None if projections is None else attn.input_products(h, projections)
         q_nope, q_pe = attn.query(h, cos, sin, projections, products)
         c_kv, k_pe = attn.latent(h, cos, sin, projections, products)
         c_kv_all, k_pe_all = (_write_slot(a, li, pos, new) for a, new in ((c_kv_all, c_kv), (k_pe_all, k_pe)))
-        if (projections is not None and latent_attention_fits(model.config, T)
-                and c_kv_all.dtype == attn.dtype):
-            cache = LatentCache(c_kv_all, k_pe_all, li, pos)  # the kernel reads the layer out of the whole cache
+        if kernels:
+            cache = LatentCache(c_kv_all, k_pe_all, li, pos)
             return attn.absorbed(q_nope, q_pe, None, None, None, projections, cache), c_kv_all, k_pe_all
         keys_c = _layer_slice(c_kv_all, li).astype(attn.dtype)
         keys_pe = _layer_slice(k_pe_all, li).astype(attn.dtype)

@@ -552,25 +552,34 @@ def _stacked_matvec_kernel(layer_ref, x_ref, *refs, rows, block_k, block_n, dtyp
             pl.when((n >= first) & (n < end))(functools.partial(product, w_ref, first))
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "partial_sums", "block_k", "block_n", "num_warps",
-                                             "num_stages", "programs", "interpret"))
-def stacked_matvec(x, w, layer=None, *, dtype=None, partial_sums: bool = False,
-                   block_k: int = MATVEC_TILES["block_k"], block_n: int = MATVEC_TILES["block_n"],
-                   num_warps: int = MATVEC_TILES["num_warps"], num_stages: int = MATVEC_TILES["num_stages"],
-                   programs: int | None = None, interpret: bool | None = None):
+def stacked_matvec(x, w, layer=None, *, dtype=None, **options):
     """x [T, K] (T <= 16 tokens) times w [K, N], or times layer `layer` (an int32 scalar) of w [L, K, N] read by
     the kernel itself (a slice handed to a kernel would first be copied whole): [T, N] float32. w a tuple of such
     weights (one K): one kernel for all, a tuple of products.
 
-    For decoding, where XLA turns such products into multiply-and-reduce fusions. The tokens are the rows of one
-    tensor-core tile; programs of block_n columns each split the contraction into up to `programs` / (N / block_n)
-    parts (powers of two; default MATVEC_TILES' programs, more for one token), whose float32 partial sums are
-    added outside. dtype: the operands' type in the products (default x's; float32: exact float32 products, x and
-    w converted in the kernel). partial_sums: return the [parts, R, N] partial sums instead (R >= T rows, the
-    tokens first), for a kernel that adds them itself.
+    For decoding, where XLA turns such products into multiply-and-reduce fusions: `stacked_partials`' products
+    (options: its tiles) with their float32 partial sums added by XLA. dtype: the operands' type in the products
+    (default x's; float32: exact float32 products, x and w converted in the kernel).
     """
     several = isinstance(w, (tuple, list))
     ws = tuple(w) if several else (w,)
+    out = stacked_partials(x, ws, layer, dtype=dtype, **options).sum(axis=0)[:x.shape[0]]
+    ends = tuple(itertools.accumulate(a.shape[-1] for a in ws))
+    parts = tuple(out[..., end - a.shape[-1]:end] for a, end in zip(ws, ends))
+    return parts if several else parts[0]
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "block_k", "block_n", "num_warps", "num_stages", "programs",
+                                             "interpret"))
+def stacked_partials(x, w, layer=None, *, dtype=None, block_k: int = MATVEC_TILES["block_k"],
+                     block_n: int = MATVEC_TILES["block_n"], num_warps: int = MATVEC_TILES["num_warps"],
+                     num_stages: int = MATVEC_TILES["num_stages"], programs: int | None = None,
+                     interpret: bool | None = None):
+    """`stacked_matvec`'s kernel, returning its partial sums [S, R, N1 + N2 + ...] float32 (the products' columns
+    side by side, in the order of the weights w (one, or a tuple); R >= T rows, the tokens first), for a kernel
+    that adds them itself. Programs of block_n columns each split the contraction into S = up to `programs` /
+    (N / block_n) parts (powers of two; default MATVEC_TILES' programs, more for one token)."""
+    ws = tuple(w) if isinstance(w, (tuple, list)) else (w,)
     if layer is None:
         ws, layer = tuple(a[None] for a in ws), 0
     T, K = x.shape
@@ -586,7 +595,7 @@ def stacked_matvec(x, w, layer=None, *, dtype=None, partial_sums: bool = False,
         splits *= 2
     rows = 1 if T == 1 else MATVEC_MAX_TOKENS
     x = jnp.pad(x, ((0, rows - T), (0, 0)))
-    out = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_stacked_matvec_kernel, rows=K // splits, block_k=block_k, block_n=block_n,
                           dtype=jnp.dtype(dtype or x.dtype), blocks=blocks),
         out_shape=jax.ShapeDtypeStruct((splits, rows, sum(widths)), jnp.float32),
@@ -597,7 +606,3 @@ def stacked_matvec(x, w, layer=None, *, dtype=None, partial_sums: bool = False,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpreted(interpret),
     )(jnp.asarray(layer, jnp.int32).reshape(1), x, *ws)
-    if not partial_sums:
-        out = out.sum(axis=0)[:T]
-    parts = tuple(out[..., a * block_n:b * block_n] for a, b in zip(blocks, blocks[1:]))
-    return parts if several else parts[0]

@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import sharding
 from .config import ModelConfig
-from .grouped_matmul import (chosen_experts_mlp, grouped_matmul, interpreted, stacked_matvec, tiles_fit,
+from .grouped_matmul import (chosen_experts_mlp, grouped_matmul, interpreted, stacked_partials, tiles_fit,
                              use_chosen_experts)
 from .layers import MLP, cast, param
 from .sharding import constrain
@@ -108,7 +108,7 @@ def route_kernel(config: ModelConfig, partials: jnp.ndarray, tokens: int, interp
                  ) -> RouterOutput:
     """Decoding's routing in one kernel (Pallas, Triton; `routes_on_kernel` configs), the same as `route` of the
     logits partials.sum(0)[:tokens]: partials [S, R >= tokens, E] float32 are the router's split products
-    (`stacked_matvec(..., partial_sums=True)`). Replaces XLA's sum, softmax, sort and slices of a step."""
+    (`stacked_partials`). Replaces XLA's sum, softmax, sort and slices of a step."""
     c = config
     K, E = c.num_experts_per_tok, c.num_experts
     if not routes_on_kernel(c) or partials.ndim != 3 or partials.shape[1] < tokens or partials.shape[2] != E:
@@ -403,8 +403,8 @@ class MoE(nnx.Module):
         if (decoding and mesh is None and capacity_factor is None and
                 use_chosen_experts(B * S * c.num_experts_per_tok, c.num_experts, D, c.moe_intermediate_size)):
             if stacks is not None and stacks.router is not None and tiles_fit(D, c.num_experts):  # fp32 logits
-                partials = stacked_matvec(xt, stacks.router, stacks.layer, dtype=jnp.float32,
-                                          partial_sums=True, block_n=ROUTER_BLOCK_N)
+                partials = stacked_partials(xt, stacks.router, stacks.layer, dtype=jnp.float32,
+                                            block_n=ROUTER_BLOCK_N)
                 r = (route_kernel(c, partials, B * S) if routes_on_kernel(c)
                      else route(c, partials.sum(axis=0)[:B * S]))
             else:

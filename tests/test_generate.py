@@ -150,7 +150,7 @@ def test_projections_on_stacked_matvec(q_lora_rank):
     own = ProjectionStacks.of(attn)
     stacks = ProjectionStacks({n: jnp.stack([w * 3, w]) for n, w in own.weights.items()}, jnp.int32(1))
     query = {"q_a_proj", "q_b_proj"} if q_lora_rank else {"q_proj"}
-    assert set(stacks.weights) == query | {"kv_a_proj", "o_proj", "v_b_proj"}
+    assert set(stacks.weights) == query | {"kv_a_proj", "o_proj", "k_b_proj", "v_b_proj"}
     mask = jnp.ones((B, 1, T), bool)
 
     def run(s, together=False):  # the last token decoded against the earlier ones' latents
@@ -208,6 +208,48 @@ def test_latent_attention_matches_reference(dtype):
     assert not latent_attention_fits(ModelConfig.from_preset("tiny"), 1024)  # 4 heads
 
 
+@pytest.mark.parametrize("q_lora_rank", [64, None])
+def test_absorbed_inputs_equal_query_and_latent(q_lora_rank):
+    """MLA.absorbed_inputs (decoding's attention inputs: the layer input's products on stacked_partials, then
+    absorbed_query for the partial sums, the latent's norm, both RoPEs, W_UK and the cache writes; interpreted off
+    GPU) against the module's query, latent and W_UK einsum (float32, 1e-5 relative): layer 1 of the weight stacks,
+    layer 2 of a 3-layer cache, rows at different slots; the rest of the cache is untouched. Both query paths."""
+    from dsv2_jax.attention import LatentCache, ProjectionStacks
+
+    config = ModelConfig.from_preset("tiny").replace(initializer_range=0.15, q_lora_rank=q_lora_rank)
+    attn = MLA(config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(6))
+    attn.kv_a_norm[...] = jnp.linspace(0.5, 1.5, config.kv_lora_rank)
+    if q_lora_rank:
+        attn.q_a_norm[...] = jnp.linspace(1.5, 0.5, q_lora_rank)
+    own = ProjectionStacks.of(attn)
+    stacks = ProjectionStacks({n: jnp.stack([w * 3, w]) for n, w in own.weights.items()}, jnp.int32(1),
+                              jnp.stack([own.kv_a_norm * 2, own.kv_a_norm]))
+    B, L, T, C, R = 3, 3, 16, config.kv_lora_rank, config.qk_rope_head_dim
+    pos = jnp.array([5, 0, 15], jnp.int32)
+    x = jax.random.normal(jax.random.key(7), (B, 1, config.hidden_size))
+    cos, sin = rope_cos_sin(config, pos[:, None])
+    rng = np.random.default_rng(8)
+    cache = LatentCache(jnp.asarray(rng.normal(size=(L, B, T, C)), jnp.float32),
+                        jnp.asarray(rng.normal(size=(L, B, T, R)), jnp.float32), jnp.int32(2), pos)
+    with jax.default_matmul_precision("highest"):
+        q_lat, q_pe, got = jax.jit(attn.absorbed_inputs)(x, cos, sin, stacks, cache)
+        q_nope, q_pe_want = attn.query(x, cos, sin)
+        q_lat_want = jnp.einsum("bqhk,chk->bqhc", q_nope, attn.k_b_proj[...])[:, 0]
+        c_kv, k_pe = attn.latent(x, cos, sin)
+    rows = jnp.arange(B)
+    for g, w in ((q_lat, q_lat_want), (q_pe, q_pe_want[:, 0]), (got.c_kv[2, rows, pos], c_kv[:, 0]),
+                 (got.k_pe[2, rows, pos], k_pe[:, 0])):
+        w = np.asarray(w)
+        assert g.shape == w.shape and np.abs(w).max() > 0.1
+        np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=1e-5 * np.abs(w).max())
+    for new, old in ((got.c_kv, cache.c_kv), (got.k_pe, cache.k_pe)):  # only the new slots changed
+        np.testing.assert_array_equal(np.asarray(new.at[2, rows, pos].set(0)), np.asarray(old.at[2, rows, pos].set(0)))
+    kernels = {name: pallas_calls(lambda v: attn.absorbed_inputs(v, cos, sin, stacks, cache)[0], x, prefix=name)
+               for name in ("stacked_matvec", "absorbed_query")}
+    assert kernels == {"stacked_matvec": 2 if q_lora_rank else 1, "absorbed_query": 1}
+    assert attn.absorbed_inputs(x, cos, sin, stacks._replace(kv_a_norm=None), cache) is None
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_latent_output_matches_reference(dtype):
     """latent_output (the spans combined and W_UV of the chosen layer applied in one kernel; interpreted off GPU)
@@ -250,7 +292,8 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
     cache, logits = gen.prefill(tiny, cache, prompts, chunk_size=4)
     wide = model == "tiny16"  # per layer loop (dense, MoE): q_a with kv_a, q_b, o_proj; router, attention, routing
     for name, want in (("stacked_matvec", 7 if wide else 6), ("latent_attention", 2 if wide else 0),
-                       ("latent_output", 2 if wide else 0), ("route", 1 if wide else 0)):
+                       ("latent_output", 2 if wide else 0), ("route", 1 if wide else 0),
+                       ("absorbed_query", 2 if wide else 0)):
         kernels = pallas_calls(lambda c, t: gen.decode_forward(tiny, c, t)[1], cache, jnp.array([7, 250]), prefix=name)
         assert kernels == (want if projections == "pallas" else 0), name
     for step in range(3):
