@@ -398,15 +398,16 @@ def absorbed_query_fits(config: ModelConfig) -> bool:
             and c.qk_nope_head_dim >= TILE and c.kv_lora_rank >= TILE and c.qk_rope_head_dim >= 2)
 
 
-def _absorbed_query_kernel(layers_ref, pos_ref, q_ref, kv_ref, k_b_ref, norm_ref, cos_ref, sin_ref, c_in, k_in,
+def _absorbed_query_kernel(weights_ref, layer_ref, pos_ref, q_ref, kv_ref, k_b_ref, norm_ref, cos_ref, sin_ref, c_in, k_in,
                            q_lat_ref, q_pe_ref, c_ref, k_pe_ref, *, q_at, kv_at, nope, block_c, eps):
-    """Program (b, h, j): latents j·block_c.. of head h's query with W_UK folded in (row b); j = 0 also its roped
-    q_pe; h = 0 writes the normalised latent's block j (and j = 0 the roped k_pe) into the cache at slot pos[b]."""
+    """Program (b, h, j), h < H: latents j·block_c.. of head h's query with W_UK folded in (row b), j = 0 also its
+    roped q_pe; h = H: block j of the normalised latent (j = 0 also the roped k_pe) written into the cache at slot
+    pos[b]. (The latent's programs apart from the heads': no program waits on both.)"""
     del c_in, k_in  # aliased to c_ref, k_pe_ref
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    weights, layer, pos = layers_ref[0], layers_ref[1], pos_ref[b]
+    weights, layer, pos = weights_ref[0], layer_ref[0], pos_ref[b]
     dt, f32 = q_lat_ref.dtype, jnp.float32
-    rope, latent = q_pe_ref.shape[2], c_ref.shape[3]
+    heads, rope, latent = q_lat_ref.shape[1], q_pe_ref.shape[2], c_ref.shape[3]
     half, cs = rope // 2, pl.ds(j * block_c, block_c)
 
     def product(ref, start, size, stride=1):  # the partials summed and rounded to dt, as the XLA path rounds them
@@ -418,18 +419,20 @@ def _absorbed_query_kernel(layers_ref, pos_ref, q_ref, kv_ref, k_b_ref, norm_ref
         out[index(pl.ds(0, half, 2))] = (x0 * cos - x1 * sin).astype(out.dtype)
         out[index(pl.ds(1, half, 2))] = (x0 * sin + x1 * cos).astype(out.dtype)
 
-    q_at = q_at + h * (nope + rope)
-    q_nope = jnp.broadcast_to(product(q_ref, q_at, nope).astype(dt)[None, :], (TILE, nope))
-    w_uk = k_b_ref[weights, cs, h, :]  # [block_c, nope]
-    q_lat = jax.lax.dot_general(q_nope, w_uk.astype(dt), (((1,), (1,)), ((), ())), precision=dot_precision(dt),
-                                preferred_element_type=f32)
-    q_lat_ref[b, h, cs] = q_lat.max(axis=0).astype(dt)  # the 16 equal rows
-
-    @pl.when(j == 0)
+    @pl.when(h < heads)
     def _():
-        rotated(q_ref, q_at + nope, q_pe_ref, lambda ds: (b, h, ds))
+        start = q_at + h * (nope + rope)
+        q_nope = jnp.broadcast_to(product(q_ref, start, nope).astype(dt)[None, :], (TILE, nope))
+        w_uk = k_b_ref[weights, cs, h, :]  # [block_c, nope]
+        q_lat = jax.lax.dot_general(q_nope, w_uk.astype(dt), (((1,), (1,)), ((), ())),
+                                    precision=dot_precision(dt), preferred_element_type=f32)
+        q_lat_ref[b, h, cs] = q_lat.max(axis=0).astype(dt)  # the 16 equal rows
 
-    @pl.when(h == 0)
+        @pl.when(j == 0)
+        def _():
+            rotated(q_ref, start + nope, q_pe_ref, lambda ds: (b, h, ds))
+
+    @pl.when(h == heads)
     def _():
         kv = product(kv_ref, kv_at, latent)
         scale = jax.lax.rsqrt((kv * kv).sum() / latent + eps)
@@ -443,7 +446,7 @@ def _absorbed_query_kernel(layers_ref, pos_ref, q_ref, kv_ref, k_b_ref, norm_ref
 
 @functools.partial(jax.jit, static_argnames=("q_at", "kv_at", "eps", "block_c", "num_warps", "interpret"))
 def absorbed_query(q_parts, kv_parts, k_b, kv_norm, cos, sin, c_kv, k_pe, weights_layer, cache_layer, pos, *,
-                   q_at: int, kv_at: int, eps: float, block_c: int = 64, num_warps: int = 4,
+                   q_at: int, kv_at: int, eps: float, block_c: int = 64, num_warps: int = 2,
                    interpret: bool | None = None):
     """Decoding's attention inputs in one kernel, from the float32 partial products of `stacked_partials`:
     the query with W_UK folded in and the roped q_pe, and the normalised latent and roped k_pe of the new token
@@ -465,17 +468,17 @@ def absorbed_query(q_parts, kv_parts, k_b, kv_norm, cos, sin, c_kv, k_pe, weight
                          f"{pos.shape} against a cache {c_kv.shape} and partials {q_parts.shape}, {kv_parts.shape}")
     block_c = decode_block(block_c, C)
     dt = c_kv.dtype
-    layers = jnp.stack([jnp.asarray(weights_layer, jnp.int32), jnp.asarray(cache_layer, jnp.int32)])
+    index = lambda i: jnp.asarray(i, jnp.int32).reshape(1)  # noqa: E731
     return pl.pallas_call(
         functools.partial(_absorbed_query_kernel, q_at=q_at, kv_at=kv_at, nope=nope, block_c=block_c, eps=eps),
         out_shape=[jax.ShapeDtypeStruct((B, H, C), dt), jax.ShapeDtypeStruct((B, H, rope), dt),
                    jax.ShapeDtypeStruct(c_kv.shape, dt), jax.ShapeDtypeStruct(k_pe.shape, k_pe.dtype)],
-        grid=(B, H, C // block_c),
-        in_specs=[pl.no_block_spec] * 10,
+        grid=(B, H + 1, C // block_c),
+        in_specs=[pl.no_block_spec] * 11,
         out_specs=[pl.no_block_spec] * 4,
-        input_output_aliases={8: 2, 9: 3},
+        input_output_aliases={9: 2, 10: 3},
         name="absorbed_query",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpreted(interpret),
-    )(layers, pos.astype(jnp.int32), q_parts, kv_parts, k_b, kv_norm, cos.astype(jnp.float32),
+    )(index(weights_layer), index(cache_layer), pos.astype(jnp.int32), q_parts, kv_parts, k_b, kv_norm, cos.astype(jnp.float32),
       sin.astype(jnp.float32), c_kv, k_pe)
