@@ -398,8 +398,8 @@ def absorbed_query_fits(config: ModelConfig) -> bool:
             and c.qk_nope_head_dim >= TILE and c.kv_lora_rank >= TILE and c.qk_rope_head_dim >= 2)
 
 
-def _absorbed_query_kernel(weights_ref, layer_ref, pos_ref, q_ref, kv_ref, k_b_ref, norm_ref, cos_ref, sin_ref, c_in, k_in,
-                           q_lat_ref, q_pe_ref, c_ref, k_pe_ref, *, q_at, kv_at, nope, block_c, eps):
+def _absorbed_query_kernel(weights_ref, layer_ref, pos_ref, q_ref, kv_ref, k_b_ref, norm_ref, cos_ref, sin_ref,
+                           c_in, k_in, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, *, q_at, kv_at, nope, block_c, eps):
     """Program (b, h, j), h < H: latents j·block_c.. of head h's query with W_UK folded in (row b), j = 0 also its
     roped q_pe; h = H: block j of the normalised latent (j = 0 also the roped k_pe) written into the cache at slot
     pos[b]. (The latent's programs apart from the heads': no program waits on both.)"""
@@ -480,5 +480,5 @@ def absorbed_query(q_parts, kv_parts, k_b, kv_norm, cos, sin, c_kv, k_pe, weight
         name="absorbed_query",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpreted(interpret),
-    )(index(weights_layer), index(cache_layer), pos.astype(jnp.int32), q_parts, kv_parts, k_b, kv_norm, cos.astype(jnp.float32),
-      sin.astype(jnp.float32), c_kv, k_pe)
+    )(index(weights_layer), index(cache_layer), pos.astype(jnp.int32), q_parts, kv_parts, k_b, kv_norm,
+      cos.astype(jnp.float32), sin.astype(jnp.float32), c_kv, k_pe)

@@ -453,7 +453,8 @@ def chosen_experts_mlp(x, experts, gate, up, down, shared=None, layer=None, *, b
     whole (measured: 0.9 ms per V2-Lite layer).
     Returns [T, K + S, D] float32: each expert's output, unweighted. Two kernels: gate/up with the activation
     (its output rounded to x.dtype, as the grouped path rounds), then down. Tiles (default DECODE_TILES;
-    FEW_TOKEN_TILES up to FEW_TOKENS tokens) shrink to powers of two dividing D and I (multiples of 16). interpret: run in Pallas's interpreter (default: off GPU).
+    FEW_TOKEN_TILES up to FEW_TOKENS tokens) shrink to powers of two dividing D and I (multiples of 16).
+    interpret: run in Pallas's interpreter (default: off GPU).
     """
     if layer is None:
         gate, up, down = gate[None], up[None], down[None]
