@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from .attention import LatentCache, ProjectionStacks, latent_attention_fits
 from .config import ModelConfig
 from .grouped_matmul import use_stacked_matvec
+from .layers import rms_norm_rows, rms_norm_rows_fits
 from .model import layer_runs, split_layers
 from .moe import ExpertStacks
 from .rope import rope_cos_sin
@@ -84,8 +85,8 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
     latent into the cache and attends over it. decoding: the MoE layers may take their decoding kernels
     (MoE.__call__), which read each layer's experts out of the whole stacks; on one device with few tokens
     (grouped_matmul.use_stacked_matvec) the attention projections and routers run on `stacked_matvec` the same
-    way (`projections`: the layer's ProjectionStacks, else None), and decoding's attention over the latents on
-    `attention.latent_attention`.
+    way (`projections`: the layer's ProjectionStacks, else None), decoding's attention over the latents on
+    `attention.latent_attention`, and the two norms on `rms_norm_rows`.
     """
     B, S = x.shape[:2]
     matvec = decoding and current_mesh() is None and use_stacked_matvec(B * S)
@@ -95,17 +96,27 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
         graphdef, state = split_layers(stack, start, count)
         experts = ExpertStacks.of(stack.mlp, router=matvec) if decoding and kind == "moe" else None
         projections = ProjectionStacks.of(stack.attn) if matvec else None
+        # the norms' stacked weights, for rms_norm_rows (one kernel per norm where XLA runs two)
+        norms = ((stack.input_norm, stack.post_attention_norm) if matvec and rms_norm_rows_fits(x.shape[-1])
+                 else None)
 
-        def body(i, carry, graphdef=graphdef, state=state, experts=experts, projections=projections, first=first,
-                 start=start):
+        def body(i, carry, graphdef=graphdef, state=state, experts=experts, projections=projections, norms=norms,
+                 first=first, start=start):
             h, c_kv, k_pe = carry
             # the layer indices come from the loop counter: scanning over index arrays would slice them (copies)
             li, stack_index = first + i, start + i
             layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+            def norm(which: int, h):
+                if norms is None:
+                    return (layer.input_norm, layer.post_attention_norm)[which](h)
+                n = norms[which]
+                return rms_norm_rows(h, n.weight[...], stack_index, eps=n.eps, dtype=n.dtype)
+
             here = None if projections is None else projections._replace(layer=stack_index)
-            a, c_kv, k_pe = attend(layer.attn, layer.input_norm(h), li, c_kv, k_pe, here)
+            a, c_kv, k_pe = attend(layer.attn, norm(0, h), li, c_kv, k_pe, here)
             h = h + a
-            h_norm = layer.post_attention_norm(h)
+            h_norm = norm(1, h)
             if layer.is_moe:
                 y = layer.mlp(h_norm, decoding=decoding,
                               stacks=None if experts is None else experts._replace(layer=stack_index))[0]

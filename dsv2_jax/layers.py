@@ -8,7 +8,10 @@ import os
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
+from .grouped_matmul import interpreted
 from .sharding import constrain
 
 
@@ -63,6 +66,41 @@ def rms_norm(x, weight, eps, dtype):
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return xf.astype(dtype) * weight.astype(dtype)
+
+
+def rms_norm_rows_fits(width: int) -> bool:
+    """Whether `rms_norm_rows` takes rows of this width (a power of two: the kernel loads a row whole)."""
+    return width > 0 and width & (width - 1) == 0
+
+
+def _rms_norm_rows_kernel(layer_ref, x_ref, w_ref, o_ref, *, eps):
+    """Program b: row b of x normalised, times the weights of layer layer_ref[0] (as `rms_norm`)."""
+    b = pl.program_id(0)
+    x = x_ref[b, :].astype(jnp.float32)
+    x = x * jax.lax.rsqrt((x * x).sum() / x.shape[0] + eps)
+    o_ref[b, :] = x.astype(o_ref.dtype) * w_ref[layer_ref[0], :].astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "dtype", "interpret"))
+def rms_norm_rows(x, weight, layer, *, eps: float, dtype, interpret: bool | None = None):
+    """`rms_norm` of a decoding step's rows x [..., D] in one kernel (XLA runs a reduce and an apply kernel), with
+    layer `layer` (an int32 scalar) of stacked weights [L, D], read by the kernel (a slice handed to a kernel would be
+    copied). D a power of two (`rms_norm_rows_fits`). interpret: Pallas's interpreter (default: off GPU)."""
+    D = x.shape[-1]
+    if weight.ndim != 2 or weight.shape[1] != D or not rms_norm_rows_fits(D):
+        raise ValueError(f"rms_norm_rows: rows of {D} (a power of two) against stacked weights {weight.shape}")
+    rows = x.reshape(-1, D)
+    out = pl.pallas_call(
+        functools.partial(_rms_norm_rows_kernel, eps=eps),
+        out_shape=jax.ShapeDtypeStruct(rows.shape, dtype),
+        grid=(rows.shape[0],),
+        in_specs=[pl.no_block_spec] * 3,
+        out_specs=pl.no_block_spec,
+        name="rms_norm_rows",
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpreted(interpret),
+    )(jnp.asarray(layer, jnp.int32).reshape(1), rows, weight)
+    return out.reshape(x.shape)
 
 
 class MLP(nnx.Module):

@@ -251,6 +251,26 @@ def test_absorbed_inputs_equal_query_and_latent(q_lora_rank):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rms_norm_rows_matches_rms_norm(dtype):
+    """rms_norm_rows (decoding's norms in one kernel; interpreted off GPU) equals `rms_norm` with the chosen layer's
+    weights: 1 and 3 rows, float32 within 1e-6, bf16 within one bf16 rounding; widths that are not a power of two
+    are refused."""
+    from dsv2_jax.layers import rms_norm, rms_norm_rows
+
+    rng = np.random.default_rng(15)
+    w = jnp.asarray(rng.uniform(0.5, 1.5, (3, 64)), jnp.float32)
+    for rows in (1, 3):
+        x = jnp.asarray(rng.normal(size=(rows, 1, 64)) * 3, dtype)
+        got = rms_norm_rows(x, w, jnp.int32(2), eps=1e-6, dtype=jnp.dtype(dtype))
+        want = rms_norm(x, w[2], 1e-6, jnp.dtype(dtype))
+        assert got.shape == want.shape and got.dtype == want.dtype
+        tol = 1e-6 if dtype == "float32" else 2 ** -7
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=1e-6)
+    with pytest.raises(ValueError, match="power of two"):
+        rms_norm_rows(jnp.zeros((1, 48)), jnp.ones((1, 48)), 0, eps=1e-6, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_latent_output_matches_reference(dtype):
     """latent_output (the spans combined and W_UV of the chosen layer applied in one kernel; interpreted off GPU)
     against float64 numpy of combine_spans, the combined output rounded to the dtype as the XLA path rounds it:
@@ -282,7 +302,7 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
     """Prefill, then absorbed decode steps of chosen tokens: logits equal the full (expanded) forward pass, with the
     decoding step's experts on the sorted grouped path or the chosen-experts kernels, and its attention projections
     on XLA or on stacked_matvec, its attention over the latents (16 heads) on latent_attention, its routing (16
-    experts, greedy) on stacked_matvec and route_kernel (kernels interpreted off GPU)."""
+    experts, greedy) on stacked_matvec and route_kernel, its norms on rms_norm_rows (kernels interpreted off GPU)."""
     tiny = request.getfixturevalue(model)
     decode_kernels(experts, projections)
     prompts = random_prompts(256, (6, 3))
@@ -293,7 +313,7 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
     wide = model == "tiny16"  # per layer loop (dense, MoE): q_a with kv_a, q_b, o_proj; router, attention, routing
     for name, want in (("stacked_matvec", 7 if wide else 6), ("latent_attention", 2 if wide else 0),
                        ("latent_output", 2 if wide else 0), ("route", 1 if wide else 0),
-                       ("absorbed_query", 2 if wide else 0)):
+                       ("absorbed_query", 2 if wide else 0), ("rms_norm_rows", 4)):
         kernels = pallas_calls(lambda c, t: gen.decode_forward(tiny, c, t)[1], cache, jnp.array([7, 250]), prefix=name)
         assert kernels == (want if projections == "pallas" else 0), name
     for step in range(3):
