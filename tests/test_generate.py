@@ -213,7 +213,8 @@ def test_absorbed_inputs_equal_query_and_latent(q_lora_rank):
     """MLA.absorbed_inputs (decoding's attention inputs: the layer input's products on stacked_partials, then
     absorbed_query for the partial sums, the latent's norm, both RoPEs, W_UK and the cache writes; interpreted off
     GPU) against the module's query, latent and W_UK einsum (float32, 1e-5 relative): layer 1 of the weight stacks,
-    layer 2 of a 3-layer cache, rows at different slots; the rest of the cache is untouched. Both query paths."""
+    layer 2 of a 3-layer cache, three rows at different slots and one row; the rest of the cache is untouched. Both
+    query paths."""
     from dsv2_jax.attention import LatentCache, ProjectionStacks
 
     config = ModelConfig.from_preset("tiny").replace(initializer_range=0.15, q_lora_rank=q_lora_rank)
@@ -224,26 +225,28 @@ def test_absorbed_inputs_equal_query_and_latent(q_lora_rank):
     own = ProjectionStacks.of(attn)
     stacks = ProjectionStacks({n: jnp.stack([w * 3, w]) for n, w in own.weights.items()}, jnp.int32(1),
                               jnp.stack([own.kv_a_norm * 2, own.kv_a_norm]))
-    B, L, T, C, R = 3, 3, 16, config.kv_lora_rank, config.qk_rope_head_dim
-    pos = jnp.array([5, 0, 15], jnp.int32)
-    x = jax.random.normal(jax.random.key(7), (B, 1, config.hidden_size))
-    cos, sin = rope_cos_sin(config, pos[:, None])
+    L, T, C, R = 3, 16, config.kv_lora_rank, config.qk_rope_head_dim
     rng = np.random.default_rng(8)
-    cache = LatentCache(jnp.asarray(rng.normal(size=(L, B, T, C)), jnp.float32),
-                        jnp.asarray(rng.normal(size=(L, B, T, R)), jnp.float32), jnp.int32(2), pos)
-    with jax.default_matmul_precision("highest"):
-        q_lat, q_pe, got = jax.jit(attn.absorbed_inputs)(x, cos, sin, stacks, cache)
-        q_nope, q_pe_want = attn.query(x, cos, sin)
-        q_lat_want = jnp.einsum("bqhk,chk->bqhc", q_nope, attn.k_b_proj[...])[:, 0]
-        c_kv, k_pe = attn.latent(x, cos, sin)
-    rows = jnp.arange(B)
-    for g, w in ((q_lat, q_lat_want), (q_pe, q_pe_want[:, 0]), (got.c_kv[2, rows, pos], c_kv[:, 0]),
-                 (got.k_pe[2, rows, pos], k_pe[:, 0])):
-        w = np.asarray(w)
-        assert g.shape == w.shape and np.abs(w).max() > 0.1
-        np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=1e-5 * np.abs(w).max())
-    for new, old in ((got.c_kv, cache.c_kv), (got.k_pe, cache.k_pe)):  # only the new slots changed
-        np.testing.assert_array_equal(np.asarray(new.at[2, rows, pos].set(0)), np.asarray(old.at[2, rows, pos].set(0)))
+    for slots in ([5, 0, 15], [9]):  # several rows, and one (the one-token products)
+        B, pos = len(slots), jnp.array(slots, jnp.int32)
+        x = jax.random.normal(jax.random.key(7), (B, 1, config.hidden_size))
+        cos, sin = rope_cos_sin(config, pos[:, None])
+        cache = LatentCache(jnp.asarray(rng.normal(size=(L, B, T, C)), jnp.float32),
+                            jnp.asarray(rng.normal(size=(L, B, T, R)), jnp.float32), jnp.int32(2), pos)
+        with jax.default_matmul_precision("highest"):
+            q_lat, q_pe, got = jax.jit(attn.absorbed_inputs)(x, cos, sin, stacks, cache)
+            q_nope, q_pe_want = attn.query(x, cos, sin)
+            q_lat_want = jnp.einsum("bqhk,chk->bqhc", q_nope, attn.k_b_proj[...])[:, 0]
+            c_kv, k_pe = attn.latent(x, cos, sin)
+        rows = jnp.arange(B)
+        for g, w in ((q_lat, q_lat_want), (q_pe, q_pe_want[:, 0]), (got.c_kv[2, rows, pos], c_kv[:, 0]),
+                     (got.k_pe[2, rows, pos], k_pe[:, 0])):
+            w = np.asarray(w)
+            assert g.shape == w.shape and np.abs(w).max() > 0.1
+            np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=1e-5 * np.abs(w).max())
+        for new, old in ((got.c_kv, cache.c_kv), (got.k_pe, cache.k_pe)):  # only the new slots changed
+            np.testing.assert_array_equal(np.asarray(new.at[2, rows, pos].set(0)),
+                                          np.asarray(old.at[2, rows, pos].set(0)))
     kernels = {name: pallas_calls(lambda v: attn.absorbed_inputs(v, cos, sin, stacks, cache)[0], x, prefix=name)
                for name in ("stacked_matvec", "absorbed_query")}
     assert kernels == {"stacked_matvec": 2 if q_lora_rank else 1, "absorbed_query": 1}
