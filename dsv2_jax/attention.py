@@ -22,8 +22,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .config import ModelConfig
-from .grouped_matmul import (TILE, decode_block, dot_precision, interpreted, matvecs, stacked_matvec,
-                             stacked_partials, tiles_fit)
+from .grouped_matmul import (TILE, decode_block, dot_precision, interpreted, matvecs, power_of_two,
+                             stacked_matvec, stacked_partials, tiles_fit)
 from .layers import cast, kernel_backend, param, rms_norm
 from .rope import apply_rope
 from .sharding import constrain, per_shard
@@ -393,8 +393,7 @@ def absorbed_query_fits(config: ModelConfig) -> bool:
     """Whether `absorbed_query` takes this model's widths (the nope and latent widths powers of two of at least 16
     and a power-of-two rope width: the kernel's tiles)."""
     c = config
-    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
-    return (pow2(c.qk_nope_head_dim) and pow2(c.kv_lora_rank) and pow2(c.qk_rope_head_dim)
+    return (all(map(power_of_two, (c.qk_nope_head_dim, c.kv_lora_rank, c.qk_rope_head_dim)))
             and c.qk_nope_head_dim >= TILE and c.kv_lora_rank >= TILE and c.qk_rope_head_dim >= 2)
 
 

@@ -338,6 +338,11 @@ def tiles_fit(*widths: int) -> bool:
     return all(w % TILE == 0 for w in widths)
 
 
+def power_of_two(n: int) -> bool:
+    """Whether n is a power of two, as a Triton block that a kernel loads whole must be."""
+    return n > 0 and n & (n - 1) == 0
+
+
 def dot_precision(dtype):
     """A decoding kernel's dot precision for operands of `dtype`: float32 exact (Triton would use TF32)."""
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None

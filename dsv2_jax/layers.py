@@ -11,7 +11,7 @@ from flax import nnx
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .grouped_matmul import interpreted
+from .grouped_matmul import interpreted, power_of_two
 from .sharding import constrain
 
 
@@ -70,7 +70,7 @@ def rms_norm(x, weight, eps, dtype):
 
 def rms_norm_rows_fits(width: int) -> bool:
     """Whether `rms_norm_rows` takes rows of this width (a power of two: the kernel loads a row whole)."""
-    return width > 0 and width & (width - 1) == 0
+    return power_of_two(width)
 
 
 def _rms_norm_rows_kernel(layer_ref, x_ref, w_ref, o_ref, *, eps):

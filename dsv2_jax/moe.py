@@ -36,8 +36,8 @@ from jax.sharding import PartitionSpec as P
 
 from . import sharding
 from .config import ModelConfig
-from .grouped_matmul import (chosen_experts_mlp, grouped_matmul, interpreted, stacked_partials, tiles_fit,
-                             use_chosen_experts)
+from .grouped_matmul import (chosen_experts_mlp, grouped_matmul, interpreted, power_of_two, stacked_partials,
+                             tiles_fit, use_chosen_experts)
 from .layers import MLP, cast, param
 from .sharding import constrain
 
@@ -79,7 +79,7 @@ def route(config: ModelConfig, logits: jnp.ndarray) -> RouterOutput:
 def routes_on_kernel(config: ModelConfig) -> bool:
     """Whether `route_kernel` takes this model's routing: greedy top-k over a power-of-two number of experts."""
     E = config.num_experts
-    return config.topk_method == "greedy" and E & (E - 1) == 0 and config.num_experts_per_tok <= E
+    return config.topk_method == "greedy" and power_of_two(E) and config.num_experts_per_tok <= E
 
 
 def _route_kernel(partials_ref, scores_ref, weights_ref, experts_ref, *, top_k, norm, scaling):
