@@ -588,7 +588,8 @@ def stacked_partials(x, w, layer=None, *, dtype=None, block_k: int = MATVEC_TILE
     """`stacked_matvec`'s kernel, returning its partial sums [S, R, N1 + N2 + ...] float32 (the products' columns
     side by side, in the order of the weights w (one, or a tuple); R >= T rows, the tokens first), for a kernel
     that adds them itself. Programs of block_n columns each split the contraction into S = up to `programs` /
-    (N / block_n) parts (powers of two; default MATVEC_TILES' programs, more for one token)."""
+    (N / block_n) parts of whole blocks of block_k (default MATVEC_TILES' programs, more for one token; S is a
+    power of two where K / block_k is)."""
     ws = tuple(w) if isinstance(w, (tuple, list)) else (w,)
     if layer is None:
         ws, layer = tuple(a[None] for a in ws), 0
@@ -600,9 +601,9 @@ def stacked_partials(x, w, layer=None, *, dtype=None, block_k: int = MATVEC_TILE
     block_k, block_n = decode_block(block_k, K), decode_block(block_n, *widths)
     blocks = tuple(itertools.accumulate((n // block_n for n in widths), initial=0))
     programs = programs or MATVEC_TILES["one_token_programs" if T == 1 else "programs"]
-    splits = 1
-    while 2 * splits * blocks[-1] <= programs and K % (2 * splits * block_k) == 0:
-        splits *= 2
+    # the most parts of whole blocks that fit the programs (a power of two where K / block_k is one)
+    splits = max((d for d in range(2, K // block_k + 1) if (K // block_k) % d == 0 and d * blocks[-1] <= programs),
+                 default=1)
     rows = 1 if T == 1 else MATVEC_MAX_TOKENS
     x = jnp.pad(x, ((0, rows - T), (0, 0)))
     return pl.pallas_call(

@@ -340,11 +340,11 @@ def test_chosen_experts_kernels_in_bf16():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_stacked_matvec_matches_numpy(dtype):
     """stacked_matvec (decoding's projections; interpreted off GPU) against a float64 numpy product of the chosen
-    layer: 1 to 16 tokens (one token on its own path), the contraction split in up to 8 parts or none, float32
-    inputs exact (1e-6), bf16 inputs (compiled on a GPU) within float32 accumulation (1e-5 of the largest entry),
-    bf16 inputs multiplied in float32 (the router's way) exact, two weights in one kernel; too many rows are an
-    error."""
-    from dsv2_jax.grouped_matmul import MATVEC_MAX_TOKENS, stacked_matvec
+    layer: 1 to 16 tokens (one token on its own path), the contraction split in up to 8 parts or none (9 or 3
+    parts for a contraction of 9 blocks), float32 inputs exact (1e-6), bf16 inputs (compiled on a GPU) within
+    float32 accumulation (1e-5 of the largest entry), bf16 inputs multiplied in float32 (the router's way) exact,
+    two weights in one kernel; too many rows are an error."""
+    from dsv2_jax.grouped_matmul import MATVEC_MAX_TOKENS, stacked_matvec, stacked_partials
 
     rng = np.random.default_rng(12)
     L, K, N = 3, 512, 96
@@ -367,6 +367,14 @@ def test_stacked_matvec_matches_numpy(dtype):
             assert g.shape == want.shape
             tol = 1e-6 if dtype == "float32" else 1e-5
             np.testing.assert_allclose(np.asarray(g), want, rtol=0, atol=tol * np.abs(want).max())
+    w3 = jnp.asarray(rng.normal(size=(L, 576, N)), dtype)  # 9 blocks of 64: split in 9 parts, or 3 for 2 rows
+    for T, parts in ((1, 9), (2, 3)):
+        x = jnp.asarray(rng.normal(size=(T, 576)), dtype)
+        assert stacked_partials(x, w3, jnp.int32(0), block_k=64, block_n=32, programs=48 // T).shape[0] == parts
+        want = np.asarray(x, np.float64) @ np.asarray(w3[0], np.float64)
+        got = stacked_matvec(x, w3, jnp.int32(0), block_k=64, block_n=32, programs=48 // T)
+        tol = 1e-6 if dtype == "float32" else 1e-5
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=tol * np.abs(want).max())
     with pytest.raises(ValueError, match="at most 16 rows"):
         stacked_matvec(jnp.zeros((17, K), dtype), w, 0)
 
