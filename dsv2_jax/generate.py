@@ -85,8 +85,8 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
     latent into the cache and attends over it. decoding: the MoE layers may take their decoding kernels
     (MoE.__call__), which read each layer's experts out of the whole stacks; on one device with few tokens
     (grouped_matmul.use_stacked_matvec) the attention projections and routers run on `stacked_matvec` the same
-    way (`projections`: the layer's ProjectionStacks, else None), decoding's attention over the latents on
-    `attention.latent_attention`, and the two norms on `rms_norm_rows`.
+    way (`projections`: the layer's ProjectionStacks, else None), as do the dense layers' down products,
+    decoding's attention over the latents on `attention.latent_attention`, and the two norms on `rms_norm_rows`.
     """
     B, S = x.shape[:2]
     matvec = decoding and current_mesh() is None and use_stacked_matvec(B * S)
@@ -100,8 +100,12 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
         norms = ((stack.input_norm, stack.post_attention_norm) if matvec and rms_norm_rows_fits(x.shape[-1])
                  else None)
 
+        # a dense layer's down_proj stack, for stacked_matvec (XLA pads 10,944 rows every step)
+        down = stack.mlp.down_proj[...] if matvec and kind == "dense" else None
+        dense_down = down if down is not None and down.dtype == stack.mlp.dtype else None
+
         def body(i, carry, graphdef=graphdef, state=state, experts=experts, projections=projections, norms=norms,
-                 first=first, start=start):
+                 dense_down=dense_down, first=first, start=start):
             h, c_kv, k_pe = carry
             # the layer indices come from the loop counter: scanning over index arrays would slice them (copies)
             li, stack_index = first + i, start + i
@@ -121,7 +125,7 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
                 y = layer.mlp(h_norm, decoding=decoding,
                               stacks=None if experts is None else experts._replace(layer=stack_index))[0]
             else:
-                y = layer.mlp(h_norm)
+                y = layer.mlp(h_norm, down=None if dense_down is None else (dense_down, stack_index))
             h = constrain(h + y, ("batch", "seq", "embed"))
             return h, constrain(c_kv, CACHE_AXES.c_kv), constrain(k_pe, CACHE_AXES.k_pe)
 

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .grouped_matmul import interpreted, power_of_two
+from .grouped_matmul import interpreted, power_of_two, stacked_matvec, tiles_fit
 from .sharding import constrain
 
 
@@ -113,11 +113,18 @@ class MLP(nnx.Module):
         self.down_proj = param(rngs, (intermediate, hidden), ("mlp", "embed"), param_dtype, std)
 
     @jax.named_scope("mlp")
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, down: tuple | None = None) -> jnp.ndarray:
+        """x [..., hidden]. down: (the down_proj stack [L, intermediate, hidden] this module was sliced from, in
+        the compute dtype, and the layer's index), for a decoding step: the down product then runs on
+        `stacked_matvec`, reading the layer out of the stack (XLA pads V2's 10,944-row weight for its split-K
+        product every step)."""
         x = x.astype(self.dtype)
         gate = x @ cast(self.gate_proj, self.dtype)
         up = x @ cast(self.up_proj, self.dtype)
         h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        if down is not None and tiles_fit(*down[0].shape[1:]):
+            rows = h.reshape(-1, h.shape[-1])
+            return stacked_matvec(rows, down[0], down[1]).astype(self.dtype).reshape(*h.shape[:-1], -1)
         return h @ cast(self.down_proj, self.dtype)
 
 
