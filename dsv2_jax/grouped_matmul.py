@@ -32,8 +32,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib.util
 import itertools
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +80,19 @@ def _env_choice(name: str, choices: tuple[str, ...]) -> str:
     if choice not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {choice!r}")
     return choice
+
+
+def warn_if_installed(package: str, error: Exception) -> None:
+    """Warn that an optional `package` is installed but failed to import (`error`), so that the slower fallback its
+    caller takes is never silent; say nothing where it is not installed. Callers cache their import attempts, so
+    this runs once per caller."""
+    try:
+        installed = importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a broken package can fail even to be found
+        installed = True
+    if installed:
+        warnings.warn(f"{package} is installed but does not import ({type(error).__name__}: {error}); its GPU "
+                      "kernels are not used and the fallback kernels run instead", RuntimeWarning, stacklevel=3)
 
 
 @functools.cache
@@ -292,7 +307,8 @@ def _tokamax_ragged_dots():
     try:
         from tokamax._src.ops.ragged_dot.pallas_mosaic_gpu import PallasMosaicGpuRaggedDot
         from tokamax._src.ops.ragged_dot.pallas_mosaic_gpu_common import Config, MatmulDimension
-    except Exception:  # not installed, another layout, or its imports fail on this machine
+    except Exception as e:  # not installed, another layout, or its imports fail on this machine
+        warn_if_installed("tokamax", e)
         return None
     large = Config(block_m=128, block_n=128, block_k=64, num_stages=4, split_k=1, persistent=True,
                    grid_minor_dim=MatmulDimension.M, grid_tile_width=1)

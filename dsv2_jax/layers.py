@@ -11,7 +11,7 @@ from flax import nnx
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .grouped_matmul import interpreted, power_of_two, stacked_matvec, tiles_fit
+from .grouped_matmul import interpreted, power_of_two, stacked_matvec, tiles_fit, warn_if_installed
 from .sharding import constrain
 
 
@@ -41,7 +41,8 @@ def kernel_backend(env_var: str, fallback: str) -> str:
         return fallback
     try:
         import tokamax  # noqa: F401
-    except Exception:  # not installed, or its imports fail on this machine
+    except Exception as e:  # not installed (silently), or its imports fail on this machine (with a warning)
+        warn_if_installed("tokamax", e)
         return fallback
     return "tokamax"
 

@@ -2,6 +2,8 @@
 
 import collections
 import contextlib
+import importlib.util
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -260,6 +262,25 @@ def test_grouped_matmul_backend_choice(monkeypatch):
         monkeypatch.setenv("DSV2_GROUPED_MATMUL", "tokamax")
         with pytest.raises(ValueError, match="does not import here"):
             choose()
+
+
+def test_a_broken_tokamax_install_warns(monkeypatch, tmp_path):
+    """tokamax installed but failing to import (here: a missing dependency of its own) is a warning naming the
+    error, and the grouped matmul falls back; tokamax not installed at all is silent."""
+    import warnings
+
+    from dsv2_jax import grouped_matmul as gm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning where it is not installed
+        if importlib.util.find_spec("tokamax") is None:
+            assert gm._tokamax_ragged_dots.__wrapped__() is None
+    (tmp_path / "tokamax").mkdir()
+    (tmp_path / "tokamax" / "__init__.py").write_text("import fire_not_installed_here\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tokamax", raising=False)
+    with pytest.warns(RuntimeWarning, match="tokamax is installed but does not import .*fire_not_installed_here"):
+        assert gm._tokamax_ragged_dots.__wrapped__() is None
 
 
 def _chosen_loop(x, experts, gate, up, down, shared):
