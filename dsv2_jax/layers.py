@@ -117,8 +117,8 @@ class MLP(nnx.Module):
     def __call__(self, x: jnp.ndarray, down: tuple | None = None) -> jnp.ndarray:
         """x [..., hidden]. down: (the down_proj stack [L, intermediate, hidden] this module was sliced from, in
         the compute dtype, and the layer's index), for a decoding step: the down product then runs on
-        `stacked_matvec`, reading the layer out of the stack (XLA pads V2's 10,944-row weight for its split-K
-        product every step)."""
+        `stacked_matvec`, reading the layer out of the stack (XLA pads V2-Lite's 10,944-row weight for its
+        split-K product every step)."""
         x = x.astype(self.dtype)
         gate = x @ cast(self.gate_proj, self.dtype)
         up = x @ cast(self.up_proj, self.dtype)
