@@ -158,6 +158,10 @@ def main():
     if args.layers:
         config = config.replace(num_hidden_layers=args.layers)
     copy_bw = copy_bandwidth_jax() if args.impl == "jax" else None
+    kernels = {}
+    if args.impl == "jax":  # which kernels ran (a tokamax that fails to import falls back, with a warning)
+        from dsv2_jax.layers import kernel_backends
+        kernels = kernel_backends()
     runner = run_torch
     if args.impl == "jax":
         runner = functools.partial(run_jax, mesh_text=args.mesh, decode_kernels=args.decode_kernels,
@@ -166,7 +170,7 @@ def main():
     for setting, b, prefill_s, decode_s, steps in runner(config, args.batches, args.prompt, args.new_tokens):
         step_s = decode_s / max(steps, 1)
         bytes_step = weight_bytes_read(config, b) + b * (args.prompt + steps / 2) * cache_per_token
-        row = {"impl": args.impl, "mesh": args.mesh, **setting, "batch": b,
+        row = {"impl": args.impl, "mesh": args.mesh, **kernels, **setting, "batch": b,
                "prefill_tokens_per_s": b * args.prompt / prefill_s,
                "decode_tokens_per_s": b * steps / decode_s, "step_ms": 1e3 * step_s,
                "bytes_per_step_gb": bytes_step / 1e9, "achieved_gb_s": bytes_step / step_s / 1e9,

@@ -172,13 +172,14 @@ def main():
         except Exception as e:  # e.g. out of memory at this batch
             print(f"transformers failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     if not args.skip_jax:
+        from dsv2_jax.layers import kernel_backends
         seconds, loss, rows, peak = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype,
                                               args.remat, mesh_sizes, args.capacity_factor, args.autotune,
                                               args.profile, not args.no_scan)
         report(f"dsv2_jax params={args.param_dtype} remat={args.remat}" + (" autotuned" if args.autotune else "")
                + (" unrolled" if args.no_scan else "")
                + (f" mesh={args.mesh} cf={args.capacity_factor}" if mesh_sizes else ""), seconds, rows,
-               {"loss": loss, "peak_gib": peak})
+               {"loss": loss, "peak_gib": peak, **kernel_backends()})  # which kernels ran
     print(f"\nFLOPs/token {fpt:.4g}")
     for r in results:
         print(f"{r['impl']:45s} {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:10.0f} tok/s  "

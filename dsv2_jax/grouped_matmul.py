@@ -113,6 +113,11 @@ def _backend(outputs_saved: bool = False) -> str:
     return "tokamax+pallas" if outputs_saved else "tokamax"
 
 
+def grouped_matmul_backend() -> str:
+    """The backend `grouped_matmul` takes here outside `outputs_saved()`: ragged_dot, pallas or tokamax."""
+    return _backend()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Pallas kernels (Triton lowering). Each program computes one [block_m, block_n] output tile in float32.
 

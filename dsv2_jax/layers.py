@@ -47,6 +47,14 @@ def kernel_backend(env_var: str, fallback: str) -> str:
     return "tokamax"
 
 
+def kernel_backends() -> dict[str, str]:
+    """The kernel paths this process takes, by role, as benchmark records report them: `attention` (xla | tokamax)
+    and `grouped_matmul` (ragged_dot | pallas | tokamax; under the save_dots remat policy the differentiated
+    products run on pallas where this says tokamax)."""
+    from .grouped_matmul import grouped_matmul_backend
+    return {"attention": kernel_backend("DSV2_ATTENTION", "xla"), "grouped_matmul": grouped_matmul_backend()}
+
+
 def cast(p: nnx.Param, dtype) -> jnp.ndarray:
     return p[...].astype(dtype)
 

@@ -264,6 +264,30 @@ def test_grouped_matmul_backend_choice(monkeypatch):
             choose()
 
 
+def test_kernel_backends_name_the_paths_taken(monkeypatch):
+    """layers.kernel_backends (what the benchmarks record) reports the attention and grouped-matmul paths: the
+    CPU defaults, and forced choices."""
+    from dsv2_jax import grouped_matmul as gm
+    from dsv2_jax.layers import kernel_backend, kernel_backends
+
+    def fresh():
+        gm._backend.cache_clear()
+        kernel_backend.cache_clear()
+
+    try:
+        for attention, grouped in (("auto", "auto"), ("xla", "pallas"), ("tokamax", "ragged_dot")):
+            monkeypatch.setenv("DSV2_ATTENTION", attention)
+            monkeypatch.setenv("DSV2_GROUPED_MATMUL", grouped)
+            fresh()
+            want = ({"attention": "xla", "grouped_matmul": "ragged_dot"} if grouped == "auto"
+                    else {"attention": attention, "grouped_matmul": grouped})
+            if grouped != "auto" or jax.default_backend() != "gpu":
+                assert kernel_backends() == want
+    finally:
+        monkeypatch.undo()
+        fresh()
+
+
 def test_a_broken_tokamax_install_warns(monkeypatch, tmp_path):
     """tokamax installed but failing to import (here: a missing dependency of its own) is a warning naming the
     error, and the grouped matmul falls back; tokamax not installed at all is silent."""
