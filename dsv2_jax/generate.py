@@ -100,9 +100,9 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
         norms = ((stack.input_norm, stack.post_attention_norm) if matvec and rms_norm_rows_fits(x.shape[-1])
                  else None)
 
-        # a dense layer's down_proj stack, for stacked_matvec (XLA pads 10,944 rows every step)
-        down = stack.mlp.down_proj[...] if matvec and kind == "dense" else None
-        dense_down = down if down is not None and down.dtype == stack.mlp.dtype else None
+        # a dense layer's down_proj stack in the compute dtype, for stacked_matvec (XLA pads 10,944 rows every step)
+        dense_down = (stack.mlp.down_proj[...] if matvec and kind == "dense"
+                      and stack.mlp.down_proj[...].dtype == stack.mlp.dtype else None)
 
         def body(i, carry, graphdef=graphdef, state=state, experts=experts, projections=projections, norms=norms,
                  dense_down=dense_down, first=first, start=start):

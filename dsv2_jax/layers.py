@@ -11,7 +11,8 @@ from flax import nnx
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .grouped_matmul import interpreted, power_of_two, stacked_matvec, tiles_fit, warn_if_installed
+from .grouped_matmul import (grouped_matmul_backend, interpreted, power_of_two, stacked_matvec, tiles_fit,
+                             warn_if_installed)
 from .sharding import constrain
 
 
@@ -51,7 +52,6 @@ def kernel_backends() -> dict[str, str]:
     """The kernel paths this process takes, by role, as benchmark records report them: `attention` (xla | tokamax)
     and `grouped_matmul` (ragged_dot | pallas | tokamax; under the save_dots remat policy the differentiated
     products run on pallas where this says tokamax)."""
-    from .grouped_matmul import grouped_matmul_backend
     return {"attention": kernel_backend("DSV2_ATTENTION", "xla"), "grouped_matmul": grouped_matmul_backend()}
 
 
