@@ -4,11 +4,13 @@ layer out of the stacks (as decoding runs them) or handed each layer's slice ins
 first), for several tile shapes. On a GPU:
 
     python bench/decode_experts.py --tokens 1 4
+    python bench/decode_experts.py --tokens 1 2 4 --sweep   # each kernel's tiles alone (the other at its default)
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -18,20 +20,24 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TILES = [(128, 64), (128, 32), (64, 32)]  # (block_k, block_n)
+TILES = [(128, 64), (128, 32), (64, 32)]  # (block_k, block_n), both kernels
+SWEEP = dict(block_k=(128, 256), block_n=(32, 64, 128), num_warps=(2, 4, 8), num_stages=(2, 3, 4))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4], help="tokens per step (decoding batch)")
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=10, help="passes over the layers per timed dispatch")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time every tile config in SWEEP for the gate/up kernel, then for the down kernel")
     args = parser.parse_args()
 
     import jax
     import jax.numpy as jnp
 
     from dsv2_jax import ModelConfig
-    from dsv2_jax.grouped_matmul import chosen_experts_mlp
+    from dsv2_jax.grouped_matmul import DecodeTiles, chosen_experts_mlp, decode_tiles
     from dsv2_jax.moe import RouterOutput, dropless_experts
 
     c = ModelConfig.from_preset("deepseek-v2-lite")
@@ -57,28 +63,36 @@ def main():
             return out + (y + (jax.nn.silu(x @ sg) * (x @ su)) @ sd).astype(jnp.float32), None
         return jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (ws, experts, w))[0]
 
+    def both(tiles):  # (block_k, block_n) for both kernels, their other settings as decode_tiles has them
+        return {f"{k}_tiles": decode_tiles(k, T)._replace(block_k=tiles[0], block_n=tiles[1]) for k in ("gate_up", "down")}
+
     def chosen_stacked(x, experts, w, ws, tiles):
         def body(out, xs):
             layer, e, wt = xs
-            y = chosen_experts_mlp(x, e, *ws[:3], ws[3:], layer, block_k=tiles[0], block_n=tiles[1])
+            y = chosen_experts_mlp(x, e, *ws[:3], ws[3:], layer, **tiles)
             return out + combine(y, wt), None
         return jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (jnp.arange(L), experts, w))[0]
 
     def chosen_sliced(x, experts, w, ws, tiles):
         def body(out, xs):
             (g, u, d, sg, su, sd), e, wt = xs
-            y = chosen_experts_mlp(x, e, g, u, d, (sg, su, sd), block_k=tiles[0], block_n=tiles[1])
+            y = chosen_experts_mlp(x, e, g, u, d, (sg, su, sd), **tiles)
             return out + combine(y, wt), None
         return jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (ws, experts, w))[0]
 
-    def per_layer_us(f, *a, n=30):
+    def repeated(f):  # the layers `args.repeats` times in one dispatch, so that host overhead is amortised
+        def run(*a):
+            return jax.lax.fori_loop(0, args.repeats, lambda r, out: out + f(*a), jnp.zeros((T, D), jnp.float32))
+        return jax.jit(run)
+
+    def per_layer_us(f, *a, n=10):  # the fastest of n dispatches (the slower ones saw clocks ramp or host delays)
         f(*a).block_until_ready()
         times = []
         for _ in range(n):
             t = time.perf_counter()
             f(*a).block_until_ready()
             times.append(time.perf_counter() - t)
-        return float(np.median(times)) / L * 1e6
+        return min(times) / (L * args.repeats) * 1e6
 
     for T in args.tokens:
         rng = np.random.default_rng(T)
@@ -86,15 +100,26 @@ def main():
         experts = jnp.asarray([[rng.choice(E, K, replace=False) for _ in range(T)] for _ in range(L)], jnp.int32)
         w = jnp.asarray(rng.uniform(size=(L, T, K)) / K, jnp.float32)
         want = jax.jit(sorted_path)(x, experts, w, weights)
-        rows = [("sorted", None, jax.jit(sorted_path))]
-        for tiles in TILES:
-            rows.append(("chosen, stacks", tiles, jax.jit(lambda *a, t=tiles: chosen_stacked(*a, t))))
-        rows.append(("chosen, scan slices", TILES[0], jax.jit(lambda *a: chosen_sliced(*a, TILES[0]))))
+        rows = [] if args.sweep else [("sorted", None, jax.jit(sorted_path))]
+        if args.sweep:
+            for kernel in ("gate_up", "down"):
+                for values in itertools.product(*SWEEP.values()):
+                    tiles = DecodeTiles(**dict(zip(SWEEP, values)))
+                    rows.append((f"chosen, {kernel} tiles", tiles,
+                                 jax.jit(lambda *a, t={f"{kernel}_tiles": tiles}: chosen_stacked(*a, t))))
+        else:
+            for tiles in TILES:
+                rows.append(("chosen, stacks", tiles, jax.jit(lambda *a, t=both(tiles): chosen_stacked(*a, t))))
+            rows.append(("chosen, scan slices", TILES[0], jax.jit(lambda *a: chosen_sliced(*a, both(TILES[0])))))
         for name, tiles, f in rows:
-            got = f(x, experts, w, weights)
+            try:
+                got = f(x, experts, w, weights)
+            except Exception as e:  # a tile config the kernel cannot take (shared memory, registers)
+                print(json.dumps(dict(tokens=T, path=name, tiles=tiles, error=str(e).splitlines()[0][:200])))
+                continue
             err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
             print(json.dumps(dict(tokens=T, path=name, tiles=tiles, us_per_layer=round(per_layer_us(
-                f, x, experts, w, weights), 1), rel_err_vs_sorted=round(err, 5))), flush=True)
+                repeated(f), x, experts, w, weights), 2), rel_err_vs_sorted=round(err, 5))), flush=True)
 
 
 if __name__ == "__main__":

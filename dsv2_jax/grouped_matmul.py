@@ -36,6 +36,7 @@ import importlib.util
 import itertools
 import os
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -341,10 +342,7 @@ _tokamax_pallas_grouped_matmul = _with_vjp(_tokamax_product, _pallas_product)  #
 # Decoding: the chosen experts of a few tokens, read straight from the expert stacks (Pallas, Triton lowering)
 
 TILE = 16  # the rows, and the smallest width, of a tensor-core tile in the decoding kernels
-DECODE_TILES = dict(block_k=128, block_n=64, num_warps=4, num_stages=3)
-# up to FEW_TOKENS tokens: 2 pipeline stages (measured on an H100, V2-Lite gate/up: 1 token 35.5 -> 34.6 µs, 2 tokens
-# 57.0 -> 52.8; 4 tokens slower, 99.5 -> 106.2)
-FEW_TOKENS, FEW_TOKEN_TILES = 2, dict(num_stages=2)
+
 DECODE_BACKENDS = ("auto", "chosen", "sorted")
 CHOSEN_MAX_COPIES = 1.5  # auto takes the chosen-experts kernels up to this many (token, expert) copies per expert
 
@@ -465,10 +463,30 @@ def _chosen_down_kernel(layer_ref, experts_ref, h_ref, down_ref, *rest, num_rout
                 h_of, (lambda ks: shared_down_ref[layer, pl.ds(r0 + ks.start, block_k), ns],), width, block_k, block_n)
 
 
-@functools.partial(jax.jit, static_argnames=("block_k", "block_n", "num_warps", "num_stages", "interpret"))
-def chosen_experts_mlp(x, experts, gate, up, down, shared=None, layer=None, *, block_k: int | None = None,
-                       block_n: int = DECODE_TILES["block_n"], num_warps: int = DECODE_TILES["num_warps"],
-                       num_stages: int | None = None, interpret: bool | None = None):
+class DecodeTiles(NamedTuple):
+    """One decoding kernel's tiles: contraction block, column block, warps and pipeline stages per program."""
+    block_k: int = 128
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+DECODE_TILES = DecodeTiles()
+# by the step's tokens, where they differ from DECODE_TILES (`python bench/decode_experts.py --sweep`, V2-Lite):
+# 2 tokens: 2 pipeline stages (H100, gate/up 57.0 -> 52.8 µs; 4 tokens slower with 2, 99.5 -> 106.2); 1 token: 2
+# warps, 128-wide gate/up tiles, 4-stage down (H200: 54.9 -> 50.7 µs per MoE layer for gate/up, 54.1 -> 50.5 down)
+FEW_TOKEN_TILES = {1: dict(gate_up=DecodeTiles(128, 128, 2, 3), down=DecodeTiles(128, 64, 2, 4)),
+                   2: dict(gate_up=DecodeTiles(num_stages=2), down=DecodeTiles(num_stages=2))}
+
+
+def decode_tiles(kernel: str, tokens: int) -> DecodeTiles:
+    """The chosen-experts kernel's ("gate_up" or "down") default tiles for a step of `tokens` tokens."""
+    return FEW_TOKEN_TILES.get(tokens, {}).get(kernel, DECODE_TILES)
+
+
+@functools.partial(jax.jit, static_argnames=("gate_up_tiles", "down_tiles", "interpret"))
+def chosen_experts_mlp(x, experts, gate, up, down, shared=None, layer=None, *, gate_up_tiles: DecodeTiles | None = None,
+                       down_tiles: DecodeTiles | None = None, interpret: bool | None = None):
     """The SwiGLU of each token through each of its chosen experts, read straight from the stacks (no sorting):
     for decoding, where a step has few tokens and each weight tile is read by one program per (token, expert).
 
@@ -478,8 +496,8 @@ def chosen_experts_mlp(x, experts, gate, up, down, shared=None, layer=None, *, b
     layer `layer` (an int32 scalar) themselves: a slice of the stacks handed to a kernel would first be copied
     whole (measured: 0.9 ms per V2-Lite layer).
     Returns [T, K + S, D] float32: each expert's output, unweighted. Two kernels: gate/up with the activation
-    (its output rounded to x.dtype, as the grouped path rounds), then down. Tiles (default DECODE_TILES;
-    FEW_TOKEN_TILES up to FEW_TOKENS tokens) shrink to powers of two dividing D and I (multiples of 16).
+    (its output rounded to x.dtype, as the grouped path rounds), then down, each with its DecodeTiles (default
+    `decode_tiles`); the blocks shrink to powers of two dividing D and I (multiples of 16).
     interpret: run in Pallas's interpreter (default: off GPU).
     """
     if layer is None:
@@ -488,34 +506,28 @@ def chosen_experts_mlp(x, experts, gate, up, down, shared=None, layer=None, *, b
         layer = 0
     T, D = x.shape
     K, I = experts.shape[1], gate.shape[3]
-    tiles = {**DECODE_TILES, **(FEW_TOKEN_TILES if T <= FEW_TOKENS else {})}
-    block_k, num_stages = block_k or tiles["block_k"], num_stages or tiles["num_stages"]
-    block_k, block_n = decode_block(block_k, D, I), decode_block(block_n, D, I)
     S = 0 if shared is None else shared[0].shape[2] // I
     shared = () if shared is None else tuple(shared)
-    statics = dict(num_routed=K, width=I, block_k=block_k, block_n=block_n)
-    params = dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-                  interpret=interpreted(interpret))
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     experts = experts.astype(jnp.int32)
-    h = pl.pallas_call(
-        functools.partial(_chosen_gate_up_kernel, **statics),
-        out_shape=jax.ShapeDtypeStruct((T, K + S, I), x.dtype),
-        grid=(T, K + S, I // block_n),
-        in_specs=[pl.no_block_spec] * (5 + len(shared[:2])),
-        out_specs=pl.no_block_spec,
-        name="chosen_experts_gate_up",
-        **params,
-    )(layer, experts, x, gate, up, *shared[:2])
-    return pl.pallas_call(
-        functools.partial(_chosen_down_kernel, **statics),
-        out_shape=jax.ShapeDtypeStruct((T, K + S, D), jnp.float32),
-        grid=(T, K + S, D // block_n),
-        in_specs=[pl.no_block_spec] * (4 + len(shared[2:])),
-        out_specs=pl.no_block_spec,
-        name="chosen_experts_down",
-        **params,
-    )(layer, experts, h, down, *shared[2:])
+
+    def call(kernel, tiles, name, out_shape, columns, *args):
+        block_k, block_n = decode_block(tiles.block_k, D, I), decode_block(tiles.block_n, D, I)
+        return pl.pallas_call(
+            functools.partial(kernel, num_routed=K, width=I, block_k=block_k, block_n=block_n),
+            out_shape=out_shape,
+            grid=(T, K + S, columns // block_n),
+            in_specs=[pl.no_block_spec] * len(args),
+            out_specs=pl.no_block_spec,
+            name=name,
+            compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+            interpret=interpreted(interpret),
+        )(*args)
+
+    h = call(_chosen_gate_up_kernel, gate_up_tiles or decode_tiles("gate_up", T), "chosen_experts_gate_up",
+             jax.ShapeDtypeStruct((T, K + S, I), x.dtype), I, layer, experts, x, gate, up, *shared[:2])
+    return call(_chosen_down_kernel, down_tiles or decode_tiles("down", T), "chosen_experts_down",
+                jax.ShapeDtypeStruct((T, K + S, D), jnp.float32), D, layer, experts, h, down, *shared[2:])
 
 
 # The dense projections of a decoding step: a few tokens times one layer of a stacked weight (Pallas, Triton)
