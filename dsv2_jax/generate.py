@@ -29,8 +29,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .attention import LatentCache, ProjectionStacks, latent_attention_fits
 from .config import ModelConfig
-from .grouped_matmul import use_stacked_matvec
-from .layers import rms_norm_rows, rms_norm_rows_fits
+from .grouped_matmul import tiles_fit, use_stacked_matvec
+from .layers import rms_norm_rows, rms_norm_rows_fits, rms_norm_rows_takes_router
 from .model import layer_runs, split_layers
 from .moe import ExpertStacks
 from .rope import rope_cos_sin
@@ -86,7 +86,8 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
     (MoE.__call__), which read each layer's experts out of the whole stacks; on one device with few tokens
     (grouped_matmul.use_stacked_matvec) the attention projections and routers run on `stacked_matvec` the same
     way (`projections`: the layer's ProjectionStacks, else None), as do the dense layers' down products,
-    decoding's attention over the latents on `attention.latent_attention`, and the two norms on `rms_norm_rows`.
+    decoding's attention over the latents on `attention.latent_attention`, and the two norms on `rms_norm_rows`
+    (the post-attention one with the MoE router's product).
     """
     B, S = x.shape[:2]
     matvec = decoding and current_mesh() is None and use_stacked_matvec(B * S)
@@ -96,33 +97,40 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
         graphdef, state = split_layers(stack, start, count)
         experts = ExpertStacks.of(stack.mlp, router=matvec) if decoding and kind == "moe" else None
         projections = ProjectionStacks.of(stack.attn) if matvec else None
-        # the norms' stacked weights, for rms_norm_rows (one kernel per norm where XLA runs two)
+        # the norms' stacked weights, for rms_norm_rows (one kernel per norm where XLA runs two), and the MoE router's
+        # stack where the post-attention norm's kernel takes its product too
         norms = ((stack.input_norm, stack.post_attention_norm) if matvec and rms_norm_rows_fits(x.shape[-1])
                  else None)
+        router = (experts.router if norms is not None and experts is not None and experts.router is not None
+                  and tiles_fit(experts.router.shape[-1])  # where it would run on stacked_matvec otherwise
+                  and rms_norm_rows_takes_router(x.shape[-1], experts.router.shape[-1]) else None)
 
         # a dense layer's down_proj stack in the compute dtype, for stacked_matvec (XLA pads 10,944 rows every step)
         dense_down = (stack.mlp.down_proj[...] if matvec and kind == "dense"
                       and stack.mlp.down_proj[...].dtype == stack.mlp.dtype else None)
 
         def body(i, carry, graphdef=graphdef, state=state, experts=experts, projections=projections, norms=norms,
-                 dense_down=dense_down, first=first, start=start):
+                 router=router, dense_down=dense_down, first=first, start=start):
             h, c_kv, k_pe = carry
             # the layer indices come from the loop counter: scanning over index arrays would slice them (copies)
             li, stack_index = first + i, start + i
             layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
-            def norm(which: int, h):
+            def norm(which: int, h, router=None):
                 if norms is None:
                     return (layer.input_norm, layer.post_attention_norm)[which](h)
                 n = norms[which]
-                return rms_norm_rows(h, n.weight[...], stack_index, eps=n.eps, dtype=n.dtype)
+                return rms_norm_rows(h, n.weight[...], stack_index, router, eps=n.eps, dtype=n.dtype)
 
             here = None if projections is None else projections._replace(layer=stack_index)
             a, c_kv, k_pe = attend(layer.attn, norm(0, h), li, c_kv, k_pe, here)
             h = h + a
-            h_norm = norm(1, h)
+            if router is None:
+                h_norm, router_partials = norm(1, h), None
+            else:  # the router's product in the norm's kernel
+                h_norm, router_partials = norm(1, h, router)
             if layer.is_moe:
-                y = layer.mlp(h_norm, decoding=decoding,
+                y = layer.mlp(h_norm, decoding=decoding, router_partials=router_partials,
                               stacks=None if experts is None else experts._replace(layer=stack_index))[0]
             else:
                 y = layer.mlp(h_norm, down=None if dense_down is None else (dense_down, stack_index))

@@ -82,34 +82,70 @@ def rms_norm_rows_fits(width: int) -> bool:
     return power_of_two(width)
 
 
-def _rms_norm_rows_kernel(layer_ref, x_ref, w_ref, o_ref, *, eps):
-    """Program b: row b of x normalised, times the weights of layer layer_ref[0] (as `rms_norm`)."""
-    b = pl.program_id(0)
-    x = x_ref[b, :].astype(jnp.float32)
-    x = x * jax.lax.rsqrt((x * x).sum() / x.shape[0] + eps)
-    o_ref[b, :] = x.astype(o_ref.dtype) * w_ref[layer_ref[0], :].astype(o_ref.dtype)
+def _rms_norm_rows_kernel(layer_ref, x_ref, w_ref, *refs, eps, router_block):
+    """Program (b, g): row b of x normalised, times the weights of layer layer_ref[0] (as `rms_norm`; written by the
+    g = 0 programs). With a router: its float32 product over the normalised row's columns [g·router_block,
+    (g+1)·router_block) (each program recomputing its slice after the row's scale)."""
+    *router_ref, o_ref = refs[:-1] if router_block else refs
+    b, layer, f32 = pl.program_id(0), layer_ref[0], jnp.float32
+
+    def normed(cols, scale):
+        return (x_ref[b, cols].astype(f32) * scale).astype(o_ref.dtype) * w_ref[layer, cols].astype(o_ref.dtype)
+
+    x = x_ref[b, :].astype(f32)
+    scale = jax.lax.rsqrt((x * x).sum() / x.shape[0] + eps)
+
+    @pl.when(pl.program_id(1) == 0)
+    def _():
+        o_ref[b, :] = normed(slice(None), scale)
+
+    if router_block:
+        g = pl.program_id(1)
+        cols = pl.ds(g * router_block, router_block)
+        n = normed(cols, scale).astype(f32)
+        refs[-1][g, b, :] = (n[:, None] * router_ref[0][layer, cols, :].astype(f32)).sum(axis=0)
+
+
+ROUTER_ROWS = 128  # rms_norm_rows with a router: the router's contraction rows per program
+
+
+def rms_norm_rows_takes_router(width: int, experts: int) -> bool:
+    """Whether `rms_norm_rows` takes a router of `experts` columns over rows of `width`."""
+    return rms_norm_rows_fits(width) and power_of_two(experts)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "dtype", "interpret"))
-def rms_norm_rows(x, weight, layer, *, eps: float, dtype, interpret: bool | None = None):
+def rms_norm_rows(x, weight, layer, router=None, *, eps: float, dtype, interpret: bool | None = None):
     """`rms_norm` of a decoding step's rows x [..., D] in one kernel (XLA runs a reduce and an apply kernel), with
     layer `layer` (an int32 scalar) of stacked weights [L, D], read by the kernel (a slice handed to a kernel would be
-    copied). D a power of two (`rms_norm_rows_fits`). interpret: Pallas's interpreter (default: off GPU)."""
+    copied). D a power of two (`rms_norm_rows_fits`). interpret: Pallas's interpreter (default: off GPU).
+    router: stacked router weights [L, D, E] (E a power of two): the same kernel then also returns the router's
+    float32 partial products [D / ROUTER_ROWS, T, E] of the T normalised rows (as rounded to dtype) with layer
+    `layer` of it, for `moe.route_kernel`, where a `stacked_matvec` would take one more kernel."""
     D = x.shape[-1]
-    if weight.ndim != 2 or weight.shape[1] != D or not rms_norm_rows_fits(D):
-        raise ValueError(f"rms_norm_rows: rows of {D} (a power of two) against stacked weights {weight.shape}")
+    block = 0 if router is None else min(ROUTER_ROWS, D)
+    if (weight.ndim != 2 or weight.shape[1] != D or not rms_norm_rows_fits(D) or
+            (router is not None and (router.ndim != 3 or router.shape[1] != D
+                                     or not rms_norm_rows_takes_router(D, router.shape[2])))):
+        raise ValueError(f"rms_norm_rows: rows of {D} (a power of two) against stacked weights {weight.shape} and "
+                         f"router {None if router is None else router.shape} (a power of two of experts)")
     rows = x.reshape(-1, D)
+    T = rows.shape[0]
+    router = () if router is None else (router,)
+    out_shape = [jax.ShapeDtypeStruct(rows.shape, dtype)]
+    if router:
+        out_shape.append(jax.ShapeDtypeStruct((D // block, T, router[0].shape[2]), jnp.float32))
     out = pl.pallas_call(
-        functools.partial(_rms_norm_rows_kernel, eps=eps),
-        out_shape=jax.ShapeDtypeStruct(rows.shape, dtype),
-        grid=(rows.shape[0],),
-        in_specs=[pl.no_block_spec] * 3,
-        out_specs=pl.no_block_spec,
+        functools.partial(_rms_norm_rows_kernel, eps=eps, router_block=block),
+        out_shape=out_shape,
+        grid=(T, D // block if router else 1),
+        in_specs=[pl.no_block_spec] * (3 + len(router)),
+        out_specs=[pl.no_block_spec] * len(out_shape),
         name="rms_norm_rows",
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpreted(interpret),
-    )(jnp.asarray(layer, jnp.int32).reshape(1), rows, weight)
-    return out.reshape(x.shape)
+    )(jnp.asarray(layer, jnp.int32).reshape(1), rows, weight, *router)
+    return (out[0].reshape(x.shape), out[1]) if router else out[0].reshape(x.shape)
 
 
 class MLP(nnx.Module):

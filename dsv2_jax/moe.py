@@ -237,7 +237,8 @@ def chosen_experts(x, r: RouterOutput, w: ExpertStacks, stacked: bool):
     coef = r.weights
     if w.shared is not None:
         coef = jnp.concatenate([coef, jnp.ones((x.shape[0], y.shape[1] - coef.shape[1]), coef.dtype)], axis=1)
-    return jnp.einsum("tjd,tj->td", y, coef).astype(x.dtype)
+    # a multiply and reduce (exact float32) that XLA fuses with the residual add after it, where a dot would not
+    return (y * coef[:, :, None]).sum(axis=1).astype(x.dtype)
 
 
 def capacity(tokens: int, config: ModelConfig, n_ep: int, capacity_factor: float | None) -> int:
@@ -381,7 +382,8 @@ class MoE(nnx.Module):
 
     @jax.named_scope("moe")
     def __call__(self, x: jnp.ndarray, capacity_factor: float | None = None, decoding: bool = False,
-                 stacks: ExpertStacks | None = None) -> tuple[jnp.ndarray, RouterOutput]:
+                 stacks: ExpertStacks | None = None,
+                 router_partials: jnp.ndarray | None = None) -> tuple[jnp.ndarray, RouterOutput]:
         """x [B, S, D] -> (y [B, S, D], routing of the B*S tokens).
 
         capacity_factor: None = dropless; f > 0 = drop the lowest-affinity copies past f times a device's
@@ -390,7 +392,9 @@ class MoE(nnx.Module):
         its chosen and shared experts then run on the `chosen_experts_mlp` kernels, without sorting, reading
         this layer's weights out of `stacks` when given (this module being one layer sliced from them; in the
         compute dtype), else this module's own; the router's product too where `stacks` carry the router, and then
-        the greedy routing itself on `route_kernel` (`routes_on_kernel`).
+        the greedy routing itself on `route_kernel` (`routes_on_kernel`). router_partials: the router's float32
+        partial products of x [S, >= B*S, E] computed already (`layers.rms_norm_rows` with the router), for those
+        kernels' routing.
         """
         check_capacity_factor(capacity_factor)
         B, S, D = x.shape
@@ -402,9 +406,12 @@ class MoE(nnx.Module):
         c = self.config
         if (decoding and mesh is None and capacity_factor is None and
                 use_chosen_experts(B * S * c.num_experts_per_tok, c.num_experts, D, c.moe_intermediate_size)):
-            if stacks is not None and stacks.router is not None and tiles_fit(D, c.num_experts):  # fp32 logits
-                partials = stacked_partials(xt, stacks.router, stacks.layer, dtype=jnp.float32,
-                                            block_n=ROUTER_BLOCK_N)
+            if router_partials is not None or (stacks is not None and stacks.router is not None
+                                               and tiles_fit(D, c.num_experts)):  # fp32 logits
+                partials = router_partials
+                if partials is None:
+                    partials = stacked_partials(xt, stacks.router, stacks.layer, dtype=jnp.float32,
+                                                block_n=ROUTER_BLOCK_N)
                 r = (route_kernel(c, partials, B * S) if routes_on_kernel(c)
                      else route(c, partials.sum(axis=0)[:B * S]))
             else:

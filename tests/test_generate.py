@@ -274,6 +274,33 @@ def test_rms_norm_rows_matches_rms_norm(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rms_norm_rows_with_router(dtype):
+    """rms_norm_rows with a router (decoding's post-attention norm taking the router's product; interpreted off GPU):
+    the same normalised rows as without, and partial sums over 128-row blocks of the router (two here) whose sum is
+    the float32 product of those rows with the chosen layer's router: float32 within 1e-5 of the largest logit; bf16
+    within one bf16 rounding of each term (the interpreter's XLA may keep the normalised values unrounded). A
+    router whose experts are not a power of two is refused."""
+    from dsv2_jax.layers import ROUTER_ROWS, rms_norm_rows
+
+    rng = np.random.default_rng(17)
+    dt, D = jnp.dtype(dtype), 2 * ROUTER_ROWS
+    w = jnp.asarray(rng.uniform(0.5, 1.5, (3, D)), jnp.float32)
+    router = rng.normal(size=(3, D, 16)).astype(np.float32)
+    x = jnp.asarray(rng.normal(size=(3, 1, D)) * 3, dtype)
+    normed, logits = rms_norm_rows(x, w, jnp.int32(2), jnp.asarray(router), eps=1e-6, dtype=dt)
+    np.testing.assert_array_equal(np.asarray(normed, np.float32),
+                                  np.asarray(rms_norm_rows(x, w, jnp.int32(2), eps=1e-6, dtype=dt), np.float32))
+    assert logits.shape == (2, 3, 16) and logits.dtype == jnp.float32
+    n64 = np.asarray(normed, np.float64).reshape(3, D)
+    want = n64 @ router[2].astype(np.float64)
+    bound = (1e-5 * np.abs(want).max() if dtype == "float32"
+             else 2 ** -8 * (np.abs(n64) @ np.abs(router[2].astype(np.float64))))
+    assert np.all(np.abs(np.asarray(logits, np.float64).sum(axis=0) - want) <= bound)
+    with pytest.raises(ValueError, match="power of two of experts"):
+        rms_norm_rows(x, w, 0, jnp.zeros((3, D, 12)), eps=1e-6, dtype=dt)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_latent_output_matches_reference(dtype):
     """latent_output (the spans combined and W_UV of the chosen layer applied in one kernel; interpreted off GPU)
     against float64 numpy of combine_spans, the combined output rounded to the dtype as the XLA path rounds it:
@@ -305,7 +332,8 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
     """Prefill, then absorbed decode steps of chosen tokens: logits equal the full (expanded) forward pass, with the
     decoding step's experts on the sorted grouped path or the chosen-experts kernels, and its attention projections
     on XLA or on stacked_matvec, its attention over the latents (16 heads) on latent_attention, its routing (16
-    experts, greedy) on stacked_matvec and route_kernel, its norms on rms_norm_rows (kernels interpreted off GPU)."""
+    experts, greedy) on rms_norm_rows (the router's product with the post-attention norm) and route_kernel, its
+    norms on rms_norm_rows (kernels interpreted off GPU)."""
     tiny = request.getfixturevalue(model)
     decode_kernels(experts, projections)
     prompts = random_prompts(256, (6, 3))
@@ -313,9 +341,10 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
     full = full_forward_logits(tiny, [p + e for p, e in zip(prompts, extra)])  # causal: padding is harmless
     cache = dsv2_jax.init_cache(tiny.config, 2, 16, dtype=jnp.float32)
     cache, logits = gen.prefill(tiny, cache, prompts, chunk_size=4)
-    # per layer loop (dense, MoE): q_a with kv_a, q_b, o_proj; the dense down_proj; router, attention, routing
+    # per layer loop (dense, MoE): q_a with kv_a, q_b, o_proj; the dense down_proj; attention, routing (tiny16's
+    # router product in the post-attention norm's kernel)
     wide = model == "tiny16"
-    for name, want in (("stacked_matvec", 8 if wide else 7), ("latent_attention", 2 if wide else 0),
+    for name, want in (("stacked_matvec", 7), ("latent_attention", 2 if wide else 0),
                        ("latent_output", 2 if wide else 0), ("route", 1 if wide else 0),
                        ("absorbed_query", 2 if wide else 0), ("rms_norm_rows", 4)):
         kernels = pallas_calls(lambda c, t: gen.decode_forward(tiny, c, t)[1], cache, jnp.array([7, 250]), prefix=name)
