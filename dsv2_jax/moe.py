@@ -237,7 +237,7 @@ def chosen_experts(x, r: RouterOutput, w: ExpertStacks, stacked: bool):
     coef = r.weights
     if w.shared is not None:
         coef = jnp.concatenate([coef, jnp.ones((x.shape[0], y.shape[1] - coef.shape[1]), coef.dtype)], axis=1)
-    # a multiply and reduce (exact float32) that XLA fuses with the residual add after it, where a dot would not
+    # a multiply and reduce: exact float32 whatever the default matmul precision
     return (y * coef[:, :, None]).sum(axis=1).astype(x.dtype)
 
 
