@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .attention import LatentCache, ProjectionStacks, latent_attention_fits
 from .config import ModelConfig
-from .grouped_matmul import tiles_fit, use_stacked_matvec
+from .grouped_matmul import tiles_fit, use_chosen_experts, use_stacked_matvec
 from .layers import rms_norm_rows, rms_norm_rows_fits, rms_norm_rows_takes_router
 from .model import layer_runs, split_layers
 from .moe import ExpertStacks
@@ -90,9 +90,10 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
     (the post-attention one with the MoE router's product).
     """
     B, S = x.shape[:2]
+    c = model.config
     matvec = decoding and current_mesh() is None and use_stacked_matvec(B * S)
     first = 0
-    for kind, start, count in layer_runs(model.config):
+    for kind, start, count in layer_runs(c):
         stack = model.moe_layers if kind == "moe" else model.dense_layers
         graphdef, state = split_layers(stack, start, count)
         experts = ExpertStacks.of(stack.mlp, router=matvec) if decoding and kind == "moe" else None
@@ -102,8 +103,10 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
         norms = ((stack.input_norm, stack.post_attention_norm) if matvec and rms_norm_rows_fits(x.shape[-1])
                  else None)
         router = (experts.router if norms is not None and experts is not None and experts.router is not None
-                  and tiles_fit(experts.router.shape[-1])  # where it would run on stacked_matvec otherwise
-                  and rms_norm_rows_takes_router(x.shape[-1], experts.router.shape[-1]) else None)
+                  # where the router would run on stacked_matvec otherwise, ahead of the chosen-experts kernels
+                  and tiles_fit(c.num_experts) and rms_norm_rows_takes_router(x.shape[-1], c.num_experts)
+                  and use_chosen_experts(B * S * c.num_experts_per_tok, c.num_experts, x.shape[-1],
+                                         c.moe_intermediate_size) else None)
 
         # a dense layer's down_proj stack in the compute dtype, for stacked_matvec (XLA pads 10,944 rows every step)
         dense_down = (stack.mlp.down_proj[...] if matvec and kind == "dense"
