@@ -64,7 +64,8 @@ def main():
         return jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (ws, experts, w))[0]
 
     def both(tiles):  # (block_k, block_n) for both kernels, their other settings as decode_tiles has them
-        return {f"{k}_tiles": decode_tiles(k, T)._replace(block_k=tiles[0], block_n=tiles[1]) for k in ("gate_up", "down")}
+        return {f"{k}_tiles": decode_tiles(k, T)._replace(block_k=tiles[0], block_n=tiles[1])
+                for k in ("gate_up", "down")}
 
     def chosen_stacked(x, experts, w, ws, tiles):
         def body(out, xs):
@@ -100,7 +101,7 @@ def main():
         experts = jnp.asarray([[rng.choice(E, K, replace=False) for _ in range(T)] for _ in range(L)], jnp.int32)
         w = jnp.asarray(rng.uniform(size=(L, T, K)) / K, jnp.float32)
         want = jax.jit(sorted_path)(x, experts, w, weights)
-        rows = [] if args.sweep else [("sorted", None, jax.jit(sorted_path))]
+        rows = []
         if args.sweep:
             for kernel in ("gate_up", "down"):
                 for values in itertools.product(*SWEEP.values()):
@@ -108,6 +109,7 @@ def main():
                     rows.append((f"chosen, {kernel} tiles", tiles,
                                  jax.jit(lambda *a, t={f"{kernel}_tiles": tiles}: chosen_stacked(*a, t))))
         else:
+            rows.append(("sorted", None, jax.jit(sorted_path)))
             for tiles in TILES:
                 rows.append(("chosen, stacks", tiles, jax.jit(lambda *a, t=both(tiles): chosen_stacked(*a, t))))
             rows.append(("chosen, scan slices", TILES[0], jax.jit(lambda *a: chosen_sliced(*a, both(TILES[0])))))

@@ -29,10 +29,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .attention import LatentCache, ProjectionStacks, latent_attention_fits
 from .config import ModelConfig
-from .grouped_matmul import tiles_fit, use_chosen_experts, use_stacked_matvec
+from .grouped_matmul import tiles_fit, use_stacked_matvec
 from .layers import rms_norm_rows, rms_norm_rows_fits, rms_norm_rows_takes_router
 from .model import layer_runs, split_layers
-from .moe import ExpertStacks
+from .moe import ExpertStacks, steps_on_chosen_experts
 from .rope import rope_cos_sin
 from .sharding import (activation_mesh, batch_axes, constrain, current_mesh, logical_to_spec, mesh_size,
                        param_sharding)
@@ -105,8 +105,7 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
         router = (experts.router if norms is not None and experts is not None and experts.router is not None
                   # where the router would run on stacked_matvec otherwise, ahead of the chosen-experts kernels
                   and tiles_fit(c.num_experts) and rms_norm_rows_takes_router(x.shape[-1], c.num_experts)
-                  and use_chosen_experts(B * S * c.num_experts_per_tok, c.num_experts, x.shape[-1],
-                                         c.moe_intermediate_size) else None)
+                  and steps_on_chosen_experts(c, B * S, x.shape[-1]) else None)
 
         # a dense layer's down_proj stack in the compute dtype, for stacked_matvec (XLA pads 10,944 rows every step)
         dense_down = (stack.mlp.down_proj[...] if matvec and kind == "dense"

@@ -342,7 +342,6 @@ _tokamax_pallas_grouped_matmul = _with_vjp(_tokamax_product, _pallas_product)  #
 # Decoding: the chosen experts of a few tokens, read straight from the expert stacks (Pallas, Triton lowering)
 
 TILE = 16  # the rows, and the smallest width, of a tensor-core tile in the decoding kernels
-
 DECODE_BACKENDS = ("auto", "chosen", "sorted")
 CHOSEN_MAX_COPIES = 1.5  # auto takes the chosen-experts kernels up to this many (token, expert) copies per expert
 

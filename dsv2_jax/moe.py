@@ -228,6 +228,13 @@ class ExpertStacks(NamedTuple):
                    router=moe.router[...] if router else None)
 
 
+def steps_on_chosen_experts(config: ModelConfig, tokens: int, hidden: int) -> bool:
+    """Whether an undifferentiated decoding step of `tokens` tokens on one device (dropless) runs its experts on the
+    `chosen_experts_mlp` kernels (grouped_matmul.use_chosen_experts decides from its (token, expert) copies)."""
+    return use_chosen_experts(tokens * config.num_experts_per_tok, config.num_experts, hidden,
+                              config.moe_intermediate_size)
+
+
 @jax.named_scope("chosen_experts")
 def chosen_experts(x, r: RouterOutput, w: ExpertStacks, stacked: bool):
     """Σ_k weight_k · expert_k(x) + the shared experts of x [T, D] by the `chosen_experts_mlp` kernels, which read
@@ -404,8 +411,7 @@ class MoE(nnx.Module):
         gate, up, down = cast(self.gate_proj, dt), cast(self.up_proj, dt), cast(self.down_proj, dt)
         mesh = sharding.current_mesh()
         c = self.config
-        if (decoding and mesh is None and capacity_factor is None and
-                use_chosen_experts(B * S * c.num_experts_per_tok, c.num_experts, D, c.moe_intermediate_size)):
+        if decoding and mesh is None and capacity_factor is None and steps_on_chosen_experts(c, B * S, D):
             if router_partials is not None or (stacks is not None and stacks.router is not None
                                                and tiles_fit(D, c.num_experts)):  # fp32 logits
                 partials = router_partials
