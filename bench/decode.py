@@ -55,7 +55,7 @@ def copy_bandwidth_jax() -> float:
     return 2 * x.nbytes / float(np.median(times))  # read + write
 
 
-PROFILE_TOKENS = 8  # --profile: the tokens of the traced generate call
+PROFILE_TOKENS = 32  # --profile: the tokens of the traced generate call
 
 
 def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kernels=("auto:auto",),

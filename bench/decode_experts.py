@@ -5,6 +5,11 @@ first), for several tile shapes. On a GPU:
 
     python bench/decode_experts.py --tokens 1 4
     python bench/decode_experts.py --tokens 1 2 4 --sweep   # each kernel's tiles alone (the other at its default)
+    python bench/decode_experts.py --tokens 1 --prefetch    # the kernels right after a read of the shared experts
+
+--prefetch asks whether weights already in L2 speed the chosen-experts kernels: before each layer's kernels, XLA
+reads that layer's shared-expert weights (a float32 sum the kernels then wait on), and the kernels' time is the
+difference between reads-then-kernels and the reads alone.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=10, help="passes over the layers per timed dispatch")
     parser.add_argument("--sweep", action="store_true",
                         help="time every tile config in SWEEP for the gate/up kernel, then for the down kernel")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="time the chosen-experts kernels (default tiles) right after a read of the layer's "
+                             "shared-expert weights, against the kernels alone")
     args = parser.parse_args()
 
     import jax
@@ -81,6 +89,20 @@ def main():
             return out + combine(y, wt), None
         return jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (ws, experts, w))[0]
 
+    def shared_read(ws, layer, parts):  # XLA reads these shared-expert weights of the layer: a float32 sum
+        return sum(jnp.sum(jax.lax.dynamic_index_in_dim(ws[3 + p], layer, 0, False).astype(jnp.float32))
+                   for p in parts)
+
+    def after_read(x, experts, w, ws, parts, kernels=True):  # each layer: the read, then (waiting on it) the kernels
+        def body(out, xs):
+            layer, e, wt = xs
+            s = shared_read(ws, layer, parts)
+            if not kernels:
+                return out + s * 1e-30, None
+            y = chosen_experts_mlp(x + (s * 0).astype(x.dtype), e, *ws[:3], ws[3:], layer)
+            return out + combine(y, wt), None
+        return jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (jnp.arange(L), experts, w))[0]
+
     def repeated(f):  # the layers `args.repeats` times in one dispatch, so that host overhead is amortised
         def run(*a):
             return jax.lax.fori_loop(0, args.repeats, lambda r, out: out + f(*a), jnp.zeros((T, D), jnp.float32))
@@ -102,6 +124,17 @@ def main():
         w = jnp.asarray(rng.uniform(size=(L, T, K)) / K, jnp.float32)
         want = jax.jit(sorted_path)(x, experts, w, weights)
         rows = []
+        if args.prefetch:
+            alone = [per_layer_us(repeated(jax.jit(lambda *a: chosen_stacked(*a, {}))), x, experts, w, weights)]
+            for name, parts in (("shared gate/up", (0, 1)), ("shared gate/up/down", (0, 1, 2))):
+                reads = per_layer_us(repeated(jax.jit(lambda *a, p=parts: after_read(*a, p, kernels=False))),
+                                     x, experts, w, weights)
+                both_us = per_layer_us(repeated(jax.jit(lambda *a, p=parts: after_read(*a, p))), x, experts, w, weights)
+                alone.append(per_layer_us(repeated(jax.jit(lambda *a: chosen_stacked(*a, {}))), x, experts, w, weights))
+                print(json.dumps(dict(tokens=T, read=name, read_us=round(reads, 2), read_then_kernels_us=round(
+                    both_us, 2), kernels_after_read_us=round(both_us - reads, 2), kernels_alone_us=[
+                    round(a, 2) for a in alone])), flush=True)
+            continue
         if args.sweep:
             for kernel in ("gate_up", "down"):
                 for values in itertools.product(*SWEEP.values()):

@@ -7,7 +7,8 @@
 
 Kernels are grouped by name, and by the model code that issued them (the jax name stack, e.g. `moe/experts`)
 where the trace carries it: kernels XLA runs inside CUDA graphs (command buffers, the default on GPU) are only
-attributed to their module, so then the kernel names are the guide.
+attributed to their module, so then the kernel names are the guide. A third table gives the time the device sat
+idle between consecutive kernels, by transition (kernel -> next kernel): launch gaps, waits on the host.
 """
 
 from __future__ import annotations
@@ -65,12 +66,13 @@ def summarize(trace_dir: str, top: int = 30, steps: int = 1, module: str | None 
     trace = _load(trace_dir)
     pids = _device_pids(trace)
     by_kernel, by_scope, count = collections.Counter(), collections.Counter(), collections.Counter()
-    sample = None
+    sample, kernels = None, []
     for e in trace.get("traceEvents", []):
         if e.get("ph") != "X" or e.get("pid") not in pids or "dur" not in e:
             continue
         if module and module not in str(e.get("args", {}).get("hlo_module", "")):
             continue
+        kernels.append(e)
         name = e.get("name", "?")
         by_kernel[name] += e["dur"]
         count[name] += 1
@@ -88,7 +90,33 @@ def summarize(trace_dir: str, top: int = 30, steps: int = 1, module: str | None 
         for name, us in table.most_common(top):
             extra = f"  x{count[name] // steps}" if title == "kernel" else ""
             print(f"{us / 1e3 / steps:9.3f} {100 * us / total:6.1f}  {name[:110]}{extra}")
-    return {"total_us": total, "by_kernel": dict(by_kernel), "by_scope": dict(by_scope)}
+    idle = idle_between(kernels, steps, top)
+    return {"total_us": total, "by_kernel": dict(by_kernel), "by_scope": dict(by_scope), "idle_us": idle}
+
+
+def idle_between(kernels: list, steps: int = 1, top: int = 12) -> dict:
+    """Where the device waits between consecutive kernels (one stream): the span from the first kernel's start to
+    the last one's end against the kernels' own time, and the idle time by transition (kernel -> next kernel)
+    with its median, so a few one-off waits (the trace's first step) stand out from gaps paid every time. Prints
+    the table; returns {transition: idle µs in all}."""
+    kernels = sorted(kernels, key=lambda e: e["ts"])
+    if len(kernels) < 2:
+        return {}
+    busy = sum(e["dur"] for e in kernels)
+    span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
+    gaps = collections.defaultdict(list)
+    for a, b in zip(kernels, kernels[1:]):
+        gap = b["ts"] - (a["ts"] + a["dur"])
+        if gap > 0:
+            gaps[f"{a.get('name', '?')[:50]} -> {b.get('name', '?')[:50]}"].append(gap)
+    print(f"\nspan per step {span / 1e3 / steps:.3f} ms: kernels {busy / 1e3 / steps:.3f} ms, idle between them "
+          f"{(span - busy) / 1e3 / steps:.3f} ms (less where kernels overlap)")
+    print(f"\n{'idle µs/step':>12} {'per step':>8} {'median µs':>9}  between")
+    totals = {k: sum(v) for k, v in gaps.items()}
+    for k in sorted(totals, key=totals.get, reverse=True)[:top]:
+        v = sorted(gaps[k])
+        print(f"{totals[k] / steps:12.2f} {len(v) / steps:8.1f} {v[len(v) // 2]:9.2f}  {k}")
+    return totals
 
 
 def profile(fn, trace_dir: str, *, sync, steps: int = 1, top: int = 30) -> dict:
