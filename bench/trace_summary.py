@@ -20,6 +20,7 @@ import gzip
 import json
 import os
 import re
+import statistics
 
 
 def _load(trace_dir: str) -> dict:
@@ -114,8 +115,8 @@ def idle_between(kernels: list, steps: int = 1, top: int = 12) -> dict:
     print(f"\n{'idle µs/step':>12} {'per step':>8} {'median µs':>9}  between")
     totals = {k: sum(v) for k, v in gaps.items()}
     for k in sorted(totals, key=totals.get, reverse=True)[:top]:
-        v = sorted(gaps[k])
-        print(f"{totals[k] / steps:12.2f} {len(v) / steps:8.1f} {v[len(v) // 2]:9.2f}  {k}")
+        v = gaps[k]
+        print(f"{totals[k] / steps:12.2f} {len(v) / steps:8.1f} {statistics.median(v):9.2f}  {k}")
     return totals
 
 

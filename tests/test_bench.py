@@ -20,5 +20,5 @@ def test_idle_between_kernels(capsys):
     assert idle_between(kernels, steps=2) == {"a -> b": 3, "b -> a": 3}
     out = capsys.readouterr().out
     assert "span per step 0.018 ms: kernels 0.015 ms, idle between them 0.003 ms" in out
-    assert "1.50      1.0      2.00  a -> b" in out  # per step, count per step, median
+    assert "1.50      1.0      1.50  a -> b" in out  # per step, count per step, median
     assert idle_between(kernels[:1]) == {}
