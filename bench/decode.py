@@ -11,6 +11,10 @@ preallocates GPU memory):
     python bench/decode.py --impl jax   --batches 1 4 8 --decode-kernels sorted:xla chosen:xla chosen:auto
                                                     # decoding paths: DSV2_DECODE_EXPERTS:DSV2_DECODE_PROJECTIONS
     python bench/decode.py --impl jax   --batches 1 --profile /tmp/decode_prof   # + the decode loop's kernels
+    python bench/decode.py --impl jax   --batches 1 --compiles 6   # compile and time each batch 6 times, one row each
+
+The batch-1 step on an H200 differs by up to ~6% between compilations of the same program, in one process as
+between processes (bench/RESULTS.md §9): compare changes over several compilations (`--compiles`).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ PROFILE_TOKENS = 32  # --profile: the tokens of the traced generate call
 
 
 def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kernels=("auto:auto",),
-            profile_dir=None):
+            profile_dir=None, compiles: int = 1):
     import jax
     import jax.numpy as jnp
 
@@ -78,17 +82,21 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kern
         rng = np.random.default_rng(0)
         for b in batches:
             prompts = [list(rng.integers(0, config.vocab_size, prompt_len)) for _ in range(b)]
-            t0 = time.perf_counter()
-            dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh)  # compile
-            first_call_s = time.perf_counter() - t0
-            runs = []
-            for _ in range(3):  # the first timed call after compiling still pays one-off costs: best of three
-                t = {}
-                dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh, timings=t)
-                runs.append(t)
-            setting = dict(decode_experts=experts, decode_projections=projections, first_call_s=first_call_s)
-            yield (setting, b, min(t["prefill_s"] for t in runs), min(t["decode_s"] for t in runs),
-                   runs[0]["steps"])
+            for compile_index in range(compiles):
+                if compile_index:
+                    jax.clear_caches()  # compile prefill and the decode loop again
+                t0 = time.perf_counter()
+                dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh)  # compile
+                first_call_s = time.perf_counter() - t0
+                runs = []
+                for _ in range(3):  # the first timed call after compiling still pays one-off costs: best of three
+                    t = {}
+                    dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh, timings=t)
+                    runs.append(t)
+                setting = dict(decode_experts=experts, decode_projections=projections, compile=compile_index,
+                               first_call_s=first_call_s)
+                yield (setting, b, min(t["prefill_s"] for t in runs), min(t["decode_s"] for t in runs),
+                       runs[0]["steps"])
             if profile_dir:  # the decode loop's kernels per step, by name
                 from bench.trace_summary import summarize
                 trace_dir = os.path.join(profile_dir, f"{experts}_{projections}_b{b}")
@@ -150,8 +158,12 @@ def main():
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help=f"jax only: after each timing, trace a {PROFILE_TOKENS}-token generate here and print "
                              "the decode loop's kernels per step by name")
+    parser.add_argument("--compiles", type=int, default=1,
+                        help="jax only: compile and time each batch this many times in this process (a row each)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.compiles < 1:
+        parser.error(f"--compiles {args.compiles}: at least 1")
 
     from dsv2_jax import ModelConfig
     config = ModelConfig.from_preset("deepseek-v2-lite")
@@ -165,7 +177,7 @@ def main():
     runner = run_torch
     if args.impl == "jax":
         runner = functools.partial(run_jax, mesh_text=args.mesh, decode_kernels=args.decode_kernels,
-                                   profile_dir=args.profile)
+                                   profile_dir=args.profile, compiles=args.compiles)
     cache_per_token = 2 * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
     for setting, b, prefill_s, decode_s, steps in runner(config, args.batches, args.prompt, args.new_tokens):
         step_s = decode_s / max(steps, 1)

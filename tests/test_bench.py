@@ -22,3 +22,18 @@ def test_idle_between_kernels(capsys):
     assert "span per step 0.018 ms: kernels 0.015 ms, idle between them 0.003 ms" in out
     assert "1.50      1.0      1.50  a -> b" in out  # per step, count per step, median
     assert idle_between(kernels[:1]) == {}
+
+
+def test_decode_compiles_each_batch_again(monkeypatch):
+    """bench/decode.py --compiles 2: each batch compiled and timed twice in the process (jax's caches cleared in
+    between), one row each, on the tiny model (CPU)."""
+    from dsv2_jax import ModelConfig
+    from dsv2_jax.grouped_matmul import reread_decode_choices
+
+    for name in ("DSV2_DECODE_EXPERTS", "DSV2_DECODE_PROJECTIONS"):  # run_jax sets them; restored after
+        monkeypatch.setenv(name, "auto")
+    rows = list(load("decode").run_jax(ModelConfig.from_preset("tiny"), [2], 8, 3, compiles=2))
+    reread_decode_choices()
+    assert [(setting["compile"], batch) for setting, batch, *_ in rows] == [(0, 2), (1, 2)]
+    for setting, _, prefill_s, decode_s, steps in rows:
+        assert setting["first_call_s"] > 0 and prefill_s > 0 and decode_s > 0 and steps == 3
