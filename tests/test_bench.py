@@ -32,7 +32,8 @@ def test_decode_compiles_each_batch_again(monkeypatch):
 
     for name in ("DSV2_DECODE_EXPERTS", "DSV2_DECODE_PROJECTIONS"):  # run_jax sets them; restored after
         monkeypatch.setenv(name, "auto")
-    rows = list(load("decode").run_jax(ModelConfig.from_preset("tiny"), [2], 8, 3, compiles=2))
+    config = ModelConfig.from_preset("tiny").replace(num_hidden_layers=2)  # one dense layer, one MoE layer
+    rows = list(load("decode").run_jax(config, [2], 8, 3, compiles=2))
     reread_decode_choices()
     assert [(setting["compile"], batch) for setting, batch, *_ in rows] == [(0, 2), (1, 2)]
     for setting, _, prefill_s, decode_s, steps in rows:
