@@ -24,17 +24,14 @@ def test_idle_between_kernels(capsys):
     assert idle_between(kernels[:1]) == {}
 
 
-def test_decode_compiles_each_batch_again(monkeypatch):
+def test_decode_compiles_each_batch_again(decode_kernels):
     """bench/decode.py --compiles 2: each batch compiled and timed twice in the process (jax's caches cleared in
     between), one row each, on the tiny model (CPU)."""
     from dsv2_jax import ModelConfig
-    from dsv2_jax.grouped_matmul import reread_decode_choices
 
-    for name in ("DSV2_DECODE_EXPERTS", "DSV2_DECODE_PROJECTIONS"):  # run_jax sets them; restored after
-        monkeypatch.setenv(name, "auto")
+    decode_kernels("auto", "auto")  # run_jax sets both variables; the fixture restores them after
     config = ModelConfig.from_preset("tiny").replace(num_hidden_layers=2)  # one dense layer, one MoE layer
     rows = list(load("decode").run_jax(config, [2], 8, 3, compiles=2))
-    reread_decode_choices()
     assert [(setting["compile"], batch) for setting, batch, *_ in rows] == [(0, 2), (1, 2)]
     for setting, _, prefill_s, decode_s, steps in rows:
         assert setting["first_call_s"] > 0 and prefill_s > 0 and decode_s > 0 and steps == 3
