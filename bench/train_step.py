@@ -122,6 +122,13 @@ def bench_torch(config, batch: int, seq: int, steps: int, experts_impl: str):
     return seconds, loss, peak
 
 
+def release_torch_memory():
+    import gc
+    import torch
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
@@ -171,6 +178,7 @@ def main():
                    {"loss": loss, "peak_gib": peak})
         except Exception as e:  # e.g. out of memory at this batch
             print(f"transformers failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        release_torch_memory()  # a failed step's traceback held the model: free it before JAX takes its share
     if not args.skip_jax:
         from dsv2_jax.layers import kernel_backends
         seconds, loss, rows, peak = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype,

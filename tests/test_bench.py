@@ -35,3 +35,32 @@ def test_decode_compiles_each_batch_again(decode_kernels):
     assert [(setting["compile"], batch) for setting, batch, *_ in rows] == [(0, 2), (1, 2)]
     for setting, _, prefill_s, decode_s, steps in rows:
         assert setting["first_call_s"] > 0 and prefill_s > 0 and decode_s > 0 and steps == 3
+
+
+def test_attention_bench_checks_kernels_against_the_reference():
+    """bench/attention.py on CPU at tiny widths: the XLA kernel matches the float32 reference under each mask (bf16
+    rounding), the document mask matters at these shapes, and kernels that cannot run here are reported, not raised."""
+    import jax
+    import jax.numpy as jnp
+    from dsv2_jax.attention import causal_mask
+
+    attention = load("attention")
+    rows = attention.main(["--batch", "1", "--seq", "64", "--heads", "2", "--qk-dim", "24", "--v-dim", "16",
+                           "--docs", "2", "--reps", "1", "--impls", "xla", "cudnn"])
+    assert [(r["impl"], r["mask"]) for r in rows] == [("xla", "documents"), ("cudnn", "documents"),
+                                                      ("xla", "causal only"), ("cudnn", "causal only")]
+    for r in rows:
+        if r["impl"] == "xla":
+            assert r["error_out"] < 1e-2 and max(r["error_grads"]) < 1e-2, r
+            assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
+        elif jax.default_backend() != "gpu":
+            assert "failed" in r  # cuDNN off a GPU
+
+    q, k, v = (jax.random.normal(key, (1, 64, 2, d), jnp.float32)
+               for key, d in zip(jax.random.split(jax.random.key(1), 3), (24, 24, 16)))
+    documents = causal_mask(jnp.arange(64)[None] * 2 // 64)
+    xla = attention.kernels(24 ** -0.5)["xla"]
+    out, ref = xla(q, k, v, documents), attention.reference(q, k, v, documents, 24 ** -0.5)
+    causal_only = attention.reference(q, k, v, causal_mask(jnp.zeros((1, 64), jnp.int32)), 24 ** -0.5)
+    assert float(jnp.max(jnp.abs(out - ref))) < 1e-5
+    assert float(jnp.linalg.norm(causal_only - ref) / jnp.linalg.norm(ref)) > 0.1
