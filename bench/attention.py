@@ -5,8 +5,8 @@ equal length, masked as the model masks them (causal within each document). Kern
   tokamax  tokamax.dot_product_attention with the mask and the causal hint (what the model runs on GPU)
   cudnn    cuDNN through jax's fused-attention module (private), the mask as a bias, causal mask type
   xla      the einsum and masked softmax of dsv2_jax.attention (what the model runs without tokamax)
-each also with the causal mask only (no document mask: a lower bound for the kernel, right only for one document
-per row). Every output and the gradients with respect to q, k and v are checked against a float32 einsum reference
+each also causal only, without a mask array (the kernel's own causal masking: a lower bound, right only for one
+document per row). Every output and the gradients with respect to q, k and v are checked against a float32 einsum reference
 with the same mask (relative error at the norm); times are medians of --reps calls.
 
     python bench/attention.py [--batch 2] [--seq 4096] [--docs 3] [--impls tokamax cudnn xla] [--out FILE]
@@ -37,19 +37,24 @@ def median_ms(f, *args, reps: int) -> float:
 
 
 def kernels(scale: float):
-    """name -> attention(q, k, v, mask [B, S, S] bool) -> [B, S, H, d_v], each imported only when asked for."""
+    """name -> attention(q, k, v, mask) -> [B, S, H, d_v], each imported only when asked for. mask: bool [B, S, S]
+    with the causal part included, or None for causal attention without a mask array."""
     import jax.numpy as jnp
 
     def tokamax_(q, k, v, mask):
         import tokamax
-        return tokamax.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True, scale=scale)
+        mask = None if mask is None else mask[:, None]
+        return tokamax.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale)
 
     def cudnn(q, k, v, mask):
         from jax._src.cudnn import fused_attention_stablehlo as fa
-        return fa.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, mask_type=fa.MaskType.CAUSAL)
+        mask = None if mask is None else mask[:, None]
+        return fa.dot_product_attention(q, k, v, mask=mask, scale=scale, mask_type=fa.MaskType.CAUSAL)
 
     def xla(q, k, v, mask):
-        from dsv2_jax.attention import masked_softmax
+        from dsv2_jax.attention import causal_mask, masked_softmax
+        if mask is None:
+            mask = causal_mask(jnp.zeros(q.shape[:2], jnp.int32))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         return jnp.einsum("bhqk,bkhv->bqhv", masked_softmax(scores, mask, scale, q.dtype), v)
 
@@ -92,12 +97,13 @@ def main(argv=None):
     v = jax.random.normal(keys[2], (B, S, H, args.v_dim), jnp.bfloat16)
     cotangent = jax.random.normal(keys[3], (B, S, H, args.v_dim), jnp.float32)
     segments = jnp.broadcast_to(jnp.arange(S) * args.docs // S, (B, S))
-    masks = {"documents": causal_mask(segments), "causal only": causal_mask(jnp.zeros((B, S), jnp.int32))}
+    masks = {"documents": causal_mask(segments), "causal only": None}  # None: the kernels' own causal masking
     flops = B * H * S * S * (args.qk_dim + args.v_dim)  # causal: half of the S² scores, 2 FLOPs per product
     rows = []
     for mask_name, mask in masks.items():
-        ref = jax.jit(reference, static_argnums=4)(q, k, v, mask, scale)
-        ref_loss = lambda q, k, v: jnp.sum(reference(q, k, v, mask, scale) * cotangent)
+        full = causal_mask(jnp.zeros((B, S), jnp.int32)) if mask is None else mask
+        ref = jax.jit(reference, static_argnums=4)(q, k, v, full, scale)
+        ref_loss = lambda q, k, v: jnp.sum(reference(q, k, v, full, scale) * cotangent)
         ref_grads = jax.jit(jax.grad(ref_loss, (0, 1, 2)))(q, k, v)
         del ref_loss
         for name in args.impls:
