@@ -6,8 +6,8 @@ equal length, masked as the model masks them (causal within each document). Kern
   cudnn    cuDNN through jax's fused-attention module (private), the mask as a bias, causal mask type
   xla      the einsum and masked softmax of dsv2_jax.attention (what the model runs without tokamax)
 each also causal only, without a mask array (the kernel's own causal masking: a lower bound, right only for one
-document per row). Every output and the gradients with respect to q, k and v are checked against a float32 einsum reference
-with the same mask (relative error at the norm); times are medians of --reps calls.
+document per row). Every output and the gradients with respect to q, k and v are checked against a float32 einsum
+reference with the same mask (relative error at the norm); times are medians of --reps calls.
 
     python bench/attention.py [--batch 2] [--seq 4096] [--docs 3] [--impls tokamax cudnn xla] [--out FILE]
 """
