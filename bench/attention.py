@@ -136,8 +136,8 @@ def main(argv=None):
         if "failed" in r:
             print(f"{name:24s} failed: {r['failed'][:120]}")
             continue
-        print(f"{name:24s} fwd {r['fwd_ms']:8.3f} ms ({r['fwd_tflops']:5.0f} TFLOP/s)  fwd+bwd {r['fwd_bwd_ms']:8.3f} ms "
-              f"({r['fwd_bwd_tflops']:5.0f})  error {r['error_out']:.1e}, grads "
+        print(f"{name:24s} fwd {r['fwd_ms']:8.3f} ms ({r['fwd_tflops']:5.0f} TFLOP/s)  "
+              f"fwd+bwd {r['fwd_bwd_ms']:8.3f} ms ({r['fwd_bwd_tflops']:5.0f})  error {r['error_out']:.1e}, grads "
               + " ".join(f"{e:.1e}" for e in r["error_grads"]))
     return rows
 
