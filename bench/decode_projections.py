@@ -100,7 +100,7 @@ def main(argv=None):
                     def passes(x, ws, t=tiles):  # every layer, args.repeats times, in one dispatch
                         def body(i, acc):
                             ys = stacked_matvec(x, ws, i % L, **t)
-                            return acc + sum(y[:, :1] for y in ys)
+                            return acc + sum(y.sum(axis=1, keepdims=True) for y in ys)  # all of it: read whole
                         return jax.lax.fori_loop(0, L * args.repeats, body, jnp.zeros((T, 1), jnp.float32))
 
                     passes(x, ws).block_until_ready()
