@@ -70,19 +70,20 @@ def test_attention_bench_checks_kernels_against_the_reference():
 
 
 def test_decode_projections_sweep_checks_each_config():
-    """bench/decode_projections.py --sweep on the tiny model (CPU, the kernels in Pallas's interpreter): every product
-    of the decoding step, the default tiles first, each config's product equal to a float32 product of the same
-    bf16 operands (float32 accumulation: ~1e-7), and configs the widths cannot take reported, not raised."""
-    rows = load("decode_projections").main(["--preset", "tiny", "--tokens", "1", "3", "--layers", "2", "--repeats", "1",
-                                            "--dispatches", "1", "--sweep", "--limit", "2"])
+    """bench/decode_projections.py on the tiny model (CPU, the kernels in Pallas's interpreter): every product of the
+    decoding step at its default tiles, then a sweep's first configs, each product equal to a float32 product of the
+    same bf16 operands (float32 accumulation: ~1e-7)."""
     from dsv2_jax.grouped_matmul import MATVEC_TILES
 
-    assert [(r["product"], r["tokens"]) for r in rows] == [
-        (p, t) for p in ("input", "q_b", "o_proj") for t in (1, 3) for _ in range(2)]
-    for r in rows:
+    bench = load("decode_projections")
+    common = ["--preset", "tiny", "--layers", "2", "--repeats", "1", "--dispatches", "1"]
+    rows = bench.main(common + ["--tokens", "1", "3"])
+    assert [(r["product"], r["tokens"]) for r in rows] == [(p, t) for p in ("input", "q_b", "o_proj") for t in (1, 3)]
+    assert [r["N"] for r in rows[::2]] == [[64, 48], [192], [128]]  # q_a with kv_a (32 + 16), q_b (4 × 48), o_proj
+    assert all(r["block_k"] == MATVEC_TILES["block_k"] and r["block_n"] == MATVEC_TILES["block_n"] for r in rows)
+    assert [r["programs"] for r in rows[:2]] == [MATVEC_TILES["one_token_programs"], MATVEC_TILES["programs"]]
+    swept = bench.main(common + ["--tokens", "1", "--products", "o_proj", "--sweep", "--limit", "2"])
+    assert swept[0]["programs"] == rows[4]["programs"] and swept[1]["block_n"] != MATVEC_TILES["block_n"]
+    for r in rows + swept:
         assert "failed" not in r, r
         assert r["rel_err"] < 1e-5 and r["us_per_layer"] > 0, r
-    defaults = rows[::2]
-    assert all(r["block_k"] == MATVEC_TILES["block_k"] and r["block_n"] == MATVEC_TILES["block_n"] for r in defaults)
-    assert [r["programs"] for r in defaults[:2]] == [MATVEC_TILES["one_token_programs"], MATVEC_TILES["programs"]]
-    assert [r["N"] for r in rows[::4]] == [[64, 48], [192], [128]]  # q_a with kv_a (32 + 16), q_b (4 × 48), o_proj
