@@ -18,22 +18,10 @@ import argparse
 import json
 import os
 import sys
-import time
-
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def median_ms(f, *args, reps: int) -> float:
-    import jax
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+from bench.grouped_matmul import median_ms  # noqa: E402
 
 
 def kernels(scale: float):
