@@ -4,7 +4,7 @@ that nothing stays in L2, for its tile configs. Each config is checked against a
 layer (the fastest of --dispatches dispatches, each running the layers --repeats times over) and the weight bytes
 read per second. On a GPU:
 
-    python bench/decode_projections.py --tokens 1 4            # the default tiles (MATVEC_TILES)
+    python bench/decode_projections.py --tokens 1 4            # the tiles the decoding step runs
     python bench/decode_projections.py --tokens 1 --sweep      # every config of SWEEP, per product
 
 Products, as a decoding step runs them: "input" (q_proj, or q_a_proj on the low-rank query path, with kv_a_proj:
@@ -40,11 +40,14 @@ def products(config) -> dict[str, tuple[int, tuple[int, ...]]]:
     return out
 
 
-def configs(sweep: bool, tokens: int) -> list[dict]:
-    """The tile configs to run: the default (MATVEC_TILES, with its program count for this many tokens) first."""
-    from dsv2_jax.grouped_matmul import MATVEC_TILES
+def configs(sweep: bool, product: str, tokens: int) -> list[dict]:
+    """The tile configs to run: the decoding step's own first (MATVEC_TILES, with its program count for this many
+    tokens, and for the input products INPUT_TILES where it has this many tokens)."""
+    from dsv2_jax.grouped_matmul import INPUT_TILES, MATVEC_TILES
     default = {k: MATVEC_TILES[k] for k in ("block_k", "block_n", "num_warps", "num_stages")}
     default["programs"] = MATVEC_TILES["one_token_programs" if tokens == 1 else "programs"]
+    if product == "input":
+        default.update(INPUT_TILES.get(tokens, {}))
     rest = [dict(zip(SWEEP, values)) for values in itertools.product(*SWEEP.values())] if sweep else []
     return [default] + [c for c in rest if c != default]
 
@@ -88,7 +91,7 @@ def main(argv=None):
             layer = min(1, L - 1)
             want = [jnp.einsum("tk,kn->tn", x.astype(jnp.float32), w[layer].astype(jnp.float32),
                                precision="highest") for w in ws]
-            for tiles in configs(args.sweep, T)[:args.limit]:
+            for tiles in configs(args.sweep, name, T)[:args.limit]:
                 row = dict(product=name, tokens=T, K=K, N=list(widths), layers=L, **tiles)
                 try:
                     one = jax.jit(lambda x, ws, layer, t=tiles: stacked_matvec(x, ws, layer, **t))

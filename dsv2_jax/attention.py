@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .config import ModelConfig
-from .grouped_matmul import (TILE, decode_block, dot_precision, interpreted, matvecs, power_of_two,
+from .grouped_matmul import (INPUT_TILES, TILE, decode_block, dot_precision, interpreted, matvecs, power_of_two,
                              stacked_matvec, stacked_partials, tiles_fit)
 from .layers import cast, kernel_backend, param, rms_norm
 from .rope import apply_rope
@@ -221,7 +221,8 @@ class MLA(nnx.Module):
             return None
         w = stacks.weights
         xt = x.reshape(B, D).astype(dt)
-        parts = stacked_partials(xt, (w[query].reshape(-1, D, first), w["kv_a_proj"]), stacks.layer)
+        parts = stacked_partials(xt, (w[query].reshape(-1, D, first), w["kv_a_proj"]), stacks.layer,
+                                 **INPUT_TILES.get(B, {}))
         q_parts = parts
         if c.q_lora_rank is not None:
             q_a = rms_norm(parts.sum(axis=0)[:B, :first].astype(dt), self.q_a_norm[...], c.rms_norm_eps, dt)
