@@ -42,12 +42,11 @@ def products(config) -> dict[str, tuple[int, tuple[int, ...]]]:
 
 def configs(sweep: bool, product: str, tokens: int) -> list[dict]:
     """The tile configs to run: the decoding step's own first (MATVEC_TILES, with its program count for this many
-    tokens, and for the input products INPUT_TILES where it has this many tokens)."""
-    from dsv2_jax.grouped_matmul import INPUT_TILES, MATVEC_TILES
+    tokens, then PROJECTION_TILES' for this product and tokens)."""
+    from dsv2_jax.grouped_matmul import MATVEC_TILES, PROJECTION_TILES
     default = {k: MATVEC_TILES[k] for k in ("block_k", "block_n", "num_warps", "num_stages")}
     default["programs"] = MATVEC_TILES["one_token_programs" if tokens == 1 else "programs"]
-    if product == "input":
-        default.update(INPUT_TILES.get(tokens, {}))
+    default.update(PROJECTION_TILES.get((product, tokens), {}))
     rest = [dict(zip(SWEEP, values)) for values in itertools.product(*SWEEP.values())] if sweep else []
     return [default] + [c for c in rest if c != default]
 

@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .config import ModelConfig
-from .grouped_matmul import (INPUT_TILES, TILE, decode_block, dot_precision, interpreted, matvecs, power_of_two,
+from .grouped_matmul import (PROJECTION_TILES, TILE, decode_block, dot_precision, interpreted, matvecs, power_of_two,
                              stacked_matvec, stacked_partials, tiles_fit)
 from .layers import cast, kernel_backend, param, rms_norm
 from .rope import apply_rope
@@ -88,19 +88,20 @@ class MLA(nnx.Module):
         weight out of the stacks (where its widths fit the kernel). The contracted dimensions lead the weight and
         end x."""
         w_spec, out_spec = spec.split(",")[1].split("->")
-        products = self._stacked_products(x, (name,), sum(ch not in out_spec for ch in w_spec), stacks)
+        products = self._stacked_products(x, (name,), sum(ch not in out_spec for ch in w_spec), stacks, name)
         return products[name] if products else jnp.einsum(spec, x, cast(getattr(self, name), self.dtype))
 
-    def _stacked_products(self, x, names, n: int, stacks: ProjectionStacks | None) -> dict | None:
+    def _stacked_products(self, x, names, n: int, stacks: ProjectionStacks | None, product: str) -> dict | None:
         """x's products with the weights `names` (their first n dimensions contracted with x's last n), by name, in
-        one `stacked_matvec` reading this layer out of their stacks; None without stacks or where a width does not
-        fit the kernel."""
+        one `stacked_matvec` reading this layer out of their stacks, with the tiles PROJECTION_TILES has for
+        `product` at this many tokens; None without stacks or where a width does not fit the kernel."""
         ws = [getattr(self, name) for name in names]
         rows, cols = math.prod(ws[0].shape[:n]), [math.prod(w.shape[n:]) for w in ws]
         if stacks is None or not tiles_fit(rows, *cols):
             return None
         stacked = tuple(stacks.weights[name].reshape(-1, rows, c) for name, c in zip(names, cols))
-        ys = stacked_matvec(x.reshape(-1, rows), stacked, stacks.layer)
+        tokens = x.reshape(-1, rows)
+        ys = stacked_matvec(tokens, stacked, stacks.layer, **PROJECTION_TILES.get((product, tokens.shape[0]), {}))
         lead = x.shape[:x.ndim - n]
         return {name: y.astype(self.dtype).reshape(lead + w.shape[n:]) for name, y, w in zip(names, ys, ws)}
 
@@ -109,7 +110,7 @@ class MLA(nnx.Module):
         in one `stacked_matvec` over their stacks (decoding: one kernel instead of two); None where a width does
         not fit. `query` and `latent` take them as `products`."""
         names = ("q_proj" if self.config.q_lora_rank is None else "q_a_proj", "kv_a_proj")
-        return self._stacked_products(x, names, 1, stacks)
+        return self._stacked_products(x, names, 1, stacks, "input")
 
     def query(self, x, cos, sin, stacks: ProjectionStacks | None = None, products: dict | None = None):
         """q_nope [B, S, H, nope] and roped q_pe [B, S, H, rope]. stacks: see `_project`; products: x's first
@@ -222,7 +223,7 @@ class MLA(nnx.Module):
         w = stacks.weights
         xt = x.reshape(B, D).astype(dt)
         parts = stacked_partials(xt, (w[query].reshape(-1, D, first), w["kv_a_proj"]), stacks.layer,
-                                 **INPUT_TILES.get(B, {}))
+                                 **PROJECTION_TILES.get(("input", B), {}))
         q_parts = parts
         if c.q_lora_rank is not None:
             q_a = rms_norm(parts.sum(axis=0)[:B, :first].astype(dt), self.q_a_norm[...], c.rms_norm_eps, dt)

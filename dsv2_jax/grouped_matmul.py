@@ -533,10 +533,13 @@ def chosen_experts_mlp(x, experts, gate, up, down, shared=None, layer=None, *, g
 
 # programs: one token's products split further (measured on an H100, V2-Lite: q_proj 7.1 -> 6.3 µs, o_proj 5.2 -> 4.8)
 MATVEC_TILES = dict(block_k=128, block_n=64, num_warps=4, num_stages=3, programs=256, one_token_programs=1024)
-# the layer input's products (q_proj or q_a_proj with kv_a_proj, one kernel), by tokens where they differ from
-# MATVEC_TILES: one token in narrower programs over longer contraction spans, so that absorbed_query adds 4 partial
-# sums instead of 16 (H200, V2-Lite, per MoE layer: the products 6.3 -> 6.0 µs, absorbed_query 4.0 -> 3.7 µs)
-INPUT_TILES = {1: dict(block_n=32, num_warps=2, programs=512)}
+# a decoding step's projection products by (product, tokens), where their tiles differ from MATVEC_TILES. One
+# token: narrower programs over longer contraction spans, so that fewer float32 partial sums follow. "input" (q_proj
+# or q_a_proj with kv_a_proj, one kernel): absorbed_query adds 4 instead of 16 (H200, V2-Lite, per MoE layer: the
+# products 6.3 -> 6.0 µs, absorbed_query 4.0 -> 3.7 µs); "o_proj": XLA adds 4 instead of 16 with the residual (the
+# product 4.3 -> 4.5 µs, the add 2.3 -> 1.7 µs). bench/RESULTS.md §11.
+PROJECTION_TILES = {("input", 1): dict(block_n=32, num_warps=2, programs=512),
+                    ("o_proj", 1): dict(block_n=32, num_warps=2, programs=256)}
 MATVEC_MAX_TOKENS = TILE  # the token rows of one tensor-core tile
 MATVEC_BACKENDS = ("auto", "pallas", "xla")
 

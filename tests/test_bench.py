@@ -73,20 +73,21 @@ def test_decode_projections_sweep_checks_each_config():
     """bench/decode_projections.py on the tiny model (CPU, the kernels in Pallas's interpreter): every product of the
     decoding step at its default tiles, then a sweep's first configs, each product equal to a float32 product of the
     same bf16 operands (float32 accumulation: ~1e-7)."""
-    from dsv2_jax.grouped_matmul import INPUT_TILES, MATVEC_TILES
+    from dsv2_jax.grouped_matmul import MATVEC_TILES, PROJECTION_TILES
 
     bench = load("decode_projections")
     common = ["--preset", "tiny", "--layers", "2", "--repeats", "1", "--dispatches", "1"]
     rows = bench.main(common + ["--tokens", "1", "3"])
     assert [(r["product"], r["tokens"]) for r in rows] == [(p, t) for p in ("input", "q_b", "o_proj") for t in (1, 3)]
     assert [r["N"] for r in rows[::2]] == [[64, 48], [192], [128]]  # q_a with kv_a (32 + 16), q_b (4 × 48), o_proj
-    # the tiles the decoding step runs: INPUT_TILES for one token's input products, else MATVEC_TILES
-    one_token_input = {**MATVEC_TILES, "programs": MATVEC_TILES["one_token_programs"], **INPUT_TILES[1]}
-    assert all(rows[0][k] == one_token_input[k] for k in ("block_k", "block_n", "num_warps", "programs")), rows[0]
-    assert all(r["block_k"] == MATVEC_TILES["block_k"] and r["block_n"] == MATVEC_TILES["block_n"] for r in rows[1:])
-    assert (rows[1]["programs"], rows[4]["programs"]) == (MATVEC_TILES["programs"], MATVEC_TILES["one_token_programs"])
+    # the tiles the decoding step runs: PROJECTION_TILES' for one token's input and o_proj products, else MATVEC_TILES
+    for r in rows:
+        want = {**MATVEC_TILES, "programs": MATVEC_TILES["one_token_programs" if r["tokens"] == 1 else "programs"],
+                **PROJECTION_TILES.get((r["product"], r["tokens"]), {})}
+        assert all(r[k] == want[k] for k in ("block_k", "block_n", "num_warps", "num_stages", "programs")), r
     swept = bench.main(common + ["--tokens", "1", "--products", "o_proj", "--sweep", "--limit", "2"])
-    assert swept[0]["programs"] == rows[4]["programs"] and swept[1]["block_n"] != MATVEC_TILES["block_n"]
+    tiles = lambda r: [r[k] for k in ("block_k", "block_n", "num_warps", "num_stages", "programs")]  # noqa: E731
+    assert tiles(swept[0]) == tiles(rows[4]) and tiles(swept[1]) != tiles(swept[0])
     for r in rows + swept:
         assert "failed" not in r, r
         assert r["rel_err"] < 1e-5 and r["us_per_layer"] > 0, r
