@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -50,14 +50,18 @@ class ProjectionStacks(NamedTuple):
         return cls(weights, kv_a_norm=attn.kv_a_norm[...])
 
 
-class LatentCache(NamedTuple):
-    """One layer of the whole latent cache, for `latent_attention`: the kernel reads layer `layer` of the cache arrays
-    itself (a slice handed to a kernel would be copied whole)."""
+@struct.dataclass
+class LatentCache:
+    """One layer of the whole latent cache, for `latent_attention`: the kernel reads layer `layer` + `offset` of the
+    cache arrays itself (a slice handed to a kernel would be copied whole). The offset is static and added in the
+    kernels: a decoding loop passes its counter as `layer` for the weights' stacks and the cache alike, where an index
+    of its own would make XLA keep a copy of the counter every iteration (bench/RESULTS.md §11)."""
 
     c_kv: jax.Array  # [L, B, T, kv_lora_rank]
     k_pe: jax.Array  # [L, B, T, rope]
-    layer: jax.Array  # int32: the layer (model order)
+    layer: jax.Array  # int32: the layer (model order) less `offset`
     last: jax.Array  # [B] int32: each row attends to slots [0, last]
+    offset: int = struct.field(pytree_node=False, default=0)
 
 
 class MLA(nnx.Module):
@@ -200,7 +204,8 @@ class MLA(nnx.Module):
         """A decoding step's attention from its absorbed query q_lat [B, H, C] and q_pe [B, H, R] (one token per
         row): `latent_attention_spans` over that layer of the whole cache, then with stacks `latent_output`
         (the spans combined and W_UV in one kernel) and o_proj on `stacked_matvec`. Returns [B, 1, D]."""
-        spans = latent_attention_spans(q_lat, q_pe, *cache, scale=self.config.softmax_scale)
+        spans = latent_attention_spans(q_lat, q_pe, cache.c_kv, cache.k_pe, cache.layer, cache.last,
+                                       scale=self.config.softmax_scale, layer_offset=cache.offset)
         if stacks is not None and tiles_fit(self.config.v_head_dim):
             out = latent_output(*spans, stacks.weights["v_b_proj"], stacks.layer, dtype=self.dtype)[:, None]
             return self._project("bqhv,hvd->bqd", out, "o_proj", stacks)
@@ -230,8 +235,9 @@ class MLA(nnx.Module):
             q_parts = stacked_partials(q_a, w["q_b_proj"].reshape(-1, first, width), stacks.layer)
         q_lat, q_pe, c_kv, k_pe = absorbed_query(
             q_parts, parts, w["k_b_proj"], stacks.kv_a_norm, cos.reshape(B, -1), sin.reshape(B, -1), cache.c_kv,
-            cache.k_pe, stacks.layer, cache.layer, cache.last, q_at=0, kv_at=first, eps=c.rms_norm_eps)
-        return q_lat, q_pe, cache._replace(c_kv=c_kv, k_pe=k_pe)
+            cache.k_pe, stacks.layer, cache.layer, cache.last, q_at=0, kv_at=first, eps=c.rms_norm_eps,
+            cache_offset=cache.offset)
+        return q_lat, q_pe, cache.replace(c_kv=c_kv, k_pe=k_pe)
 
     @jax.named_scope("mla")
     def __call__(self, x, cos, sin, mask):
@@ -268,11 +274,11 @@ def latent_attention_fits(config: ModelConfig, slots: int) -> bool:
 
 
 def _latent_attention_kernel(layer_ref, last_ref, q_ref, q_pe_ref, c_ref, k_pe_ref, o_ref, m_ref, l_ref, *, scale,
-                             block_t, span):
+                             block_t, span, layer_offset):
     """Program (b, g, s): heads g·16 .. g·16 + 15 of row b over cache slots [s·span, (s+1)·span) ∩ [0, last]:
     the unnormalised weighted sum of the latents (online softmax) with its running max and denominator."""
     b, g, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer, last = layer_ref[0], last_ref[b]
+    layer, last = layer_ref[0] + layer_offset, last_ref[b]
     heads = pl.ds(g * LATENT_HEADS, LATENT_HEADS)
     q, q_pe = q_ref[b, heads, :], q_pe_ref[b, heads, :]
     dot = functools.partial(jax.lax.dot_general, precision=dot_precision(q.dtype), preferred_element_type=jnp.float32)
@@ -319,12 +325,15 @@ def combine_spans(o, m, l):
     return (o * weight[..., None]).sum(axis=1) / total[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_t", "splits", "num_warps", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_t", "splits", "num_warps", "num_stages", "layer_offset",
+                                             "interpret"))
 def latent_attention_spans(q_lat, q_pe, c_kv, k_pe, layer, last, *, scale: float, block_t: int = 32,
-                           splits: int = 16, num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
+                           splits: int = 16, num_warps: int = 4, num_stages: int = 2, layer_offset: int = 0,
+                           interpret: bool | None = None):
     """`latent_attention`'s kernel: programs take 16 heads of one row over a span of the cache (flash-decoding: up
     to `splits` spans, blocks past a row's last slot skipped). Returns each span's unnormalised weighted sum
     o [B, S, H, C], score maximum m and denominator l [B, S, H] (float32), for `combine_spans` or `latent_output`.
+    The cache's layer is `layer` + `layer_offset` (static; `LatentCache.offset`).
     """
     B, H, C = q_lat.shape
     T = c_kv.shape[2]
@@ -337,7 +346,8 @@ def latent_attention_spans(q_lat, q_pe, c_kv, k_pe, layer, last, *, scale: float
     span, S = per_span * block_t, -(-(T // block_t) // per_span)
     f32 = jnp.float32
     o, m, l = pl.pallas_call(
-        functools.partial(_latent_attention_kernel, scale=scale, block_t=block_t, span=span),
+        functools.partial(_latent_attention_kernel, scale=scale, block_t=block_t, span=span,
+                          layer_offset=layer_offset),
         out_shape=[jax.ShapeDtypeStruct((B, S, H, C), f32), jax.ShapeDtypeStruct((B, S, H), f32),
                    jax.ShapeDtypeStruct((B, S, H), f32)],
         grid=(B, H // LATENT_HEADS, S),
@@ -400,13 +410,14 @@ def absorbed_query_fits(config: ModelConfig) -> bool:
 
 
 def _absorbed_query_kernel(weights_ref, layer_ref, pos_ref, q_ref, kv_ref, k_b_ref, norm_ref, cos_ref, sin_ref,
-                           c_in, k_in, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, *, q_at, kv_at, nope, block_c, eps):
+                           c_in, k_in, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, *, q_at, kv_at, nope, block_c, eps,
+                           cache_offset):
     """Program (b, h, j), h < H: latents j·block_c.. of head h's query with W_UK folded in (row b), j = 0 also its
     roped q_pe; h = H: block j of the normalised latent (j = 0 also the roped k_pe) written into the cache at slot
     pos[b]. (The latent's programs apart from the heads': no program waits on both.)"""
     del c_in, k_in  # aliased to c_ref, k_pe_ref
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    weights, layer, pos = weights_ref[0], layer_ref[0], pos_ref[b]
+    weights, layer, pos = weights_ref[0], layer_ref[0] + cache_offset, pos_ref[b]
     dt, f32 = q_lat_ref.dtype, jnp.float32
     heads, rope, latent = q_lat_ref.shape[1], q_pe_ref.shape[2], c_ref.shape[3]
     half, cs = rope // 2, pl.ds(j * block_c, block_c)
@@ -445,9 +456,10 @@ def _absorbed_query_kernel(weights_ref, layer_ref, pos_ref, q_ref, kv_ref, k_b_r
             rotated(kv_ref, kv_at + latent, k_pe_ref, lambda ds: (layer, b, pos, ds))
 
 
-@functools.partial(jax.jit, static_argnames=("q_at", "kv_at", "eps", "block_c", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("q_at", "kv_at", "eps", "cache_offset", "block_c", "num_warps",
+                                             "interpret"))
 def absorbed_query(q_parts, kv_parts, k_b, kv_norm, cos, sin, c_kv, k_pe, weights_layer, cache_layer, pos, *,
-                   q_at: int, kv_at: int, eps: float, block_c: int = 64, num_warps: int = 2,
+                   q_at: int, kv_at: int, eps: float, cache_offset: int = 0, block_c: int = 64, num_warps: int = 2,
                    interpret: bool | None = None):
     """Decoding's attention inputs in one kernel, from the float32 partial products of `stacked_partials`:
     the query with W_UK folded in and the roped q_pe, and the normalised latent and roped k_pe of the new token
@@ -457,8 +469,8 @@ def absorbed_query(q_parts, kv_parts, k_b, kv_norm, cos, sin, c_kv, k_pe, weight
     q_parts [S, R, *] holds each row's query product (heads side by side, each [nope | rope]) at columns q_at..,
     kv_parts [S', R, *] its kv_a product [latent | rope] at kv_at.. (R >= B rows; the two may be one array).
     k_b [L', C, H, nope] and kv_norm [L', C]: the stacks, read at weights_layer; cos, sin [B, rope / 2] float32;
-    c_kv [L, B, T, C], k_pe [L, B, T, rope]: the cache (aliased: updated in place inside a jitted step) at
-    cache_layer, slot pos[b].
+    c_kv [L, B, T, C], k_pe [L, B, T, rope]: the cache (aliased: updated in place inside a jitted step) at layer
+    cache_layer + cache_offset (static; `LatentCache.offset`), slot pos[b].
     Returns (q_lat [B, H, C], q_pe [B, H, rope] in the cache's dtype, c_kv, k_pe).
     """
     L, B, T, C = c_kv.shape
@@ -471,7 +483,8 @@ def absorbed_query(q_parts, kv_parts, k_b, kv_norm, cos, sin, c_kv, k_pe, weight
     dt = c_kv.dtype
     index = lambda i: jnp.asarray(i, jnp.int32).reshape(1)  # noqa: E731
     return pl.pallas_call(
-        functools.partial(_absorbed_query_kernel, q_at=q_at, kv_at=kv_at, nope=nope, block_c=block_c, eps=eps),
+        functools.partial(_absorbed_query_kernel, q_at=q_at, kv_at=kv_at, nope=nope, block_c=block_c, eps=eps,
+                          cache_offset=cache_offset),
         out_shape=[jax.ShapeDtypeStruct((B, H, C), dt), jax.ShapeDtypeStruct((B, H, rope), dt),
                    jax.ShapeDtypeStruct(c_kv.shape, dt), jax.ShapeDtypeStruct(k_pe.shape, k_pe.dtype)],
         grid=(B, H + 1, C // block_c),

@@ -81,8 +81,9 @@ def cache_bytes_per_token(cache: KVCache) -> int:
 def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
     """All decoder layers in model order over x [B, S, D], threading the cache arrays through the scans.
 
-    attend(attn, h, layer_index, c_kv, k_pe, projections) -> (attention output, c_kv, k_pe) writes the layer's new
-    latent into the cache and attends over it. decoding: the MoE layers may take their decoding kernels
+    attend(attn, h, layer, offset, c_kv, k_pe, projections) -> (attention output, c_kv, k_pe) writes the layer's
+    new latent into the cache at layer `layer` + `offset` and attends over it: `layer` the layer's index in its
+    stack (the loop counter), `offset` a static int (see `LatentCache`). decoding: the MoE layers may take their decoding kernels
     (MoE.__call__), which read each layer's experts out of the whole stacks; on one device with few tokens
     (grouped_matmul.use_stacked_matvec) the attention projections and routers run on `stacked_matvec` the same
     way (`projections`: the layer's ProjectionStacks, else None), as do the dense layers' down products,
@@ -115,7 +116,7 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
                  router=router, dense_down=dense_down, first=first, start=start):
             h, c_kv, k_pe = carry
             # the layer indices come from the loop counter: scanning over index arrays would slice them (copies)
-            li, stack_index = first + i, start + i
+            stack_index = start + i
             layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
             def norm(which: int, h, router=None):
@@ -125,7 +126,7 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
                 return rms_norm_rows(h, n.weight[...], stack_index, router, eps=n.eps, dtype=n.dtype)
 
             here = None if projections is None else projections._replace(layer=stack_index)
-            a, c_kv, k_pe = attend(layer.attn, norm(0, h), li, c_kv, k_pe, here)
+            a, c_kv, k_pe = attend(layer.attn, norm(0, h), stack_index, first - start, c_kv, k_pe, here)
             h = h + a
             if router is None:
                 h_norm, router_partials = norm(1, h), None
@@ -162,7 +163,8 @@ def prefill_chunk_forward(model, cache: KVCache, tokens, start, prompt_lens, las
     cos, sin = rope_cos_sin(model.config, jnp.broadcast_to(slots, (B, C)))
     mask = (jnp.arange(W)[None, :] <= slots[:, None])[None]  # [1, C, W]: causal over slots
 
-    def attend(attn, h, li, c_kv_all, k_pe_all, projections):
+    def attend(attn, h, layer, offset, c_kv_all, k_pe_all, projections):
+        li = layer + offset
         q_nope, q_pe = attn.query(h, cos, sin)
         c_kv, k_pe = attn.latent(h, cos, sin)
         c_kv_all = jax.lax.dynamic_update_slice(c_kv_all, c_kv[None].astype(c_kv_all.dtype), (li, 0, start, 0))
@@ -199,20 +201,22 @@ def decode_forward(model, cache: KVCache, tokens):
     cos, sin = rope_cos_sin(model.config, pos[:, None])
     mask = jnp.arange(T)[None, None, :] <= pos[:, None, None]  # [B, 1, T]: the row's tokens and the new one
 
-    def attend(attn, h, li, c_kv_all, k_pe_all, projections):
+    def attend(attn, h, layer, offset, c_kv_all, k_pe_all, projections):
         kernels = (projections is not None and latent_attention_fits(model.config, T)
                    and c_kv_all.dtype == attn.dtype)
         if kernels:  # the kernels read the layer out of the whole cache
-            inputs = attn.absorbed_inputs(h, cos, sin, projections, LatentCache(c_kv_all, k_pe_all, li, pos))
+            cache = LatentCache(c_kv_all, k_pe_all, layer, pos, offset)
+            inputs = attn.absorbed_inputs(h, cos, sin, projections, cache)
             if inputs is not None:
                 q_lat, q_pe, cache = inputs
                 return attn.attend_latent(q_lat, q_pe, projections, cache), cache.c_kv, cache.k_pe
+        li = layer + offset
         products = None if projections is None else attn.input_products(h, projections)
         q_nope, q_pe = attn.query(h, cos, sin, projections, products)
         c_kv, k_pe = attn.latent(h, cos, sin, projections, products)
         c_kv_all, k_pe_all = (_write_slot(a, li, pos, new) for a, new in ((c_kv_all, c_kv), (k_pe_all, k_pe)))
         if kernels:
-            cache = LatentCache(c_kv_all, k_pe_all, li, pos)
+            cache = cache.replace(c_kv=c_kv_all, k_pe=k_pe_all)
             return attn.absorbed(q_nope, q_pe, None, None, None, projections, cache), c_kv_all, k_pe_all
         keys_c = _layer_slice(c_kv_all, li).astype(attn.dtype)
         keys_pe = _layer_slice(k_pe_all, li).astype(attn.dtype)

@@ -178,20 +178,22 @@ def test_projections_on_stacked_matvec(q_lora_rank):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_latent_attention_matches_reference(dtype):
     """latent_attention (decoding's attention over the latent cache; interpreted off GPU) against a float64 softmax
-    per row over its slots [0, last] of the chosen layer: two groups of 16 heads, rows ending in different spans of
-    the cache (one inside the first block), a cache whose last span is shorter; float32 within 1e-6, bf16
-    (probabilities rounded to bf16 before the weighted sum, as the XLA path rounds them) within 1e-2 of the largest
-    entry. Shapes it cannot take are errors, and decoding keeps XLA's attention for them."""
+    per row over its slots [0, last] of the chosen layer (once as a layer index plus a static offset): two groups of
+    16 heads, rows ending in different spans of the cache (one inside the first block), a cache whose last span is
+    shorter; float32 within 1e-6, bf16 (probabilities rounded to bf16 before the weighted sum, as the XLA path
+    rounds them) within 1e-2 of the largest entry. Shapes it cannot take are errors, and decoding keeps XLA's
+    attention for them."""
     from dsv2_jax.attention import latent_attention, latent_attention_fits
 
     rng = np.random.default_rng(14)
     L, B, H, C, R = 3, 3, 32, 64, 16
     q_lat, q_pe = (jnp.asarray(rng.normal(size=(B, H, n)) / 4, dtype) for n in (C, R))
     f = lambda a: np.asarray(a, np.float64)  # noqa: E731
-    for T, splits, last in ((128, 4, [77, 3, 127]), (80, 2, [79, 50, 15])):  # 80: spans of 3 and 2 blocks of 16
+    # 80: spans of 3 and 2 blocks of 16; layer 1 given as 0 plus a static offset of 1 (LatentCache.offset)
+    for T, splits, last, offset in ((128, 4, [77, 3, 127], 0), (80, 2, [79, 50, 15], 1)):
         c_kv, k_pe = (jnp.asarray(rng.normal(size=(L, B, T, n)), dtype) for n in (C, R))
-        got = np.asarray(latent_attention(q_lat, q_pe, c_kv, k_pe, jnp.int32(1), jnp.asarray(last), scale=0.3,
-                                          block_t=16, splits=splits))
+        got = np.asarray(latent_attention(q_lat, q_pe, c_kv, k_pe, jnp.int32(1 - offset), jnp.asarray(last),
+                                          scale=0.3, block_t=16, splits=splits, layer_offset=offset))
         for b in range(B):
             keys = slice(0, last[b] + 1)
             scores = 0.3 * (f(q_lat[b]) @ f(c_kv[1, b, keys]).T + f(q_pe[b]) @ f(k_pe[1, b, keys]).T)
@@ -213,8 +215,8 @@ def test_absorbed_inputs_equal_query_and_latent(q_lora_rank):
     """MLA.absorbed_inputs (decoding's attention inputs: the layer input's products on stacked_partials, then
     absorbed_query for the partial sums, the latent's norm, both RoPEs, W_UK and the cache writes; interpreted off
     GPU) against the module's query, latent and W_UK einsum (float32, 1e-5 relative): layer 1 of the weight stacks,
-    layer 2 of a 3-layer cache, three rows at different slots and one row; the rest of the cache is untouched. Both
-    query paths."""
+    layer 2 of a 3-layer cache (for the one row as layer 1 plus a static offset of 1), three rows at different
+    slots and one row; the rest of the cache is untouched. Both query paths."""
     from dsv2_jax.attention import LatentCache, ProjectionStacks
 
     config = ModelConfig.from_preset("tiny").replace(initializer_range=0.15, q_lora_rank=q_lora_rank)
@@ -231,8 +233,9 @@ def test_absorbed_inputs_equal_query_and_latent(q_lora_rank):
         B, pos = len(slots), jnp.array(slots, jnp.int32)
         x = jax.random.normal(jax.random.key(7), (B, 1, config.hidden_size))
         cos, sin = rope_cos_sin(config, pos[:, None])
+        layer, offset = (2, 0) if B > 1 else (1, 1)  # cache layer 2 either way: the one row's with a static offset
         cache = LatentCache(jnp.asarray(rng.normal(size=(L, B, T, C)), jnp.float32),
-                            jnp.asarray(rng.normal(size=(L, B, T, R)), jnp.float32), jnp.int32(2), pos)
+                            jnp.asarray(rng.normal(size=(L, B, T, R)), jnp.float32), jnp.int32(layer), pos, offset)
         with jax.default_matmul_precision("highest"):
             q_lat, q_pe, got = jax.jit(attn.absorbed_inputs)(x, cos, sin, stacks, cache)
             q_nope, q_pe_want = attn.query(x, cos, sin)
