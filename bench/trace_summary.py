@@ -8,7 +8,9 @@
 Kernels are grouped by name, and by the model code that issued them (the jax name stack, e.g. `moe/experts`)
 where the trace carries it: kernels XLA runs inside CUDA graphs (command buffers, the default on GPU) are only
 attributed to their module, so then the kernel names are the guide. A third table gives the time the device sat
-idle between consecutive kernels, by transition (kernel -> next kernel): launch gaps, waits on the host.
+idle between consecutive kernels, by transition (kernel -> next kernel): launch gaps, waits on the host; a fourth
+what the host's threads did over the same span (their traced events by name: XLA's thunks, launches, copies), to
+tell a step the host holds back from one the GPU does.
 """
 
 from __future__ import annotations
@@ -92,7 +94,10 @@ def summarize(trace_dir: str, top: int = 30, steps: int = 1, module: str | None 
             extra = f"  x{count[name] // steps}" if title == "kernel" else ""
             print(f"{us / 1e3 / steps:9.3f} {100 * us / total:6.1f}  {name[:110]}{extra}")
     idle = idle_between(kernels, steps, top)
-    return {"total_us": total, "by_kernel": dict(by_kernel), "by_scope": dict(by_scope), "idle_us": idle}
+    window = (min(e["ts"] for e in kernels), max(e["ts"] + e["dur"] for e in kernels))
+    host = host_events(trace, pids, window, steps, top)
+    return {"total_us": total, "by_kernel": dict(by_kernel), "by_scope": dict(by_scope), "idle_us": idle,
+            "host_us": host}
 
 
 def idle_between(kernels: list, steps: int = 1, top: int = 12) -> dict:
@@ -117,6 +122,26 @@ def idle_between(kernels: list, steps: int = 1, top: int = 12) -> dict:
     for k in sorted(totals, key=totals.get, reverse=True)[:top]:
         v = gaps[k]
         print(f"{totals[k] / steps:12.2f} {len(v) / steps:8.1f} {statistics.median(v):9.2f}  {k}")
+    return totals
+
+
+def host_events(trace: dict, device_pids: set, window: tuple, steps: int = 1, top: int = 12) -> dict:
+    """What the host's threads did while the device ran: their complete events (not the device's) that lie inside
+    window = (start, end) µs, totalled by name (nested events each count: an executable's run, its thunks, their
+    launches), with the count per step and the median duration. Prints the table; returns {name: µs in all}."""
+    start, end = window
+    by_name = collections.defaultdict(list)
+    for e in trace.get("traceEvents", []):
+        if (e.get("ph") == "X" and e.get("pid") not in device_pids and "dur" in e
+                and e["ts"] >= start and e["ts"] + e["dur"] <= end):
+            by_name[str(e.get("name", "?"))].append(e["dur"])
+    if not by_name:
+        return {}
+    totals = {k: sum(v) for k, v in by_name.items()}
+    print(f"\nhost threads over the same span\n{'µs/step':>10} {'per step':>8} {'median µs':>9}  event")
+    for k in sorted(totals, key=totals.get, reverse=True)[:top]:
+        v = by_name[k]
+        print(f"{totals[k] / steps:10.2f} {len(v) / steps:8.1f} {statistics.median(v):9.2f}  {k[:100]}")
     return totals
 
 

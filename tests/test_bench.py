@@ -24,6 +24,21 @@ def test_idle_between_kernels(capsys):
     assert idle_between(kernels[:1]) == {}
 
 
+def test_host_events_in_the_device_span(capsys):
+    """trace_summary.host_events: the host threads' complete events inside the device's span, by name (per step,
+    count per step, median); device events, events outside the span and other phases are left out."""
+    host_events = load("trace_summary").host_events
+    events = [dict(ph="X", pid=1, name="launch", ts=10, dur=4), dict(ph="X", pid=1, name="launch", ts=30, dur=2),
+              dict(ph="X", pid=1, name="execute", ts=5, dur=40), dict(ph="X", pid=2, name="kernel", ts=10, dur=5),
+              dict(ph="X", pid=1, name="before", ts=0, dur=3), dict(ph="X", pid=1, name="past", ts=48, dur=5),
+              dict(ph="i", pid=1, name="instant", ts=20)]
+    got = host_events({"traceEvents": events}, {2}, (5, 50), steps=2)
+    assert got == {"launch": 6, "execute": 40}
+    out = capsys.readouterr().out
+    assert "20.00      0.5     40.00  execute" in out and "3.00      1.0      3.00  launch" in out
+    assert host_events({"traceEvents": events}, {1, 2}, (5, 50)) == {}
+
+
 def test_decode_compiles_each_batch_again(decode_kernels):
     """bench/decode.py --compiles 2: each batch compiled and timed twice in the process (jax's caches cleared in
     between), one row each, on the tiny model (CPU)."""
