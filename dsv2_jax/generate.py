@@ -83,10 +83,10 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
 
     attend(attn, h, layer, offset, c_kv, k_pe, projections) -> (attention output, c_kv, k_pe) writes the layer's
     new latent into the cache at layer `layer` + `offset` and attends over it: `layer` the layer's index in its
-    stack (the loop counter), `offset` a static int (see `LatentCache`). decoding: the MoE layers may take their decoding kernels
-    (MoE.__call__), which read each layer's experts out of the whole stacks; on one device with few tokens
-    (grouped_matmul.use_stacked_matvec) the attention projections and routers run on `stacked_matvec` the same
-    way (`projections`: the layer's ProjectionStacks, else None), as do the dense layers' down products,
+    stack (the loop counter), `offset` a static int (see `LatentCache`). decoding: the MoE layers may take their
+    decoding kernels (MoE.__call__), which read each layer's experts out of the whole stacks; on one device with few
+    tokens (grouped_matmul.use_stacked_matvec) the attention projections and routers run on `stacked_matvec` the
+    same way (`projections`: the layer's ProjectionStacks, else None), as do the dense layers' down products,
     decoding's attention over the latents on `attention.latent_attention`, and the two norms on `rms_norm_rows`
     (the post-attention one with the MoE router's product).
     """
@@ -115,7 +115,8 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
         def body(i, carry, graphdef=graphdef, state=state, experts=experts, projections=projections, norms=norms,
                  router=router, dense_down=dense_down, first=first, start=start):
             h, c_kv, k_pe = carry
-            # the layer indices come from the loop counter: scanning over index arrays would slice them (copies)
+            # the layer index is the loop counter: scanning over index arrays would slice them (copies), and a second
+            # index for the cache (first + i) would make XLA copy the counter every iteration (LatentCache.offset)
             stack_index = start + i
             layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
