@@ -15,13 +15,13 @@ reference with the same mask (relative error at the norm); times are medians of 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.grouped_matmul import median_ms  # noqa: E402
+from bench.report import emit  # noqa: E402
 
 
 def kernels(scale: float):
@@ -113,10 +113,7 @@ def main(argv=None):
             except Exception as e:  # e.g. cuDNN off a GPU, tokamax not installed
                 row["failed"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(row)
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+            emit(row, args.out)
     print(f"\nB={B} S={S} H={H} d_qk={args.qk_dim} d_v={args.v_dim}, {args.docs} documents per row; "
           f"forward {flops / 1e12:.3f} TFLOP (causal)")
     for r in rows:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -29,6 +28,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.report import emit  # noqa: E402
 
 
 def weight_bytes_read(config, batch: int, itemsize: int = 2) -> float:
@@ -187,10 +188,7 @@ def main():
                "decode_tokens_per_s": b * steps / decode_s, "step_ms": 1e3 * step_s,
                "bytes_per_step_gb": bytes_step / 1e9, "achieved_gb_s": bytes_step / step_s / 1e9,
                "copy_gb_s": copy_bw / 1e9 if copy_bw else None}
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(row, args.out)
 
 
 if __name__ == "__main__":

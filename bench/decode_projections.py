@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
@@ -23,6 +22,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.report import emit  # noqa: E402
 
 SWEEP = dict(block_k=(128, 256), block_n=(32, 64, 128), num_warps=(2, 4), num_stages=(2, 3, 4),
              programs=(512, 1024, 2048))
@@ -116,10 +117,7 @@ def main(argv=None):
                 except Exception as e:  # a config the kernel cannot take (shared memory, registers)
                     row["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 rows.append(row)
-                print(json.dumps(row), flush=True)
-                if args.out:
-                    with open(args.out, "a") as fh:
-                        fh.write(json.dumps(row) + "\n")
+                emit(row, args.out)
     timed = [r for r in rows if "us_per_layer" in r]
     for name, T in itertools.product(names, args.tokens):
         ranked = sorted((r for r in timed if r["product"] == name and r["tokens"] == T),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -21,6 +20,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.report import emit  # noqa: E402
 
 PEAK = 989e12  # H100 SXM dense bf16
 
@@ -166,10 +167,7 @@ def main():
                "devices": devices, "tokens_per_s": tps, "tokens_per_s_per_device": tps / devices,
                "tflops": tps * fpt / 1e12, "mfu": tps * fpt / (PEAK * devices), **(extra or {})}
         results.append(row)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(row, args.out)
 
     if not args.skip_torch:
         try:
