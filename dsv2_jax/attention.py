@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from flax import nnx, struct
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -154,12 +155,10 @@ class MLA(nnx.Module):
         v = constrain(jnp.einsum("bsc,chk->bshk", c_kv, cast(self.v_b_proj, dt)),
                       ("batch", "seq", "heads", "head_dim"))
         if kernel_backend("DSV2_ATTENTION", "xla") == "tokamax":  # a fused flash-attention kernel on GPU
-            import tokamax
             k_rope = jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:3], k_pe.shape[-1]))
 
             def flash(q, k, v, mask):
-                return tokamax.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=causal,
-                                                     scale=self.config.softmax_scale)
+                return flash_attention(q, k, v, mask, causal, self.config.softmax_scale, tokamax_attention)
 
             heads = ("batch", "seq", "heads", "head_dim")
             out = per_shard(flash, (heads, heads, heads, ("batch", "seq", None)), heads)(
@@ -246,6 +245,46 @@ class MLA(nnx.Module):
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         return self.expanded(q_nope, q_pe, c_kv, k_pe, mask, causal=True)
+
+
+ATTENTION_KERNEL = "attention_kernel"  # the name of a flash kernel's output and statistics (remat_policy)
+
+
+def tokamax_attention(q, k, v, mask, causal: bool, scale: float):
+    """tokamax's flash attention (its Mosaic kernels on Hopper). q, k [B, S, H, Dqk]; v [B, S, H, Dv]; mask bool
+    [B, Sq, Sk]; causal: nothing above the diagonal is allowed, so the kernel may skip those blocks."""
+    import tokamax
+    return tokamax.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=causal, scale=scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def flash_attention(q, k, v, mask, causal: bool, scale: float, kernel):
+    """`kernel(q, k, v, mask, causal, scale)` (a flash kernel with its own VJP), whose forward runs once in a
+    differentiated step under the save_dots remat policy.
+
+    tokamax's VJP recomputes the forward in the backward pass to get the residuals (its output and softmax
+    statistics) instead of keeping them (`custom_vjp(optimize_remat=True)`), as remat does to anything that is not
+    a saved matmul. Here the forward's residuals are named ATTENTION_KERNEL, which save_dots keeps: the backward
+    pass then runs only the kernel's backward."""
+    return kernel(q, k, v, mask, causal, scale)
+
+
+def _flash_attention_fwd(q, k, v, mask, causal, scale, kernel):
+    inputs = (q, k, v, mask)  # all four are arguments of the pullback, so that it closes over none of them
+    out, backward = jax.vjp(lambda q, k, v, mask: kernel(q, k, v, mask, causal, scale), *inputs)
+    # The kernel's output (which o_proj's weight gradient reads too) and its residuals are named; the inputs, which
+    # remat recomputes from the saved projections, are not.
+    named = checkpoint_name(out, ATTENTION_KERNEL)
+    backward = jax.tree.map(lambda a: named if a is out else a if any(a is x for x in inputs)
+                            else checkpoint_name(a, ATTENTION_KERNEL), backward)
+    return named, backward
+
+
+def _flash_attention_bwd(causal, scale, kernel, backward, d_out):
+    return (*backward(d_out)[:3], None)
+
+
+flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
 
 
 def masked_softmax(scores, mask, scale: float, dtype):

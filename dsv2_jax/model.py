@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import grouped_matmul
-from .attention import MLA, causal_mask
+from .attention import ATTENTION_KERNEL, MLA, causal_mask
 from .config import ModelConfig
 from .layers import MLP, Embed, RMSNorm, cast, param
 from .moe import MoE, RouterOutput, check_capacity_factor
@@ -83,12 +83,14 @@ def layer_runs(config: ModelConfig) -> list[tuple[str, int, int]]:
 
 def remat_policy(name: str):
     """'save_dots' keeps the outputs of the matmuls without batch dimensions (projections, dense MLPs, the experts'
-    grouped matmuls) for the backward pass and recomputes the rest (norms, activations, attention, routing); 'full'
-    keeps only each layer's input."""
+    grouped matmuls) and a flash kernel's output and statistics (attention.flash_attention) for the backward pass,
+    and recomputes the rest (norms, activations, the XLA attention path, routing); 'full' keeps only each layer's
+    input."""
     if name == "save_dots":
         return jax.checkpoint_policies.save_from_both_policies(
             jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-            jax.checkpoint_policies.save_only_these_names("experts_gate", "experts_up", "experts_down"))
+            jax.checkpoint_policies.save_only_these_names("experts_gate", "experts_up", "experts_down",
+                                                          ATTENTION_KERNEL))
     if name == "full":
         return jax.checkpoint_policies.nothing_saveable
     raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {name!r}")

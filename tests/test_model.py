@@ -165,6 +165,66 @@ def test_save_dots_keeps_the_expert_products(monkeypatch):
     gm._backend.cache_clear()
 
 
+def _recomputing_flash(q, k, v, mask, causal, scale):
+    """A CPU stand-in for tokamax's flash attention: a custom VJP with optimize_remat, whose residuals (the softmax
+    weights) a remat policy that does not keep them recomputes by running the forward again. exp2 marks the
+    forward (the model uses it nowhere else)."""
+    f32 = jnp.float32
+
+    def fwd(q, k, v, mask):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=f32) * scale
+        s = jnp.where(mask[:, None], s, -jnp.inf)
+        e = jnp.exp2((s - s.max(-1, keepdims=True)) * np.log2(np.e))
+        p = e / e.sum(-1, keepdims=True)
+        return jnp.einsum("bhqk,bkhv->bqhv", p, v.astype(f32)).astype(q.dtype), (q, k, v, p)
+
+    def bwd(res, g):
+        q, k, v, p = res
+        dv = jnp.einsum("bhqk,bqhv->bkhv", p, g.astype(f32))
+        dp = jnp.einsum("bqhv,bkhv->bhqk", g.astype(f32), v.astype(f32))
+        ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * scale
+        dq, dk = jnp.einsum("bhqk,bkhd->bqhd", ds, k.astype(f32)), jnp.einsum("bhqk,bqhd->bkhd", ds, q.astype(f32))
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+    attend = jax.custom_vjp(lambda q, k, v, mask: fwd(q, k, v, mask)[0])
+    attend.defvjp(fwd, bwd, optimize_remat=True)
+    return attend(q, k, v, mask)
+
+
+def test_save_dots_keeps_the_flash_kernels_output(monkeypatch):
+    """With a flash kernel (DSV2_ATTENTION=tokamax; here a stand-in with tokamax's kind of VJP), save_dots keeps
+    the kernel's output and residuals (attention.flash_attention): its forward runs once per layer in a
+    differentiated step, as without remat, where 'full' runs it twice. Gradients equal the XLA path's (fp32,
+    1e-5)."""
+    from dsv2_jax import attention
+    from dsv2_jax.layers import kernel_backend
+    monkeypatch.setattr(attention, "tokamax_attention", _recomputing_flash)
+    graphdef, state = nnx.split(random_model(TINY.replace(initializer_range=0.1)))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 8)))
+    segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 1, 1]])
+
+    def loss(state, remat, scan):
+        return nnx.merge(graphdef, state).forward(ids, segment_ids=segments, remat=remat, scan=scan).logits.mean()
+
+    try:
+        monkeypatch.setenv("DSV2_ATTENTION", "xla")
+        kernel_backend.cache_clear()
+        want = jax.grad(loss)(state, "none", True)
+        monkeypatch.setenv("DSV2_ATTENTION", "tokamax")
+        kernel_backend.cache_clear()
+        for remat, per_layer, scan in (("none", 1, False), ("save_dots", 1, False), ("full", 2, False),
+                                       ("save_dots", 1, True)):
+            grad = jax.grad(loss)
+            jaxpr = jax.make_jaxpr(grad, static_argnums=(1, 2))(state, remat, scan).jaxpr
+            layers = len(layer_runs(TINY)) if scan else TINY.num_hidden_layers  # a scan's body holds one layer
+            assert _primitive_counts(jaxpr)["exp2"] == per_layer * layers, (remat, scan)
+            for a, b in zip(jax.tree.leaves(grad(state, remat, scan)), jax.tree.leaves(want)):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+    finally:
+        monkeypatch.undo()
+        kernel_backend.cache_clear()
+
+
 def test_remat_policies_do_not_change_gradients():
     model = random_model(TINY)
     graphdef, state = nnx.split(model)
