@@ -33,6 +33,17 @@ from .sharding import constrain, per_shard
 PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "o_proj", "k_b_proj", "v_b_proj")
 
 
+class PartialSums(NamedTuple):
+    """A decoding product left as its kernel's float32 partial sums [S, R, N] (`stacked_partials`: the product of
+    T <= R tokens is `sums.sum(0)[:T]`), for a kernel that adds them itself (`layers.rms_norm_rows`' `added`)."""
+
+    sums: jnp.ndarray
+
+    def total(self, shape, dtype):
+        """The product of shape [T, ..., N] in dtype, as `stacked_matvec` and the einsum path give it."""
+        return self.sums.sum(axis=0)[:shape[0]].astype(dtype).reshape(shape)
+
+
 class ProjectionStacks(NamedTuple):
     """The projection weights of every layer of a stacked MLA module, and the layer being run: decoding's
     `stacked_matvec` and `latent_output` read that layer out of the stacks themselves (a slice handed to a kernel
@@ -88,25 +99,31 @@ class MLA(nnx.Module):
         self.o_proj = param(rngs, (H, c.v_head_dim, D), ("heads", "head_dim", "embed"), param_dtype, std)
 
     # ------------------------------------------------------------------ projections
-    def _project(self, spec: str, x, name: str, stacks: ProjectionStacks | None):
+    def _project(self, spec: str, x, name: str, stacks: ProjectionStacks | None, sums: bool = False):
         """einsum(spec, x, weight `name`); with `stacks` (a decoding step), by `stacked_matvec` reading this layer's
         weight out of the stacks (where its widths fit the kernel). The contracted dimensions lead the weight and
-        end x."""
+        end x. sums: on that kernel, return its unsummed float32 partial sums [S, R, N] (`stacked_partials`) as
+        `PartialSums`, for a kernel that adds them itself."""
         w_spec, out_spec = spec.split(",")[1].split("->")
-        products = self._stacked_products(x, (name,), sum(ch not in out_spec for ch in w_spec), stacks, name)
+        products = self._stacked_products(x, (name,), sum(ch not in out_spec for ch in w_spec), stacks, name, sums)
         return products[name] if products else jnp.einsum(spec, x, cast(getattr(self, name), self.dtype))
 
-    def _stacked_products(self, x, names, n: int, stacks: ProjectionStacks | None, product: str) -> dict | None:
+    def _stacked_products(self, x, names, n: int, stacks: ProjectionStacks | None, product: str,
+                          sums: bool = False) -> dict | None:
         """x's products with the weights `names` (their first n dimensions contracted with x's last n), by name, in
         one `stacked_matvec` reading this layer out of their stacks, with the tiles PROJECTION_TILES has for
-        `product` at this many tokens; None without stacks or where a width does not fit the kernel."""
+        `product` at this many tokens; None without stacks or where a width does not fit the kernel. sums (one
+        weight): its `PartialSums` instead."""
         ws = [getattr(self, name) for name in names]
         rows, cols = math.prod(ws[0].shape[:n]), [math.prod(w.shape[n:]) for w in ws]
         if stacks is None or not tiles_fit(rows, *cols):
             return None
         stacked = tuple(stacks.weights[name].reshape(-1, rows, c) for name, c in zip(names, cols))
         tokens = x.reshape(-1, rows)
-        ys = stacked_matvec(tokens, stacked, stacks.layer, **PROJECTION_TILES.get((product, tokens.shape[0]), {}))
+        tiles = PROJECTION_TILES.get((product, tokens.shape[0]), {})
+        if sums:
+            return {names[0]: PartialSums(stacked_partials(tokens, stacked, stacks.layer, **tiles))}
+        ys = stacked_matvec(tokens, stacked, stacks.layer, **tiles)
         lead = x.shape[:x.ndim - n]
         return {name: y.astype(self.dtype).reshape(lead + w.shape[n:]) for name, y, w in zip(names, ys, ws)}
 
@@ -199,15 +216,16 @@ class MLA(nnx.Module):
         out = jnp.einsum("bqhc,chv->bqhv", o_lat, cast(self.v_b_proj, self.dtype))
         return self._project("bqhv,hvd->bqd", out, "o_proj", stacks)
 
-    def attend_latent(self, q_lat, q_pe, stacks: ProjectionStacks | None, cache: LatentCache):
+    def attend_latent(self, q_lat, q_pe, stacks: ProjectionStacks | None, cache: LatentCache, sums: bool = False):
         """A decoding step's attention from its absorbed query q_lat [B, H, C] and q_pe [B, H, R] (one token per
         row): `latent_attention_spans` over that layer of the whole cache, then with stacks `latent_output`
-        (the spans combined and W_UV in one kernel) and o_proj on `stacked_matvec`. Returns [B, 1, D]."""
+        (the spans combined and W_UV in one kernel) and o_proj on `stacked_matvec`. Returns [B, 1, D]; with sums,
+        o_proj's `PartialSums` where it runs on that kernel."""
         spans = latent_attention_spans(q_lat, q_pe, cache.c_kv, cache.k_pe, cache.layer, cache.last,
                                        scale=self.config.softmax_scale, layer_offset=cache.offset)
         if stacks is not None and tiles_fit(self.config.v_head_dim):
             out = latent_output(*spans, stacks.weights["v_b_proj"], stacks.layer, dtype=self.dtype)[:, None]
-            return self._project("bqhv,hvd->bqd", out, "o_proj", stacks)
+            return self._project("bqhv,hvd->bqd", out, "o_proj", stacks, sums)
         return self._latent_out(combine_spans(*spans).astype(self.dtype)[:, None], stacks)
 
     def absorbed_inputs(self, x, cos, sin, stacks: ProjectionStacks, cache: LatentCache):

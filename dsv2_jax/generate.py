@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from .attention import LatentCache, ProjectionStacks, latent_attention_fits
+from .attention import LatentCache, PartialSums, ProjectionStacks, latent_attention_fits
 from .config import ModelConfig
 from .grouped_matmul import tiles_fit, use_stacked_matvec
 from .layers import rms_norm_rows, rms_norm_rows_fits, rms_norm_rows_takes_router
@@ -83,7 +83,8 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
 
     attend(attn, h, layer, offset, c_kv, k_pe, projections) -> (attention output, c_kv, k_pe) writes the layer's
     new latent into the cache at layer `layer` + `offset` and attends over it: `layer` the layer's index in its
-    stack (the loop counter), `offset` a static int (see `LatentCache`). decoding: the MoE layers may take their
+    stack (the loop counter), `offset` a static int (see `LatentCache`). The output may be o_proj's `PartialSums`,
+    which the post-attention norm's kernel adds to the residual itself (XLA would take a kernel for the add). decoding: the MoE layers may take their
     decoding kernels (MoE.__call__), which read each layer's experts out of the whole stacks; on one device with few
     tokens (grouped_matmul.use_stacked_matvec) the attention projections and routers run on `stacked_matvec` the
     same way (`projections`: the layer's ProjectionStacks, else None), as do the dense layers' down products,
@@ -120,19 +121,28 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
             stack_index = start + i
             layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
-            def norm(which: int, h, router=None):
+            def norm(which: int, h, router=None, added=None):
                 if norms is None:
                     return (layer.input_norm, layer.post_attention_norm)[which](h)
                 n = norms[which]
-                return rms_norm_rows(h, n.weight[...], stack_index, router, eps=n.eps, dtype=n.dtype)
+                return rms_norm_rows(h, n.weight[...], stack_index, router, added, eps=n.eps, dtype=n.dtype)
 
             here = None if projections is None else projections._replace(layer=stack_index)
             a, c_kv, k_pe = attend(layer.attn, norm(0, h), stack_index, first - start, c_kv, k_pe, here)
-            h = h + a
-            if router is None:
-                h_norm, router_partials = norm(1, h), None
-            else:  # the router's product in the norm's kernel
-                h_norm, router_partials = norm(1, h, router)
+            # one token: o_proj's (4) partial sums added to the residual in the norm's kernel, which saves XLA's add
+            # kernel (H200, V2-Lite: 2.14 -> 2.12 ms per step); 16 tokens (8 partials of 16 rows, read by each of
+            # the kernel's 256 programs) ran slower (RESULTS §12)
+            if isinstance(a, PartialSums) and (norms is None or h.dtype != layer.attn.dtype or B * S > 1):
+                a = a.total(h.shape, layer.attn.dtype)
+            if isinstance(a, PartialSums):
+                *normed, h = norm(1, h, router, a.sums)
+                h_norm, router_partials = normed if router is not None else (normed[0], None)
+            else:
+                h = h + a
+                if router is None:
+                    h_norm, router_partials = norm(1, h), None
+                else:  # the router's product in the norm's kernel
+                    h_norm, router_partials = norm(1, h, router)
             if layer.is_moe:
                 y = layer.mlp(h_norm, decoding=decoding, router_partials=router_partials,
                               stacks=None if experts is None else experts._replace(layer=stack_index))[0]
@@ -210,7 +220,7 @@ def decode_forward(model, cache: KVCache, tokens):
             inputs = attn.absorbed_inputs(h, cos, sin, projections, cache)
             if inputs is not None:
                 q_lat, q_pe, cache = inputs
-                return attn.attend_latent(q_lat, q_pe, projections, cache), cache.c_kv, cache.k_pe
+                return attn.attend_latent(q_lat, q_pe, projections, cache, sums=True), cache.c_kv, cache.k_pe
         li = layer + offset
         products = None if projections is None else attn.input_products(h, projections)
         q_nope, q_pe = attn.query(h, cos, sin, projections, products)

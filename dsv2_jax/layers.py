@@ -82,28 +82,42 @@ def rms_norm_rows_fits(width: int) -> bool:
     return power_of_two(width)
 
 
-def _rms_norm_rows_kernel(layer_ref, x_ref, w_ref, *refs, eps, router_block):
+def _rms_norm_rows_kernel(layer_ref, x_ref, w_ref, *refs, eps, router_block, added):
     """Program (b, g): row b of x normalised, times the weights of layer layer_ref[0] (as `rms_norm`; written by the
     g = 0 programs). With a router: its float32 product over the normalised row's columns [g·router_block,
-    (g+1)·router_block) (each program recomputing its slice after the row's scale)."""
-    *router_ref, o_ref = refs[:-1] if router_block else refs
+    (g+1)·router_block) (each program recomputing its slice after the row's scale). added (a number of partial
+    sums): the row is x plus the sum of those float32 partials, rounded to x's type and added as XLA adds two
+    arrays of that type; the g = 0 programs also write it (the last output)."""
+    router_ref, parts_ref = refs[:bool(router_block)], refs[bool(router_block):bool(router_block) + bool(added)]
+    o_ref, *outs = refs[bool(router_block) + bool(added):]
     b, layer, f32 = pl.program_id(0), layer_ref[0], jnp.float32
 
-    def normed(cols, scale):
-        return (x_ref[b, cols].astype(f32) * scale).astype(o_ref.dtype) * w_ref[layer, cols].astype(o_ref.dtype)
+    def row(cols):
+        x = x_ref[b, cols]
+        if not added:
+            return x.astype(f32)
+        total = parts_ref[0][0, b, cols]
+        for i in range(1, added):
+            total += parts_ref[0][i, b, cols]
+        return (x.astype(f32) + total.astype(x.dtype).astype(f32)).astype(x.dtype).astype(f32)
 
-    x = x_ref[b, :].astype(f32)
+    def normed(x, cols, scale):
+        return (x * scale).astype(o_ref.dtype) * w_ref[layer, cols].astype(o_ref.dtype)
+
+    x = row(slice(None))
     scale = jax.lax.rsqrt((x * x).sum() / x.shape[0] + eps)
 
     @pl.when(pl.program_id(1) == 0)
     def _():
-        o_ref[b, :] = normed(slice(None), scale)
+        o_ref[b, :] = normed(x, slice(None), scale)
+        if added:
+            outs[-1][b, :] = x.astype(outs[-1].dtype)
 
     if router_block:
         g = pl.program_id(1)
         cols = pl.ds(g * router_block, router_block)
-        n = normed(cols, scale).astype(f32)
-        refs[-1][g, b, :] = (n[:, None] * router_ref[0][layer, cols, :].astype(f32)).sum(axis=0)
+        n = normed(row(cols), cols, scale).astype(f32)
+        outs[0][g, b, :] = (n[:, None] * router_ref[0][layer, cols, :].astype(f32)).sum(axis=0)
 
 
 ROUTER_ROWS = 128  # rms_norm_rows with a router: the router's contraction rows per program
@@ -115,37 +129,50 @@ def rms_norm_rows_takes_router(width: int, experts: int) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "dtype", "interpret"))
-def rms_norm_rows(x, weight, layer, router=None, *, eps: float, dtype, interpret: bool | None = None):
+def rms_norm_rows(x, weight, layer, router=None, added=None, *, eps: float, dtype, interpret: bool | None = None):
     """`rms_norm` of a decoding step's rows x [..., D] in one kernel (XLA runs a reduce and an apply kernel), with
     layer `layer` (an int32 scalar) of stacked weights [L, D], read by the kernel (a slice handed to a kernel would be
     copied). D a power of two (`rms_norm_rows_fits`). interpret: Pallas's interpreter (default: off GPU).
     router: stacked router weights [L, D, E] (E a power of two): the same kernel then also returns the router's
     float32 partial products [D / ROUTER_ROWS, T, E] of the T normalised rows (as rounded to dtype) with layer
-    `layer` of it, for `moe.route_kernel`, where a `stacked_matvec` would take one more kernel."""
+    `layer` of it, for `moe.route_kernel`, where a `stacked_matvec` would take one more kernel.
+    added: float32 partial sums [S, R >= T, D] of something to add to x first (a product's unsummed partials,
+    `grouped_matmul.stacked_partials`): the kernel normalises x + that sum (rounded to x's type, as `x + sum` would
+    be in XLA, where it takes a kernel of its own) and also returns the sum, last.
+    Returns the normalised rows, then the router's partials (with a router), then x + added (with added)."""
     D = x.shape[-1]
     block = 0 if router is None else min(ROUTER_ROWS, D)
-    if (weight.ndim != 2 or weight.shape[1] != D or not rms_norm_rows_fits(D) or
-            (router is not None and (router.ndim != 3 or router.shape[1] != D
-                                     or not rms_norm_rows_takes_router(D, router.shape[2])))):
-        raise ValueError(f"rms_norm_rows: rows of {D} (a power of two) against stacked weights {weight.shape} and "
-                         f"router {None if router is None else router.shape} (a power of two of experts)")
     rows = x.reshape(-1, D)
     T = rows.shape[0]
-    router = () if router is None else (router,)
+    if (weight.ndim != 2 or weight.shape[1] != D or not rms_norm_rows_fits(D) or
+            (router is not None and (router.ndim != 3 or router.shape[1] != D
+                                     or not rms_norm_rows_takes_router(D, router.shape[2]))) or
+            (added is not None and (added.ndim != 3 or added.shape[1] < T or added.shape[2] != D))):
+        raise ValueError(f"rms_norm_rows: rows of {D} (a power of two) against stacked weights {weight.shape}, "
+                         f"router {None if router is None else router.shape} (a power of two of experts) and "
+                         f"partials to add {None if added is None else added.shape} ([S, >= {T}, {D}])")
+    extra = tuple(a for a in (router, added) if a is not None)
     out_shape = [jax.ShapeDtypeStruct(rows.shape, dtype)]
-    if router:
-        out_shape.append(jax.ShapeDtypeStruct((D // block, T, router[0].shape[2]), jnp.float32))
+    if router is not None:
+        out_shape.append(jax.ShapeDtypeStruct((D // block, T, router.shape[2]), jnp.float32))
+    if added is not None:
+        out_shape.append(jax.ShapeDtypeStruct(rows.shape, x.dtype))
     out = pl.pallas_call(
-        functools.partial(_rms_norm_rows_kernel, eps=eps, router_block=block),
+        functools.partial(_rms_norm_rows_kernel, eps=eps, router_block=block,
+                          added=0 if added is None else added.shape[0]),
         out_shape=out_shape,
-        grid=(T, D // block if router else 1),
-        in_specs=[pl.no_block_spec] * (3 + len(router)),
+        grid=(T, D // block if router is not None else 1),
+        in_specs=[pl.no_block_spec] * (3 + len(extra)),
         out_specs=[pl.no_block_spec] * len(out_shape),
         name="rms_norm_rows",
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpreted(interpret),
-    )(jnp.asarray(layer, jnp.int32).reshape(1), rows, weight, *router)
-    return (out[0].reshape(x.shape), out[1]) if router else out[0].reshape(x.shape)
+    )(jnp.asarray(layer, jnp.int32).reshape(1), rows, weight, *extra)
+    out = list(out)
+    out[0] = out[0].reshape(x.shape)
+    if added is not None:
+        out[-1] = out[-1].reshape(x.shape)
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 class MLP(nnx.Module):

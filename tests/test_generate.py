@@ -16,7 +16,7 @@ from dsv2_jax.attention import MLA
 from dsv2_jax.rope import rope_cos_sin
 from dsv2_jax.tokenizer import ByteTokenizer
 from hf_models import YARN, random_hf_model, save_hf_model
-from test_model import pallas_calls
+from test_model import all_eqns, pallas_calls
 
 gen = importlib.import_module("dsv2_jax.generate")  # the module; dsv2_jax.generate is the function
 
@@ -304,6 +304,35 @@ def test_rms_norm_rows_with_router(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rms_norm_rows_adds_partials(dtype):
+    """rms_norm_rows with partial sums to add (decoding's post-attention norm taking o_proj's float32 partials;
+    interpreted off GPU): x + round(Σ partials) as XLA computes it, normalised as rms_norm_rows normalises that sum,
+    with and without the router (whose partials are unchanged); partials with more rows than x (a kernel's padded
+    tile) use the first rows. Partials of another width are refused."""
+    from dsv2_jax.layers import ROUTER_ROWS, rms_norm_rows
+
+    rng = np.random.default_rng(19)
+    dt, D, T = jnp.dtype(dtype), 2 * ROUTER_ROWS, 3
+    w = jnp.asarray(rng.uniform(0.5, 1.5, (3, D)), jnp.float32)
+    router = jnp.asarray(rng.normal(size=(3, D, 16)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(T, 1, D)) * 3, dtype)
+    parts = jnp.asarray(rng.normal(size=(4, 16, D)), jnp.float32)
+    want_sum = x + parts.sum(axis=0)[:T].astype(dt).reshape(T, 1, D)
+    for extra in ((), (router,)):
+        got = rms_norm_rows(x, w, jnp.int32(2), *(extra or (None,)), parts, eps=1e-6, dtype=dt)
+        want = rms_norm_rows(want_sum, w, jnp.int32(2), *extra, eps=1e-6, dtype=dt)
+        want = want if extra else (want,)
+        assert len(got) == len(want) + 1 and got[-1].dtype == x.dtype and got[-1].shape == x.shape
+        tol = dict(rtol=1e-6, atol=1e-6) if dtype == "float32" else dict(rtol=2 ** -8, atol=0)
+        np.testing.assert_allclose(np.asarray(got[-1], np.float32), np.asarray(want_sum, np.float32), **tol)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2 * tol["rtol"],
+                                       atol=1e-5 * float(np.abs(np.asarray(b, np.float32)).max()))
+    with pytest.raises(ValueError, match="partials to add"):
+        rms_norm_rows(x, w, 0, None, parts[:, :, :64], eps=1e-6, dtype=dt)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_latent_output_matches_reference(dtype):
     """latent_output (the spans combined and W_UV of the chosen layer applied in one kernel; interpreted off GPU)
     against float64 numpy of combine_spans, the combined output rounded to the dtype as the XLA path rounds it:
@@ -352,6 +381,14 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
                        ("absorbed_query", 2 if wide else 0), ("rms_norm_rows", 4)):
         kernels = pallas_calls(lambda c, t: gen.decode_forward(tiny, c, t)[1], cache, jnp.array([7, 250]), prefix=name)
         assert kernels == (want if projections == "pallas" else 0), name
+
+    def norms_adding(cache, tokens):  # post-attention norm kernels that add o_proj's float32 partial sums themselves
+        jaxpr = jax.make_jaxpr(lambda c, t: gen.decode_forward(tiny, c, t)[1])(cache, tokens).jaxpr
+        return sum(e.primitive.name == "pallas_call" and str(e.params["name"]).startswith("rms_norm_rows")
+                   and e.invars[-1].aval.dtype == jnp.float32 and e.invars[-1].aval.ndim == 3
+                   and e.invars[-1].aval.shape[-1] == tiny.config.hidden_size for e in all_eqns(jaxpr))
+
+    assert norms_adding(cache, jnp.array([7, 250])) == 0  # two tokens a step: XLA adds them
     for step in range(3):
         for row in range(2):
             want = full[row, len(prompts[row]) + step - 1]
@@ -359,6 +396,13 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
             assert err <= 1e-5, (step, row, err)
         cache, logits = gen.decode_step(tiny, cache, [extra[0][step], extra[1][step]])
     np.testing.assert_array_equal(np.asarray(cache.lengths), [9, 6])
+    if wide and projections == "pallas":  # one token a step: each loop's post-attention norm adds them itself
+        cache = dsv2_jax.init_cache(tiny.config, 1, 16, dtype=jnp.float32)
+        cache, _ = gen.prefill(tiny, cache, prompts[:1], chunk_size=4)
+        assert norms_adding(cache, jnp.array([7])) == 2
+        _, logits = gen.decode_step(tiny, cache, [extra[0][0]])
+        want = full[0, len(prompts[0])]
+        assert np.abs(np.asarray(logits[0]) - want).max() <= 1e-5 * np.abs(want).max()
 
 
 def test_one_row_decode_equals_full_forward(tiny):
