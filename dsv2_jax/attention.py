@@ -278,12 +278,13 @@ def tokamax_attention(q, k, v, mask, causal: bool, scale: float):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def flash_attention(q, k, v, mask, causal: bool, scale: float, kernel):
     """`kernel(q, k, v, mask, causal, scale)` (a flash kernel with its own VJP), whose forward runs once in a
-    differentiated step under the save_dots remat policy.
+    differentiated step under the save_dots remat policy too.
 
-    tokamax's VJP recomputes the forward in the backward pass to get the residuals (its output and softmax
-    statistics) instead of keeping them (`custom_vjp(optimize_remat=True)`), as remat does to anything that is not
-    a saved matmul. Here the forward's residuals are named ATTENTION_KERNEL, which save_dots keeps: the backward
-    pass then runs only the kernel's backward."""
+    tokamax's kernels are a `custom_vjp(optimize_remat=True)`: the forward pass runs the kernel without its
+    residuals (its output and softmax statistics), and where a remat policy keeps none of them, the backward pass
+    runs the forward again to get them. Here the forward pass takes the kernel's VJP (one kernel, with the
+    residuals) and names its output and residuals ATTENTION_KERNEL, which save_dots keeps: the backward pass then
+    runs only the kernel's backward (bench/RESULTS.md §12). mask gets no gradient."""
     return kernel(q, k, v, mask, causal, scale)
 
 
