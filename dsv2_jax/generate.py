@@ -84,12 +84,13 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
     attend(attn, h, layer, offset, c_kv, k_pe, projections) -> (attention output, c_kv, k_pe) writes the layer's
     new latent into the cache at layer `layer` + `offset` and attends over it: `layer` the layer's index in its
     stack (the loop counter), `offset` a static int (see `LatentCache`). The output may be o_proj's `PartialSums`,
-    which the post-attention norm's kernel adds to the residual itself (XLA would take a kernel for the add). decoding: the MoE layers may take their
-    decoding kernels (MoE.__call__), which read each layer's experts out of the whole stacks; on one device with few
-    tokens (grouped_matmul.use_stacked_matvec) the attention projections and routers run on `stacked_matvec` the
-    same way (`projections`: the layer's ProjectionStacks, else None), as do the dense layers' down products,
-    decoding's attention over the latents on `attention.latent_attention`, and the two norms on `rms_norm_rows`
-    (the post-attention one with the MoE router's product).
+    which the post-attention norm's kernel adds to the residual itself (XLA would take a kernel for the add).
+    decoding: the MoE layers may take their decoding kernels (MoE.__call__), which read each layer's experts out
+    of the whole stacks; on one device with few tokens (grouped_matmul.use_stacked_matvec) the attention
+    projections and routers run on `stacked_matvec` the same way (`projections`: the layer's ProjectionStacks, else
+    None), as do the dense layers' down products, decoding's attention over the latents on
+    `attention.latent_attention`, and the two norms on `rms_norm_rows` (the post-attention one with the MoE router's
+    product).
     """
     B, S = x.shape[:2]
     c = model.config
