@@ -199,7 +199,8 @@ def test_save_dots_keeps_the_flash_kernels_output(monkeypatch):
     from dsv2_jax import attention
     from dsv2_jax.layers import kernel_backend
     monkeypatch.setattr(attention, "tokamax_attention", _recomputing_flash)
-    graphdef, state = nnx.split(random_model(TINY.replace(initializer_range=0.1)))
+    c = TINY.replace(initializer_range=0.1, num_hidden_layers=3)  # a dense layer, then a stack of two MoE layers
+    graphdef, state = nnx.split(random_model(c))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 8)))
     segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 1, 1]])
 
@@ -209,16 +210,16 @@ def test_save_dots_keeps_the_flash_kernels_output(monkeypatch):
     try:
         monkeypatch.setenv("DSV2_ATTENTION", "xla")
         kernel_backend.cache_clear()
-        want = jax.grad(loss)(state, "none", True)
+        grad = jax.jit(jax.grad(loss), static_argnums=(1, 2))
+        want = grad(state, "none", True)
         monkeypatch.setenv("DSV2_ATTENTION", "tokamax")
         kernel_backend.cache_clear()
         for remat, per_layer, scan in (("none", 1, False), ("save_dots", 1, False), ("full", 2, False),
                                        ("save_dots", 1, True)):
-            grad = jax.grad(loss)
-            jaxpr = jax.make_jaxpr(grad, static_argnums=(1, 2))(state, remat, scan).jaxpr
-            layers = len(layer_runs(TINY)) if scan else TINY.num_hidden_layers  # a scan's body holds one layer
-            assert _primitive_counts(jaxpr)["exp2"] == per_layer * layers, (remat, scan)
-            for a, b in zip(jax.tree.leaves(grad(state, remat, scan)), jax.tree.leaves(want)):
+            traced = grad.trace(state, remat, scan)
+            layers = len(layer_runs(c)) if scan else c.num_hidden_layers  # a scan's body holds one layer
+            assert _primitive_counts(traced.jaxpr.jaxpr)["exp2"] == per_layer * layers, (remat, scan)
+            for a, b in zip(jax.tree.leaves(traced.lower().compile()(state)), jax.tree.leaves(want)):
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
     finally:
         monkeypatch.undo()
