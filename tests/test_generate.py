@@ -365,7 +365,8 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
     decoding step's experts on the sorted grouped path or the chosen-experts kernels, and its attention projections
     on XLA or on stacked_matvec, its attention over the latents (16 heads) on latent_attention, its routing (16
     experts, greedy) on rms_norm_rows (the router's product with the post-attention norm) and route_kernel, its
-    norms on rms_norm_rows (kernels interpreted off GPU)."""
+    norms on rms_norm_rows (kernels interpreted off GPU); and with one token a step on those kernels, the
+    post-attention norm adding o_proj's partial sums to the residual itself."""
     tiny = request.getfixturevalue(model)
     decode_kernels(experts, projections)
     prompts = random_prompts(256, (6, 3))
