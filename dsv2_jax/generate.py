@@ -133,17 +133,16 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
             # one token: o_proj's (4) partial sums added to the residual in the norm's kernel, which saves XLA's add
             # kernel (H200, V2-Lite: 2.14 -> 2.12 ms per step); 16 tokens (8 partials of 16 rows, read by each of
             # the kernel's 256 programs) ran slower (RESULTS §12)
-            if isinstance(a, PartialSums) and (norms is None or h.dtype != layer.attn.dtype or B * S > 1):
-                a = a.total(h.shape, layer.attn.dtype)
-            if isinstance(a, PartialSums):
+            fused = (isinstance(a, PartialSums) and norms is not None and h.dtype == layer.attn.dtype
+                     and B * S == 1)
+            if fused:  # the kernel returns the new residual last
                 *normed, h = norm(1, h, router, a.sums)
-                h_norm, router_partials = normed if router is not None else (normed[0], None)
             else:
-                h = h + a
-                if router is None:
-                    h_norm, router_partials = norm(1, h), None
-                else:  # the router's product in the norm's kernel
-                    h_norm, router_partials = norm(1, h, router)
+                h = h + (a.total(h.shape, layer.attn.dtype) if isinstance(a, PartialSums) else a)
+                normed = norm(1, h, router)
+                normed = normed if router is not None else (normed,)
+            # with a router, its product comes from the norm's kernel too
+            h_norm, router_partials = normed if router is not None else (normed[0], None)
             if layer.is_moe:
                 y = layer.mlp(h_norm, decoding=decoding, router_partials=router_partials,
                               stacks=None if experts is None else experts._replace(layer=stack_index))[0]
