@@ -2,7 +2,8 @@
 
 B × S tokens, H heads, d_qk / d_v (V2-Lite: 16 heads, 192 / 128), bf16, each row packed with --docs documents of
 equal length, masked as the model masks them (causal within each document). Kernels (--impls):
-  tokamax  tokamax.dot_product_attention with the mask and the causal hint (what the model runs on GPU)
+  tokamax  tokamax.dot_product_attention with the mask and the causal hint; and with the documents as key ranges
+           (each query's first key: what the model runs on GPU, dsv2_jax.attention.tokamax_attention)
   cudnn    cuDNN through jax's fused-attention module (private), the mask as a bias, causal mask type
   xla      the einsum and masked softmax of dsv2_jax.attention (what the model runs without tokamax)
 each also causal only, without a mask array (the kernel's own causal masking: a lower bound, right only for one
@@ -26,11 +27,15 @@ from bench.report import emit  # noqa: E402
 
 def kernels(scale: float):
     """name -> attention(q, k, v, mask) -> [B, S, H, d_v], each imported only when asked for. mask: bool [B, S, S]
-    with the causal part included, or None for causal attention without a mask array."""
+    with the causal part included, a DocumentMask (tokamax only), or None for causal attention without a mask
+    array."""
     import jax.numpy as jnp
 
     def tokamax_(q, k, v, mask):
         import tokamax
+        from dsv2_jax.attention import DocumentMask, tokamax_attention
+        if isinstance(mask, DocumentMask):
+            return tokamax_attention(q, k, v, mask, True, scale)
         mask = None if mask is None else mask[:, None]
         return tokamax.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale)
 
@@ -75,7 +80,7 @@ def main(argv=None):
 
     import jax
     import jax.numpy as jnp
-    from dsv2_jax.attention import causal_mask
+    from dsv2_jax.attention import DocumentMask
 
     B, S, H = args.batch, args.seq, args.heads
     scale = args.qk_dim ** -0.5
@@ -85,16 +90,21 @@ def main(argv=None):
     v = jax.random.normal(keys[2], (B, S, H, args.v_dim), jnp.bfloat16)
     cotangent = jax.random.normal(keys[3], (B, S, H, args.v_dim), jnp.float32)
     segments = jnp.broadcast_to(jnp.arange(S) * args.docs // S, (B, S))
-    masks = {"documents": causal_mask(segments), "causal only": None}  # None: the kernels' own causal masking
+    ranges = DocumentMask.of(segments)
+    masks = {"documents": ranges.as_array(), "causal only": None}  # None: the kernels' own causal masking
+    if "tokamax" in args.impls:  # the documents as key ranges: tokamax only
+        masks = {"documents": masks["documents"], "document ranges": ranges, "causal only": None}
     flops = B * H * S * S * (args.qk_dim + args.v_dim)  # causal: half of the S² scores, 2 FLOPs per product
     rows = []
     for mask_name, mask in masks.items():
-        full = causal_mask(jnp.zeros((B, S), jnp.int32)) if mask is None else mask
+        full = (DocumentMask.of(jnp.zeros((B, S), jnp.int32)) if mask is None else ranges).as_array()
         ref = jax.jit(reference, static_argnums=4)(q, k, v, full, scale)
         ref_loss = lambda q, k, v: jnp.sum(reference(q, k, v, full, scale) * cotangent)
         ref_grads = jax.jit(jax.grad(ref_loss, (0, 1, 2)))(q, k, v)
         del ref_loss
         for name in args.impls:
+            if isinstance(mask, DocumentMask) and name != "tokamax":
+                continue
             f = kernels(scale)[name]
             row = {"impl": name, "mask": mask_name, "batch": B, "seq": S, "heads": H,
                    "qk_dim": args.qk_dim, "v_dim": args.v_dim, "docs": args.docs}

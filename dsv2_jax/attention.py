@@ -33,6 +33,28 @@ from .sharding import constrain, per_shard
 PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "o_proj", "k_b_proj", "v_b_proj")
 
 
+class DocumentMask(NamedTuple):
+    """Causal attention within packed documents, as key ranges: query i sees key j when starts[i] <= j <= i.
+
+    starts: int32 [B, S], the first position of each token's document. A flash kernel takes these ranges instead
+    of a [B, S, S] mask array, which it would read for every block, and skips the key blocks before a query
+    block's documents (bench/RESULTS.md §13); `as_array()` is that mask for the other paths."""
+
+    starts: jnp.ndarray
+
+    @classmethod
+    def of(cls, segment_ids: jnp.ndarray) -> "DocumentMask":
+        """The documents of segment_ids [B, S]: each run of equal ids is one document (packed rows)."""
+        S = segment_ids.shape[-1]
+        new = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+        return cls(jax.lax.cummax(jnp.where(new, jnp.arange(S, dtype=jnp.int32), 0), axis=1))
+
+    def as_array(self) -> jnp.ndarray:
+        """bool [B, S, S], True where query i may attend to key j."""
+        j = jnp.arange(self.starts.shape[-1], dtype=jnp.int32)
+        return (j[None, None, :] >= self.starts[:, :, None]) & (j[None, None, :] <= j[None, :, None])
+
+
 class PartialSums(NamedTuple):
     """A decoding product left as its kernel's float32 partial sums [S, R, N] (`stacked_partials`: the product of
     T <= R tokens is `sums.sum(0)[:T]`), for a kernel that adds them itself (`layers.rms_norm_rows`' `added`)."""
@@ -162,9 +184,10 @@ class MLA(nnx.Module):
     def expanded(self, q_nope, q_pe, c_kv, k_pe, mask, causal: bool = False):
         """Attention with per-head keys/values expanded from the latent.
 
-        q_*: [B, Sq, H, *]; c_kv, k_pe: [B, Sk, *]; mask: bool [B, Sq, Sk], True where a query may attend.
-        causal: the mask allows nothing above the diagonal (Sq == Sk, query i is key i), so a fused kernel may
-        skip those blocks; the result is the same either way. Returns [B, Sq, D].
+        q_*: [B, Sq, H, *]; c_kv, k_pe: [B, Sk, *]; mask: bool [B, Sq, Sk], True where a query may attend, or
+        `DocumentMask` (Sq == Sk; causal within each document). causal: the mask allows nothing above the diagonal
+        (Sq == Sk, query i is key i), so a fused kernel may skip those blocks; the result is the same either way.
+        Returns [B, Sq, D].
         """
         dt = self.dtype
         k_nope = constrain(jnp.einsum("bsc,chk->bshk", c_kv, cast(self.k_b_proj, dt)),
@@ -174,13 +197,18 @@ class MLA(nnx.Module):
         if kernel_backend("DSV2_ATTENTION", "xla") == "tokamax":  # a fused flash-attention kernel on GPU
             k_rope = jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:3], k_pe.shape[-1]))
 
-            def flash(q, k, v, mask):
-                return flash_attention(q, k, v, mask, causal, self.config.softmax_scale, tokamax_attention)
+            documents = isinstance(mask, DocumentMask)
+
+            def flash(q, k, v, m):
+                m = DocumentMask(m) if documents else m
+                return flash_attention(q, k, v, m, causal or documents, self.config.softmax_scale, tokamax_attention)
 
             heads = ("batch", "seq", "heads", "head_dim")
-            out = per_shard(flash, (heads, heads, heads, ("batch", "seq", None)), heads)(
-                jnp.concatenate([q_nope, q_pe], -1), jnp.concatenate([k_nope, k_rope], -1), v, mask)
+            out = per_shard(flash, (heads, heads, heads, ("batch", "seq") if documents else ("batch", "seq", None)),
+                            heads)(jnp.concatenate([q_nope, q_pe], -1), jnp.concatenate([k_nope, k_rope], -1), v,
+                                   mask.starts if documents else mask)
         else:
+            mask = mask.as_array() if isinstance(mask, DocumentMask) else mask
             scores = jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
             scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=jnp.float32)
             probs = masked_softmax(scores, mask, self.config.softmax_scale, dt)
@@ -270,8 +298,20 @@ ATTENTION_KERNEL = "attention_kernel"  # the name of a flash kernel's output and
 
 def tokamax_attention(q, k, v, mask, causal: bool, scale: float):
     """tokamax's flash attention (its Mosaic kernels on Hopper). q, k [B, S, H, Dqk]; v [B, S, H, Dv]; mask bool
-    [B, Sq, Sk]; causal: nothing above the diagonal is allowed, so the kernel may skip those blocks."""
+    [B, Sq, Sk] or `DocumentMask`; causal: nothing above the diagonal is allowed, so the kernel may skip those blocks.
+
+    A `DocumentMask` goes to tokamax's Mosaic GPU kernel as each query's first key (its `Mask(k_start=...)`, causal),
+    so no mask array is built or read. Where that kernel refuses (e.g. off Hopper) or does not import (another
+    tokamax version), the documents go to `tokamax.dot_product_attention` as a mask array, as any bool mask does."""
     import tokamax
+    if isinstance(mask, DocumentMask):
+        try:  # tokamax 0.0.17 does not export the key-range Mask, and its Mosaic op only with jax_triton
+            from tokamax._src.ops.attention.base import Mask
+            from tokamax._src.ops.attention.pallas_mosaic_gpu import PallasMosaicGpuFlashAttention
+            return PallasMosaicGpuFlashAttention()(q, k, v, mask=Mask(k_start=mask.starts[:, None, :], is_causal=True),
+                                                   logits_scale=scale)
+        except (ImportError, NotImplementedError):  # another tokamax, or another GPU
+            mask, causal = mask.as_array(), True
     return tokamax.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=causal, scale=scale)
 
 
@@ -294,7 +334,8 @@ def _flash_attention_fwd(q, k, v, mask, causal, scale, kernel):
     # The kernel's output (which o_proj's weight gradient reads too) and its residuals are named; the inputs, which
     # remat recomputes from the saved projections, are not.
     named = checkpoint_name(out, ATTENTION_KERNEL)
-    backward = jax.tree.map(lambda a: named if a is out else a if any(a is x for x in inputs)
+    leaves = jax.tree.leaves(inputs)
+    backward = jax.tree.map(lambda a: named if a is out else a if any(a is x for x in leaves)
                             else checkpoint_name(a, ATTENTION_KERNEL), backward)
     return named, backward
 
@@ -313,11 +354,9 @@ def masked_softmax(scores, mask, scale: float, dtype):
 
 
 def causal_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
-    """bool [B, S, S]: query i sees key j when j <= i and both lie in the same segment (packed documents)."""
-    S = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((S, S), dtype=bool))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return causal[None] & same
+    """bool [B, S, S]: query i sees key j when j <= i and both lie in the same document, a run of equal
+    segment ids (packed documents; `DocumentMask`)."""
+    return DocumentMask.of(segment_ids).as_array()
 
 
 # ---------------------------------------------------------------------------------------------- decoding kernel

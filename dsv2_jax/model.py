@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import grouped_matmul
-from .attention import ATTENTION_KERNEL, MLA, causal_mask
+from .attention import ATTENTION_KERNEL, MLA, DocumentMask
 from .config import ModelConfig
 from .layers import MLP, Embed, RMSNorm, cast, param
 from .moe import MoE, RouterOutput, check_capacity_factor
@@ -127,7 +127,7 @@ class DeepseekV2(nnx.Module):
         """Logits and the routing of every MoE layer.
 
         input_ids, positions, segment_ids: int [B, S]. positions default to 0..S-1; segment_ids (default all
-        ones) mark packed documents: a token attends only to earlier tokens of its own segment.
+        ones) mark packed documents, each a run of equal ids: a token attends only to earlier tokens of its own.
         remat: 'none', 'full' (recompute each layer in the backward pass) or 'save_dots' (keep matmul outputs).
         capacity_factor: None = dropless MoE; f > 0 = device-level dropping of the lowest-affinity token-expert
         pairs past f times a device's balanced share (moe.py); router.kept marks the pairs that were computed.
@@ -143,7 +143,7 @@ class DeepseekV2(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((B, S), jnp.int32)
         cos, sin = rope_cos_sin(self.config, positions)
-        mask = causal_mask(segment_ids)
+        mask = DocumentMask.of(segment_ids)
         x = constrain(self.embed_tokens(input_ids), ("batch", "seq", "embed"))
         routers = []
         for kind, start, count in layer_runs(self.config):

@@ -40,6 +40,22 @@ def test_packed_segments_equal_separate_sequences():
     np.testing.assert_allclose(packed.reshape(alone.shape), alone, rtol=1e-5, atol=1e-5 * np.abs(alone).max())
 
 
+def test_document_mask_marks_runs_of_segment_ids():
+    """DocumentMask.of: each run of equal segment ids is one document (padding included), and its mask equals a
+    plain loop's: query i sees key j when j <= i and every token from j to i lies in i's run."""
+    from dsv2_jax.attention import DocumentMask, causal_mask
+    segments = np.asarray([[1, 1, 1, 2, 2, 0, 0, 0], [3] * 8, [1, 1, 2, 2, 1, 1, 4, 5]])
+    documents = DocumentMask.of(jnp.asarray(segments))
+    np.testing.assert_array_equal(documents.starts, [[0, 0, 0, 3, 3, 5, 5, 5], [0] * 8, [0, 0, 2, 2, 4, 4, 6, 7]])
+    want = np.asarray([[[j <= i and (segments[b, j:i + 1] == segments[b, i]).all() for j in range(8)]
+                        for i in range(8)] for b in range(3)])
+    np.testing.assert_array_equal(documents.as_array(), want)
+    np.testing.assert_array_equal(causal_mask(jnp.asarray(segments)), want)
+    # contiguous ids: the same mask as equal ids below the diagonal
+    same = (segments[:2, :, None] == segments[:2, None, :]) & np.tri(8, dtype=bool)
+    np.testing.assert_array_equal(want[:2], same)
+
+
 def test_layer_runs_follow_moe_layer_freq():
     c = TINY.replace(num_hidden_layers=7, first_k_dense_replace=1, moe_layer_freq=2)
     assert c.layer_kinds == ("dense", "dense", "moe", "dense", "moe", "dense", "moe")
@@ -168,7 +184,10 @@ def test_save_dots_keeps_the_expert_products(monkeypatch):
 def _recomputing_flash(q, k, v, mask, causal, scale):
     """A CPU stand-in for tokamax's flash attention: a custom VJP with optimize_remat, whose residuals (the softmax
     weights) a remat policy that does not keep them recomputes by running the forward again. exp2 marks the
-    forward (the model uses it nowhere else)."""
+    forward (the model uses it nowhere else). The model hands it document ranges (a DocumentMask), not an array."""
+    from dsv2_jax.attention import DocumentMask
+    assert isinstance(mask, DocumentMask) and causal, (type(mask), causal)
+    mask = mask.as_array()
     f32 = jnp.float32
 
     def fwd(q, k, v, mask):
@@ -223,6 +242,41 @@ def test_save_dots_keeps_the_flash_kernels_output(monkeypatch):
     finally:
         monkeypatch.undo()
         kernel_backend.cache_clear()
+
+
+def test_tokamax_takes_document_ranges():
+    """On a GPU with tokamax: the model's document ranges (a DocumentMask: the kernel's per-query key start) give
+    the attention and its gradients of the [B, S, S] mask array, within bf16 rounding of each other and of a
+    float32 reference."""
+    import pytest
+    pytest.importorskip("tokamax")
+    if jax.default_backend() != "gpu":
+        pytest.skip("tokamax's flash kernels run on GPUs")
+    from dsv2_jax.attention import DocumentMask, tokamax_attention
+    B, S, H = 2, 512, 2
+    q, k, v, g = (jax.random.normal(key, (B, S, H, d), jnp.bfloat16)
+                  for key, d in zip(jax.random.split(jax.random.key(0), 4), (192, 192, 128, 128)))
+    documents = DocumentMask.of(jnp.asarray([[1] * 100 + [2] * 300 + [0] * 112, [5] * S]))
+    scale = 192 ** -0.5
+
+    def attention(q, k, v, mask):  # the output and the gradients of q, k, v under the cotangent g
+        out, pullback = jax.vjp(lambda q, k, v: tokamax_attention(q, k, v, mask, True, scale), q, k, v)
+        return out, pullback(g)
+
+    def reference(q, k, v, mask):
+        f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+        s = jnp.einsum("bqhd,bkhd->bhqk", f32[0], f32[1], precision="highest") * scale
+        p = jax.nn.softmax(jnp.where(mask[:, None], s, -jnp.inf), -1)
+        return jnp.einsum("bhqk,bkhv->bqhv", p, f32[2], precision="highest")
+
+    ranges = jax.jit(attention)(q, k, v, documents)
+    array = jax.jit(attention)(q, k, v, documents.as_array())
+    out, pullback = jax.vjp(lambda q, k, v: reference(q, k, v, documents.as_array()), q, k, v)
+    want = (out, pullback(g.astype(jnp.float32)))
+    rel = lambda a, b: np.linalg.norm(np.asarray(a, np.float32) - np.asarray(b, np.float32)) / np.linalg.norm(
+        np.asarray(b, np.float32))
+    for a, b, c in zip(jax.tree.leaves(ranges), jax.tree.leaves(array), jax.tree.leaves(want)):
+        assert rel(a, c) < 1e-2 and rel(b, c) < 1e-2 and rel(a, b) < 5e-3, (rel(a, c), rel(b, c), rel(a, b))
 
 
 def test_remat_policies_do_not_change_gradients():
