@@ -160,7 +160,7 @@ def test_gradient_accumulation_equals_one_large_batch():
     settings = StepSettings("none", None, (0.01, 0.02, 0.03), 4, 2)
     step = jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, settings=settings))
     results = []
-    for k in (1, 2, 4):
+    for k in (1, 4):  # one batch of four rows, four micro-batches of one row
         micro = {n: jnp.asarray(v.reshape(k, 4 // k, 16)) for n, v in batch.items()}
         results.append(step(params, optimizer.init(params), micro))
     for p, _, m in results[1:]:
