@@ -76,36 +76,47 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kern
     if mesh_text:
         mesh = make_mesh(**parse_mesh(mesh_text))
     model = init_model(config, mesh=mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, seed=0)
-    for setting in decode_kernels:  # side by side on the same model
-        experts, projections = setting.split(":")
-        os.environ["DSV2_DECODE_EXPERTS"], os.environ["DSV2_DECODE_PROJECTIONS"] = experts, projections
-        grouped_matmul.reread_decode_choices()
-        rng = np.random.default_rng(0)
-        for b in batches:
-            prompts = [list(rng.integers(0, config.vocab_size, prompt_len)) for _ in range(b)]
-            for compile_index in range(compiles):
-                if compile_index:
-                    jax.clear_caches()  # compile prefill and the decode loop again
-                t0 = time.perf_counter()
-                dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh)  # compile
-                first_call_s = time.perf_counter() - t0
-                runs = []
-                for _ in range(3):  # the first timed call after compiling still pays one-off costs: best of three
-                    t = {}
-                    dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh, timings=t)
-                    runs.append(t)
-                setting = dict(decode_experts=experts, decode_projections=projections, compile=compile_index,
-                               first_call_s=first_call_s)
-                yield (setting, b, min(t["prefill_s"] for t in runs), min(t["decode_s"] for t in runs),
-                       runs[0]["steps"])
-            if profile_dir:  # the decode loop's kernels per step, by name
-                from bench.trace_summary import summarize
-                trace_dir = os.path.join(profile_dir, f"{experts}_{projections}_b{b}")
-                dsv2_jax.generate(model, prompts, PROFILE_TOKENS, mesh=mesh)  # compile this length's buckets
-                with jax.profiler.trace(trace_dir):
-                    dsv2_jax.generate(model, prompts, PROFILE_TOKENS, mesh=mesh)
-                print(f"\n{experts}:{projections}, batch {b}, decode loop:")
-                summarize(trace_dir, top=40, steps=PROFILE_TOKENS, module="decode_loop")
+    from jax.experimental.compilation_cache.compilation_cache import reset_cache
+
+    cache = jax.config.jax_enable_compilation_cache
+    # Each of several compilations a real one, not a hit in a persistent cache (JAX_COMPILATION_CACHE_DIR). jax
+    # reads the setting once, at its first compilation: reset_cache() has it read again.
+    jax.config.update("jax_enable_compilation_cache", cache and compiles == 1)
+    reset_cache()
+    try:
+        for setting in decode_kernels:  # side by side on the same model
+            experts, projections = setting.split(":")
+            os.environ["DSV2_DECODE_EXPERTS"], os.environ["DSV2_DECODE_PROJECTIONS"] = experts, projections
+            grouped_matmul.reread_decode_choices()
+            rng = np.random.default_rng(0)
+            for b in batches:
+                prompts = [list(rng.integers(0, config.vocab_size, prompt_len)) for _ in range(b)]
+                for compile_index in range(compiles):
+                    if compile_index:
+                        jax.clear_caches()  # compile prefill and the decode loop again
+                    t0 = time.perf_counter()
+                    dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh)  # compile
+                    first_call_s = time.perf_counter() - t0
+                    runs = []
+                    for _ in range(3):  # the first timed call after compiling still pays one-off costs: best of 3
+                        t = {}
+                        dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh, timings=t)
+                        runs.append(t)
+                    setting = dict(decode_experts=experts, decode_projections=projections, compile=compile_index,
+                                   first_call_s=first_call_s)
+                    yield (setting, b, min(t["prefill_s"] for t in runs), min(t["decode_s"] for t in runs),
+                           runs[0]["steps"])
+                if profile_dir:  # the decode loop's kernels per step, by name
+                    from bench.trace_summary import summarize
+                    trace_dir = os.path.join(profile_dir, f"{experts}_{projections}_b{b}")
+                    dsv2_jax.generate(model, prompts, PROFILE_TOKENS, mesh=mesh)  # compile this length's buckets
+                    with jax.profiler.trace(trace_dir):
+                        dsv2_jax.generate(model, prompts, PROFILE_TOKENS, mesh=mesh)
+                    print(f"\n{experts}:{projections}, batch {b}, decode loop:")
+                    summarize(trace_dir, top=40, steps=PROFILE_TOKENS, module="decode_loop")
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
+        reset_cache()
     del model, jax
 
 

@@ -40,13 +40,22 @@ def test_host_events_in_the_device_span(capsys):
 
 
 def test_decode_compiles_each_batch_again(decode_kernels):
-    """bench/decode.py --compiles 2: each batch compiled and timed twice in the process (jax's caches cleared in
-    between), one row each, on the tiny model (CPU)."""
+    """bench/decode.py --compiles 2: each batch compiled and timed twice in the process, one row each, on the tiny
+    model (CPU). Every compilation is a real one: jax's caches are cleared in between and the persistent cache the
+    tests run with (conftest) is off meanwhile (no hits), then on again."""
+    import jax
     from dsv2_jax import ModelConfig
 
     decode_kernels("auto", "auto")  # run_jax sets both variables; the fixture restores them after
     config = ModelConfig.from_preset("tiny").replace(num_hidden_layers=2)  # one dense layer, one MoE layer
-    rows = list(load("decode").run_jax(config, [2], 8, 3, compiles=2))
+    hits = []
+    listener = lambda event, **kw: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None
+    jax.monitoring.register_event_listener(listener)
+    try:
+        rows = list(load("decode").run_jax(config, [2], 8, 3, compiles=2))
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
+    assert not hits and jax.config.jax_enable_compilation_cache
     assert [(setting["compile"], batch) for setting, batch, *_ in rows] == [(0, 2), (1, 2)]
     for setting, _, prefill_s, decode_s, steps in rows:
         assert setting["first_call_s"] > 0 and prefill_s > 0 and decode_s > 0 and steps == 3
