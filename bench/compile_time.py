@@ -26,6 +26,7 @@ def main():
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--remat", default="save_dots", choices=REMAT_POLICIES)
     args = parser.parse_args()
+    jax.config.update("jax_enable_compilation_cache", False)  # real compilations, whatever JAX_COMPILATION_CACHE_DIR
 
     config = ModelConfig.from_preset(args.preset)
     if args.layers:
