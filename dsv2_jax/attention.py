@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -305,14 +306,30 @@ def tokamax_attention(q, k, v, mask, causal: bool, scale: float):
     tokamax version), the documents go to `tokamax.dot_product_attention` as a mask array, as any bool mask does."""
     import tokamax
     if isinstance(mask, DocumentMask):
-        try:  # tokamax 0.0.17 does not export the key-range Mask, and its Mosaic op only with jax_triton
-            from tokamax._src.ops.attention.base import Mask
-            from tokamax._src.ops.attention.pallas_mosaic_gpu import PallasMosaicGpuFlashAttention
-            return PallasMosaicGpuFlashAttention()(q, k, v, mask=Mask(k_start=mask.starts[:, None, :], is_causal=True),
-                                                   logits_scale=scale)
-        except (ImportError, NotImplementedError):  # another tokamax, or another GPU
-            mask, causal = mask.as_array(), True
+        if (ranges := _tokamax_key_ranges()) is not None:
+            Mask, op = ranges
+            try:
+                return op(q, k, v, mask=Mask(k_start=mask.starts[:, None, :], is_causal=True), logits_scale=scale)
+            except NotImplementedError:  # e.g. off Hopper
+                pass
+        mask, causal = mask.as_array(), True
     return tokamax.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=causal, scale=scale)
+
+
+@functools.cache
+def _tokamax_key_ranges():
+    """(tokamax's key-range `Mask`, its Mosaic GPU flash-attention op), or None with a warning where they do not
+    import. tokamax 0.0.17 exports neither (the op only through `tokamax.ops.gpu`, which needs jax_triton), so they
+    come from its modules, which another version may move."""
+    try:
+        from tokamax._src.ops.attention.base import Mask
+        from tokamax._src.ops.attention.pallas_mosaic_gpu import PallasMosaicGpuFlashAttention
+    except ImportError as e:
+        warnings.warn(f"tokamax's key-range attention mask does not import ({type(e).__name__}: {e}); packed "
+                      "documents go to its flash kernel as a [batch, seq, seq] mask array", RuntimeWarning,
+                      stacklevel=3)
+        return None
+    return Mask, PallasMosaicGpuFlashAttention()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

@@ -269,6 +269,8 @@ def test_tokamax_takes_document_ranges():
         p = jax.nn.softmax(jnp.where(mask[:, None], s, -jnp.inf), -1)
         return jnp.einsum("bhqk,bkhv->bqhv", p, f32[2], precision="highest")
 
+    traced = jax.make_jaxpr(attention)(q, k, v, documents).jaxpr  # the ranges reach the kernel: no [B, S, S] array
+    assert not any(v.aval.shape[-2:] == (S, S) for e in all_eqns(traced) for v in e.outvars), "a mask array was built"
     ranges = jax.jit(attention)(q, k, v, documents)
     array = jax.jit(attention)(q, k, v, documents.as_array())
     out, pullback = jax.vjp(lambda q, k, v: reference(q, k, v, documents.as_array()), q, k, v)
