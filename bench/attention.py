@@ -91,9 +91,9 @@ def main(argv=None):
     cotangent = jax.random.normal(keys[3], (B, S, H, args.v_dim), jnp.float32)
     segments = jnp.broadcast_to(jnp.arange(S) * args.docs // S, (B, S))
     ranges = DocumentMask.of(segments)
-    masks = {"documents": ranges.as_array(), "causal only": None}  # None: the kernels' own causal masking
-    if "tokamax" in args.impls:  # the documents as key ranges: tokamax only
-        masks = {"documents": masks["documents"], "document ranges": ranges, "causal only": None}
+    masks = {"documents": ranges.as_array(),
+             **({"document ranges": ranges} if "tokamax" in args.impls else {}),  # key ranges: tokamax only
+             "causal only": None}  # None: the kernels' own causal masking
     flops = B * H * S * S * (args.qk_dim + args.v_dim)  # causal: half of the S² scores, 2 FLOPs per product
     rows = []
     for mask_name, mask in masks.items():

@@ -195,10 +195,9 @@ class MLA(nnx.Module):
                            ("batch", "seq", "heads", "head_dim"))
         v = constrain(jnp.einsum("bsc,chk->bshk", c_kv, cast(self.v_b_proj, dt)),
                       ("batch", "seq", "heads", "head_dim"))
+        documents = isinstance(mask, DocumentMask)
         if kernel_backend("DSV2_ATTENTION", "xla") == "tokamax":  # a fused flash-attention kernel on GPU
             k_rope = jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:3], k_pe.shape[-1]))
-
-            documents = isinstance(mask, DocumentMask)
 
             def flash(q, k, v, m):
                 m = DocumentMask(m) if documents else m
@@ -209,7 +208,7 @@ class MLA(nnx.Module):
                             heads)(jnp.concatenate([q_nope, q_pe], -1), jnp.concatenate([k_nope, k_rope], -1), v,
                                    mask.starts if documents else mask)
         else:
-            mask = mask.as_array() if isinstance(mask, DocumentMask) else mask
+            mask = mask.as_array() if documents else mask
             scores = jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
             scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=jnp.float32)
             probs = masked_softmax(scores, mask, self.config.softmax_scale, dt)
