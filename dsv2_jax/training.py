@@ -198,10 +198,24 @@ def next_token_targets(tokens, segment_ids):
     return targets, same_doc & (segment_ids > 0)
 
 
+def logsumexp_once(x):
+    """log Σ exp over the last axis, reading x once: one reduction of (running max, sum of exp below it) pairs.
+    jax.nn.logsumexp reads x twice (its max, then the sum), which for the head's logits is a pass over
+    B × chunk × vocab float32 values. Not for differentiation (the cross-entropy has its own VJP)."""
+    def combine(a, b):  # one exp per element: the smaller max's sum is scaled down to the larger max
+        (m1, s1), (m2, s2) = a, b
+        scale = jnp.where(m1 == m2, 1.0, jnp.exp(-jnp.abs(m1 - m2)))  # equal maxes: 1, also where both are ±inf
+        return jnp.maximum(m1, m2), jnp.where(m1 >= m2, s1 + s2 * scale, s1 * scale + s2)
+
+    m, s = jax.lax.reduce((x, jnp.ones_like(x)), (jnp.array(-jnp.inf, x.dtype), jnp.array(0, x.dtype)), combine,
+                          (x.ndim - 1,))
+    return m + jnp.log(s)
+
+
 def _ce_chunk(x, w, targets, weights):
     """fp32 logits of one chunk, and Σ weight · NLL over it."""
     logits = jnp.einsum("bcd,dv->bcv", x, w, preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    lse = logsumexp_once(logits)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return logits, lse, jnp.sum((lse - picked) * weights)
 

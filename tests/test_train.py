@@ -26,6 +26,7 @@ from dsv2_jax.training import (
     learning_rate_schedule,
     linear_cross_entropy,
     load_recipe,
+    logsumexp_once,
     train,
     train_step,
 )
@@ -202,6 +203,26 @@ def test_linear_cross_entropy_equals_full_logits():
     np.testing.assert_allclose(got, want, rtol=2e-2)
     for g, ref in ((dx, want_dx), (dw, want_dw)):
         assert np.abs(np.asarray(g, np.float32) - ref).max() <= 2e-2 * np.abs(ref).max()
+
+
+def test_logsumexp_once_equals_a_float64_reference():
+    """The one-pass log-sum-exp against numpy in float64: rows of large and mixed magnitudes (no overflow where a
+    plain sum of exp would), all -inf (-inf), some -inf, and +inf (+inf), as jax.nn.logsumexp gives them."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 7, 1000)) * np.array([1.0, 30.0, 300.0])[:, None, None] + 1e3 * (rng.random((3, 7, 1)) - .5)
+    x[0, 0] = -np.inf
+    x[1, 1, :500] = -np.inf
+    x[2, 2, 17] = np.inf
+    got = np.asarray(jax.jit(logsumexp_once)(jnp.asarray(x, jnp.float32)))
+    x32 = np.asarray(x, np.float32).astype(np.float64)  # the same inputs, rounded as the kernel sees them
+    m = x32.max(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        want = np.where(np.isfinite(m[..., 0]), (m + np.log(np.exp(x32 - m).sum(-1, keepdims=True)))[..., 0],
+                        m[..., 0])
+    assert got[0, 0] == -np.inf and got[2, 2] == np.inf
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=2e-6, atol=0)
 
 
 def test_schedule_hits_its_step_decays_exactly():
