@@ -63,7 +63,8 @@ def test_decode_compiles_each_batch_again(decode_kernels):
 
 def test_attention_bench_checks_kernels_against_the_reference():
     """bench/attention.py on CPU at tiny widths: the XLA kernel matches the float32 reference under each mask (bf16
-    rounding; the reference over the first two of three rows), the document mask matters at these shapes, and kernels that cannot run here are reported, not raised."""
+    rounding; the reference over the first two of three rows), the document mask matters at these shapes, and kernels
+    that cannot run here are reported, not raised."""
     import jax
     import jax.numpy as jnp
     from dsv2_jax.attention import causal_mask
