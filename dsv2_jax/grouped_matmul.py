@@ -13,12 +13,13 @@ Backends, one picked per call (DSV2_GROUPED_MATMUL=auto|pallas|tokamax|ragged_do
   module's `weight_gradient` for the weight gradient (tokamax's own was 2-8% wrong with its default tiles);
 - `ragged_dot`: jax.lax.ragged_dot (CPU; float32 everywhere, which the bf16 kernels would compute at lower precision).
 `auto` is ragged_dot off GPU and, on GPU, tokamax where it imports (else pallas), except inside `outputs_saved()`
-(the layers under the save_dots remat policy, which keeps the experts' outputs for the backward pass): there the
-differentiated products run on the Pallas kernels. The recomputation in the backward pass keeps tokamax's kernels
-even when their outputs are kept (measured: the same kernels run under save_dots as under full remat; they are
-`plgpu.kernel`s, which the remat's dead-code elimination does not drop), while the Pallas kernels' recomputation is
-dropped (bench/RESULTS.md: 94.5 → 90.5 ms per training step). Undifferentiated calls (prefill, decoding) stay on
-tokamax there.
+(scanned layers under the save_dots remat policy, which keeps the experts' outputs for the backward pass): there the
+differentiated products run on the Pallas kernels. Inside a `lax.scan` the recomputation in the backward pass keeps
+tokamax's kernels even when their outputs are kept (they are `plgpu.kernel`s, effectful; measured: the same kernels
+run under save_dots as under full remat), while the Pallas kernels' recomputation is dropped (bench/RESULTS.md §1:
+94.5 → 90.5 ms per training step). With the layers unrolled (`forward(scan=False)`) JAX drops tokamax's recomputed
+kernels too, and the model stays on tokamax there (RESULTS §15: 6% faster than Pallas at 295k rows, ~2-3 GiB less
+peak memory). Undifferentiated calls (prefill, decoding) run on tokamax in every case.
 The GPU kernels take bf16/f16 operands of one dtype whose widths are whole 128-column tiles (all DeepSeek-V2 models);
 anything else goes to ragged_dot.
 
@@ -50,7 +51,8 @@ _OUTPUTS_SAVED = contextvars.ContextVar("dsv2_grouped_matmul_outputs_saved", def
 @contextlib.contextmanager
 def outputs_saved():
     """While tracing inside: the caller's remat policy keeps these grouped matmuls' outputs for the backward pass
-    (model.remat_policy's save_dots), so `auto` differentiates them with kernels whose recomputation JAX can drop."""
+    (model.remat_policy's save_dots) inside a lax.scan, so `auto` differentiates them with kernels whose
+    recomputation JAX can drop there (the Pallas kernels; model.scan_layers enters it for scanned stacks only)."""
     token = _OUTPUTS_SAVED.set(True)
     try:
         yield

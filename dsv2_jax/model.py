@@ -194,7 +194,9 @@ def scan_layers(stack: nnx.Module, start: int, count: int, x, args, remat: str =
 
     if remat != "none":
         body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-    with grouped_matmul.outputs_saved() if remat == "save_dots" else contextlib.nullcontext():
+    # Under lax.scan, save_dots would still run tokamax's grouped-matmul forward again in the backward pass
+    # (grouped_matmul.outputs_saved); unrolled, JAX drops that recomputation.
+    with grouped_matmul.outputs_saved() if remat == "save_dots" and scan else contextlib.nullcontext():
         if scan:
             return jax.lax.scan(body, x, state)
         outs = []

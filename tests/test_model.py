@@ -181,6 +181,27 @@ def test_save_dots_keeps_the_expert_products(monkeypatch):
     gm._backend.cache_clear()
 
 
+def test_save_dots_marks_the_expert_outputs_saved_in_scanned_stacks_only(monkeypatch):
+    """grouped_matmul.outputs_saved() (on GPU, auto then differentiates the experts on the Pallas kernels, whose
+    recomputation JAX drops inside a lax.scan where tokamax's is kept) holds while the experts' products are traced
+    in scanned stacks under save_dots, and nowhere else: unrolled, tokamax's recomputation is dropped too."""
+    from dsv2_jax import grouped_matmul as gm
+    from dsv2_jax import moe
+    seen, original = [], moe.grouped_matmul
+
+    def spy(*args):
+        seen.append(gm._OUTPUTS_SAVED.get())
+        return original(*args)
+
+    monkeypatch.setattr(moe, "grouped_matmul", spy)
+    graphdef, state = nnx.split(random_model(TINY))
+    ids = jnp.zeros((1, 8), jnp.int32)
+    for remat, scan in itertools.product(("none", "full", "save_dots"), (True, False)):
+        seen.clear()
+        jax.make_jaxpr(lambda s: nnx.merge(graphdef, s).forward(ids, remat=remat, scan=scan).logits)(state)
+        assert seen and set(seen) == {remat == "save_dots" and scan}, (remat, scan, seen)
+
+
 def _recomputing_flash(q, k, v, mask, causal, scale):
     """A CPU stand-in for tokamax's flash attention: a custom VJP with optimize_remat, whose residuals (the softmax
     weights) a remat policy that does not keep them recomputes by running the forward again. exp2 marks the
