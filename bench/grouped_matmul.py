@@ -60,14 +60,34 @@ def reference(lhs, rhs, kind: str, sizes: np.ndarray):
     return run(lhs, rhs)
 
 
-def pallas_product(kind: str):
-    """dsv2_jax's Pallas kernel for one product, with the tiles grouped_matmul uses at training sizes."""
+def pallas_product(kind: str, tiles: dict | None = None):
+    """dsv2_jax's Pallas kernel for one product, with `tiles` (default: those grouped_matmul uses at training sizes)."""
     import jax
 
     from dsv2_jax import grouped_matmul as gm
     if kind == "drhs":
-        return jax.jit(lambda a, b, g: gm.weight_gradient(a, b, g, **gm.WEIGHT_GRADIENT_TILES))
-    return jax.jit(lambda a, b, g: gm.ragged_matmul(a, b, g, transpose_rhs=kind == "dlhs", **gm.FORWARD_TILES))
+        tiles = tiles or gm.WEIGHT_GRADIENT_TILES
+        return jax.jit(lambda a, b, g: gm.weight_gradient(a, b, g, **tiles))
+    tiles = tiles or gm.FORWARD_TILES
+    return jax.jit(lambda a, b, g: gm.ragged_matmul(a, b, g, transpose_rhs=kind == "dlhs", **tiles))
+
+
+# --pallas-sweep: tiles of the Pallas kernels tried beside grouped_matmul's own (a width that does not divide the
+# product's is skipped). Row-ragged products: (block_m, block_n, block_k, num_warps, num_stages); weight gradient:
+# (block_k, block_n, block_rows, num_warps, num_stages).
+RAGGED_SWEEP = [(128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (128, 128, 128, 8, 3),
+                (256, 128, 64, 8, 3), (256, 128, 32, 8, 4), (128, 256, 64, 8, 3), (128, 256, 32, 8, 4),
+                (64, 256, 64, 4, 4), (64, 128, 64, 4, 4)]
+WEIGHT_GRADIENT_SWEEP = [(128, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 128, 16, 4, 5),
+                         (256, 128, 32, 8, 3), (256, 128, 64, 8, 3), (128, 256, 32, 8, 3), (128, 256, 64, 8, 3),
+                         (64, 128, 32, 4, 4), (64, 256, 32, 4, 4)]
+
+
+def pallas_sweep(kind: str) -> list[dict]:
+    if kind == "drhs":
+        return [dict(block_k=k, block_n=n, block_rows=r, num_warps=w, num_stages=s)
+                for k, n, r, w, s in WEIGHT_GRADIENT_SWEEP]
+    return [dict(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=s) for m, n, k, w, s in RAGGED_SWEEP]
 
 
 def main():
@@ -75,6 +95,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--preset", default="deepseek-v2-lite")
     parser.add_argument("--quick", action="store_true", help="only the heuristic and the config dsv2_jax uses")
+    parser.add_argument("--pallas-sweep", action="store_true", help="also the Pallas kernels' tiles in *_SWEEP")
     args = parser.parse_args()
 
     import jax
@@ -98,6 +119,7 @@ def main():
         "fwd gate/up": (x, w_in, base.DEFAULT_RAGGED_DOT_DIM_NUMS, 2 * M * D * I),
         "fwd down": (h, w_out, base.DEFAULT_RAGGED_DOT_DIM_NUMS, 2 * M * D * I),
         "dlhs gate/up": (h, w_in, base.TRANS_RHS_RAGGED_DOT_DIM_NUMS, 2 * M * D * I),
+        "dlhs down": (x, w_out, base.TRANS_RHS_RAGGED_DOT_DIM_NUMS, 2 * M * D * I),
         "drhs gate/up": (x, h, base.RAGGED_CONTRACTING_DOT_DIM_NUMS, 2 * M * D * I),
         "drhs down": (h, x, base.RAGGED_CONTRACTING_DOT_DIM_NUMS, 2 * M * D * I),
     }
@@ -126,9 +148,12 @@ def main():
         kind = name.split()[0]
         want = reference(lhs, rhs, kind, np.asarray(sizes))
         results, heuristic = [], "failed"
-        for cfg in configs:
+        sweep = [("pallas", tiles) for tiles in pallas_sweep(kind)] if args.pallas_sweep else []
+        for cfg in configs + sweep:
             if cfg == "pallas":
                 f = pallas_product(kind)
+            elif isinstance(cfg, tuple):
+                f = pallas_product(kind, cfg[1])
             else:
                 op = PallasMosaicGpuRaggedDot(config=cfg)
                 f = jax.jit(lambda a, b, g, op=op, dims=dims: op(a, b, group_sizes=g,
@@ -152,7 +177,7 @@ def main():
         if not results:
             continue
         best[name] = results[0]
-        for ms, cfg in results[:5]:
+        for ms, cfg in results if args.pallas_sweep else results[:5]:
             print(f"  {ms:.3f} ms {flops / ms / 1e9:4.0f} TFLOP/s  {cfg}", flush=True)
     print("\nbest per case:")
     for name, (ms, cfg) in best.items():
