@@ -3,7 +3,7 @@ dsv2_jax's Pallas kernels (dsv2_jax.grouped_matmul) for the expert matmuls of a 
 backward products), checks each against a float32 product, next to a dense matmul of the same FLOPs, and prints the
 best of each.
 
-    python bench/grouped_matmul.py [--tokens 8192] [--preset deepseek-v2-lite]
+    python bench/grouped_matmul.py [--tokens 8192] [--preset deepseek-v2-lite] [--quick] [--pallas-sweep]
 
 Shapes: T tokens × top-k rows routed to E experts (multinomial, uniform), hidden D, expert width I.
   fwd      [T·k, D] × [E, D, I] -> [T·k, I]     (gate, up)      and [T·k, I] × [E, I, D] (down)
