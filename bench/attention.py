@@ -84,7 +84,7 @@ def main(argv=None):
 
     import jax
     import jax.numpy as jnp
-    from dsv2_jax.attention import DocumentMask
+    from dsv2_jax.attention import DocumentMask, causal_mask
 
     B, S, H = args.batch, args.seq, args.heads
     scale = args.qk_dim ** -0.5
@@ -105,8 +105,7 @@ def main(argv=None):
     def checked(mask):
         kind = "causal" if mask is None else "documents"
         if kind not in refs:
-            full = (DocumentMask.of(jnp.zeros((n, S), jnp.int32)).as_array() if mask is None
-                    else masks["documents"][:n])
+            full = causal_mask(jnp.zeros((n, S), jnp.int32)) if mask is None else masks["documents"][:n]
             qn, kn, vn, ct = q[:n], k[:n], v[:n], cotangent[:n]
             ref_loss = lambda q, k, v: jnp.sum(reference(q, k, v, full, scale) * ct)  # noqa: E731
             refs[kind] = (jax.jit(reference, static_argnums=4)(qn, kn, vn, full, scale),
