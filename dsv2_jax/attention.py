@@ -317,18 +317,34 @@ def tokamax_attention(q, k, v, mask, causal: bool, scale: float):
 
 @functools.cache
 def _tokamax_key_ranges():
-    """(tokamax's key-range `Mask`, its Mosaic GPU flash-attention op), or None with a warning where they do not
-    import. tokamax 0.0.17 exports neither (the op only through `tokamax.ops.gpu`, which needs jax_triton), so they
-    come from its modules, which another version may move."""
+    """(tokamax's key-range `Mask`, its Mosaic GPU flash-attention op with `_key_ranges_vjp` as its backward), or
+    None with a warning where they do not import. tokamax 0.0.17 exports none of them (the op only through
+    `tokamax.ops.gpu`, which needs jax_triton), so they come from its modules, which another version may move."""
     try:
         from tokamax._src.ops.attention.base import Mask
         from tokamax._src.ops.attention.pallas_mosaic_gpu import PallasMosaicGpuFlashAttention
+        from tokamax._src.ops.attention.pallas_mosaic_gpu_vjp import PallasMosaicGpuFlashAttentionVjp
     except ImportError as e:
         warnings.warn(f"tokamax's key-range attention mask does not import ({type(e).__name__}: {e}); packed "
                       "documents go to its flash kernel as a [batch, seq, seq] mask array", RuntimeWarning,
                       stacklevel=3)
         return None
-    return Mask, PallasMosaicGpuFlashAttention()
+    return Mask, PallasMosaicGpuFlashAttention(vjp=functools.partial(_key_ranges_vjp, Mask,
+                                                                     PallasMosaicGpuFlashAttentionVjp()))
+
+
+def _key_ranges_vjp(Mask, vjp, residuals, out, d_out, *args, mask, **kwargs):
+    """tokamax's flash-attention backward, given causal key ranges. Its backward kernels mask each block element by
+    element wherever a key start is given; where every row of the batch is one document (all starts 0), the ranges
+    are the causal mask, and the causal-only kernels give the same gradients ~10% sooner (bench/RESULTS.md §16).
+    The choice is made on the device (a `lax.cond`: the predicate goes to the host once per call)."""
+    def backward(mask):
+        return vjp(residuals, out, d_out, *args, mask=mask, **kwargs)
+
+    others = (mask.bool_mask, mask.q_start, mask.q_end, mask.k_end, kwargs.get("q_indices"), kwargs.get("k_indices"))
+    if mask.k_start is None or not mask.is_causal or any(a is not None for a in others):
+        return backward(mask)
+    return jax.lax.cond(jnp.all(mask.k_start == 0), lambda: backward(Mask(is_causal=True)), lambda: backward(mask))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

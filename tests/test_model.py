@@ -268,12 +268,13 @@ def test_save_dots_keeps_the_flash_kernels_output(monkeypatch):
 def test_tokamax_takes_document_ranges():
     """On a GPU with tokamax: the model's document ranges (a DocumentMask: the kernel's per-query key start) give
     the attention and its gradients of the [B, S, S] mask array, within bf16 rounding of each other and of a
-    float32 reference."""
+    float32 reference; so do they where every row is one document (the backward then runs tokamax's causal-only
+    kernels, which `test_key_ranges_backward_takes_the_causal_kernels_for_one_document_rows` checks on CPU)."""
     import pytest
     pytest.importorskip("tokamax")
     if jax.default_backend() != "gpu":
         pytest.skip("tokamax's flash kernels run on GPUs")
-    from dsv2_jax.attention import DocumentMask, tokamax_attention
+    from dsv2_jax.attention import DocumentMask, _tokamax_key_ranges, tokamax_attention
     B, S, H = 2, 512, 2
     q, k, v, g = (jax.random.normal(key, (B, S, H, d), jnp.bfloat16)
                   for key, d in zip(jax.random.split(jax.random.key(0), 4), (192, 192, 128, 128)))
@@ -300,6 +301,56 @@ def test_tokamax_takes_document_ranges():
         np.asarray(b, np.float32))
     for a, b, c in zip(jax.tree.leaves(ranges), jax.tree.leaves(array), jax.tree.leaves(want)):
         assert rel(a, c) < 1e-2 and rel(b, c) < 1e-2 and rel(a, b) < 5e-3, (rel(a, c), rel(b, c), rel(a, b))
+
+    # Every row one document: the backward takes tokamax's causal-only kernels (the same gradients, bit for bit).
+    Mask, op = _tokamax_key_ranges()
+
+    def causal_only(q, k, v):
+        out, pullback = jax.vjp(lambda q, k, v: op(q, k, v, mask=Mask(is_causal=True), logits_scale=scale), q, k, v)
+        return out, pullback(g)
+
+    one = DocumentMask.of(jnp.ones((B, S), jnp.int32))
+    ranges = jax.jit(attention)(q, k, v, one)
+    causal = jax.jit(causal_only)(q, k, v)
+    out, pullback = jax.vjp(lambda q, k, v: reference(q, k, v, one.as_array()), q, k, v)
+    for a, b, c in zip(jax.tree.leaves(ranges), jax.tree.leaves(causal),
+                       jax.tree.leaves((out, pullback(g.astype(jnp.float32))))):
+        assert rel(a, c) < 1e-2 and rel(b, c) < 1e-2 and rel(a, b) < 5e-3, (rel(a, c), rel(b, c), rel(a, b))
+
+
+def test_key_ranges_backward_takes_the_causal_kernels_for_one_document_rows():
+    """The key ranges' backward (`_key_ranges_vjp`, with stand-ins for tokamax's Mask and VJP op): causal-only
+    kernels exactly when every row of the batch is one document (all key starts 0), the ranges otherwise, and
+    any other mask passed through unchanged."""
+    import dataclasses
+
+    from dsv2_jax.attention import DocumentMask, _key_ranges_vjp
+
+    @dataclasses.dataclass(frozen=True)
+    class Mask:  # the fields of tokamax's Mask that _key_ranges_vjp reads
+        k_start: jnp.ndarray | None = None
+        is_causal: bool = False
+        k_end: jnp.ndarray | None = None
+        bool_mask = q_start = q_end = None
+
+    def vjp(residuals, out, d_out, q, *, mask, logits_scale):  # which kernels ran: 0 causal only, 1 ranges
+        assert logits_scale == 0.5
+        return q * 0 + (0.0 if mask.k_start is None and mask.is_causal else 1.0)
+
+    @jax.jit
+    def backward(segment_ids):
+        mask = Mask(k_start=DocumentMask.of(segment_ids).starts[:, None, :], is_causal=True)
+        return _key_ranges_vjp(Mask, vjp, None, None, None, jnp.zeros(3), mask=mask, logits_scale=0.5)
+
+    assert backward(jnp.ones((2, 8), jnp.int32)).tolist() == [0.0] * 3  # one document per row
+    assert backward(jnp.asarray([[1] * 8, [1] * 5 + [0] * 3])).tolist() == [1.0] * 3  # padding: a second range
+    assert backward(jnp.asarray([[1] * 8, [1] * 3 + [2] * 5])).tolist() == [1.0] * 3  # two documents in one row
+    not_causal = Mask(k_start=jnp.zeros((2, 1, 8), jnp.int32))  # ranges without the causal hint: passed through
+    assert _key_ranges_vjp(Mask, vjp, None, None, None, jnp.zeros(3), mask=not_causal,
+                           logits_scale=0.5).tolist() == [1.0] * 3
+    with_end = Mask(k_start=jnp.zeros((2, 1, 8), jnp.int32), is_causal=True, k_end=jnp.ones((2, 1, 8), jnp.int32))
+    assert _key_ranges_vjp(Mask, vjp, None, None, None, jnp.zeros(3), mask=with_end,
+                           logits_scale=0.5).tolist() == [1.0] * 3
 
 
 def test_remat_policies_do_not_change_gradients():
