@@ -302,7 +302,7 @@ def test_tokamax_takes_document_ranges():
     for a, b, c in zip(jax.tree.leaves(ranges), jax.tree.leaves(array), jax.tree.leaves(want)):
         assert rel(a, c) < 1e-2 and rel(b, c) < 1e-2 and rel(a, b) < 5e-3, (rel(a, c), rel(b, c), rel(a, b))
 
-    # Every row one document: the backward takes tokamax's causal-only kernels (the same gradients, bit for bit).
+    # Every row one document: the backward takes tokamax's causal-only kernels (bench/RESULTS.md §16: bit for bit).
     Mask, op = _tokamax_key_ranges()
 
     def causal_only(q, k, v):
