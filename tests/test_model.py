@@ -337,20 +337,19 @@ def test_key_ranges_backward_takes_the_causal_kernels_for_one_document_rows():
         assert logits_scale == 0.5
         return q * 0 + (0.0 if mask.k_start is None and mask.is_causal else 1.0)
 
-    @jax.jit
-    def backward(segment_ids):
-        mask = Mask(k_start=DocumentMask.of(segment_ids).starts[:, None, :], is_causal=True)
+    def kernels(mask):
         return _key_ranges_vjp(Mask, vjp, None, None, None, jnp.zeros(3), mask=mask, logits_scale=0.5)
 
-    assert backward(jnp.ones((2, 8), jnp.int32)).tolist() == [0.0] * 3  # one document per row
-    assert backward(jnp.asarray([[1] * 8, [1] * 5 + [0] * 3])).tolist() == [1.0] * 3  # padding: a second range
-    assert backward(jnp.asarray([[1] * 8, [1] * 3 + [2] * 5])).tolist() == [1.0] * 3  # two documents in one row
-    not_causal = Mask(k_start=jnp.zeros((2, 1, 8), jnp.int32))  # ranges without the causal hint: passed through
-    assert _key_ranges_vjp(Mask, vjp, None, None, None, jnp.zeros(3), mask=not_causal,
-                           logits_scale=0.5).tolist() == [1.0] * 3
-    with_end = Mask(k_start=jnp.zeros((2, 1, 8), jnp.int32), is_causal=True, k_end=jnp.ones((2, 1, 8), jnp.int32))
-    assert _key_ranges_vjp(Mask, vjp, None, None, None, jnp.zeros(3), mask=with_end,
-                           logits_scale=0.5).tolist() == [1.0] * 3
+    @jax.jit
+    def documents(segment_ids):  # the model's ranges, decided on the device
+        return kernels(Mask(k_start=DocumentMask.of(segment_ids).starts[:, None, :], is_causal=True))
+
+    assert documents(jnp.ones((2, 8), jnp.int32)).tolist() == [0.0] * 3  # one document per row
+    assert documents(jnp.asarray([[1] * 8, [1] * 5 + [0] * 3])).tolist() == [1.0] * 3  # padding: a second range
+    assert documents(jnp.asarray([[1] * 8, [1] * 3 + [2] * 5])).tolist() == [1.0] * 3  # two documents in one row
+    starts = jnp.zeros((2, 1, 8), jnp.int32)
+    assert kernels(Mask(k_start=starts)).tolist() == [1.0] * 3  # ranges without the causal hint: passed through
+    assert kernels(Mask(k_start=starts, is_causal=True, k_end=starts + 1)).tolist() == [1.0] * 3  # with key ends too
 
 
 def test_remat_policies_do_not_change_gradients():
