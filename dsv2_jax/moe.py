@@ -193,16 +193,41 @@ def _gather_copies_bwd(k, inv, d):
 gather_copies.defvjp(_gather_copies_fwd, _gather_copies_bwd)
 
 
+@jax.custom_vjp
+def combine_copies(y_sorted: jnp.ndarray, weights: jnp.ndarray, order: jnp.ndarray, inv: jnp.ndarray) -> jnp.ndarray:
+    """Σ_k weights[t, k] · y_sorted[inv[t·K + k]] in float32: the experts' outputs [T·K, D] (sorted by expert,
+    `order` the sorted copy ids, inv its inverse) weighted back into their tokens [T, D]. One gather-reduce, where
+    permuting the rows back and then weighting them takes two passes over the T·K rows; the backward gathers
+    each sorted row's token gradient times its weight (no scatter), and the weights' gradient is a second
+    gather-reduce."""
+    T, K = weights.shape
+    return (y_sorted[inv].reshape(T, K, -1).astype(jnp.float32) * weights[..., None]).sum(axis=1)
+
+
+def _combine_copies_fwd(y_sorted, weights, order, inv):
+    return combine_copies(y_sorted, weights, order, inv), (y_sorted, weights, order, inv)
+
+
+def _combine_copies_bwd(residuals, dy):
+    y_sorted, weights, order, inv = residuals
+    T, K = weights.shape
+    dy = dy.astype(jnp.float32)
+    d_sorted = (dy[order // K] * weights.reshape(-1)[order][:, None]).astype(y_sorted.dtype)
+    d_weights = (y_sorted[inv].reshape(T, K, -1).astype(jnp.float32) * dy[:, None, :]).sum(axis=-1)
+    return d_sorted, d_weights.astype(weights.dtype), None, None
+
+
+combine_copies.defvjp(_combine_copies_fwd, _combine_copies_bwd)
+
+
 @jax.named_scope("dropless")
 def dropless_experts(x, r: RouterOutput, gate, up, down):
     """Σ_k weight_k · expert_k(x) for x [T, D], every chosen (token, expert) pair computed once."""
-    T, K = r.experts.shape
+    K = r.experts.shape[1]
     order, group_sizes = sort_by_expert(r.experts, gate.shape[0])
     inv = inverse_permutation(order)
     y_sorted = expert_mlp(gather_copies(x, order, inv, K), group_sizes, gate, up, down)
-    y_pairs = permute_rows(y_sorted, inv, order)  # back in (token, choice) order
-    y = jnp.einsum("tkd,tk->td", y_pairs.reshape(T, K, -1), r.weights, preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)
+    return combine_copies(y_sorted, r.weights, order, inv).astype(x.dtype)
 
 
 class ExpertStacks(NamedTuple):

@@ -199,9 +199,9 @@ def test_pallas_grouped_matmul_matches_loop(sizes, extra_rows):
 
 
 def test_permutation_gathers_match_autodiff():
-    """gather_copies / permute_rows (custom VJPs that gather where autodiff scatters) against plain indexing and
-    its autodiff, in float32."""
-    from dsv2_jax.moe import gather_copies, inverse_permutation, permute_rows
+    """gather_copies / permute_rows / combine_copies (custom VJPs that gather where autodiff scatters) against plain
+    indexing and its autodiff, in float32."""
+    from dsv2_jax.moe import combine_copies, gather_copies, inverse_permutation, permute_rows
 
     rng = np.random.default_rng(7)
     T, K, D = 5, 3, 4
@@ -216,6 +216,15 @@ def test_permutation_gathers_match_autodiff():
         y_want, vjp_want = jax.vjp(plain, arg)
         np.testing.assert_array_equal(np.asarray(y), np.asarray(y_want))
         np.testing.assert_allclose(np.asarray(vjp(d)[0]), np.asarray(vjp_want(d)[0]), rtol=1e-6, atol=1e-6)
+
+    # combine_copies: the sorted rows weighted back into their tokens, against permuting them back and an einsum
+    weights = jnp.asarray(rng.uniform(size=(T, K)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
+    y, vjp = jax.vjp(lambda a, w: combine_copies(a, w, order, inv), d, weights)
+    y_want, vjp_want = jax.vjp(lambda a, w: jnp.einsum("tkd,tk->td", a[inv].reshape(T, K, D), w), d, weights)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_want), rtol=1e-6, atol=1e-6)
+    for got, want in zip(vjp(dy), vjp_want(dy)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
 def test_grouped_matmul_vjp_runs_the_differentiated_product_under_differentiation():
