@@ -5,7 +5,8 @@ its fastest experts implementation and SDPA attention) on the same config and ba
 tokens/s, TFLOP/s and MFU for each. FLOPs per token: 6 × activated non-embedding parameters (lm_head included)
 + causal attention 3 × L × H × (d_qk + d_v) × S (see dsv2_jax.training.flops_per_token).
 
-    python bench/train_step.py --batch 2 --steps 10 [--param-dtype float32] [--loss-chunk 4096] [--skip-torch] [--out FILE]
+    python bench/train_step.py --batch 2 --steps 10 [--param-dtype float32] [--skip-torch] [--out FILE]
+    python bench/train_step.py --batch 12 --remat save_dots --no-scan --loss-chunk 4096   # the loss in one chunk
     python bench/train_step.py --batch 2 --mesh expert=8 --skip-torch     # N GPUs: --batch rows per batch shard
 """
 
@@ -186,7 +187,8 @@ def main():
                                               args.remat, mesh_sizes, args.capacity_factor, args.autotune,
                                               args.profile, not args.no_scan, args.loss_chunk)
         report(f"dsv2_jax params={args.param_dtype} remat={args.remat}" + (" autotuned" if args.autotune else "")
-               + (" unrolled" if args.no_scan else "") + (f" loss_chunk={args.loss_chunk}" if args.loss_chunk != 1024 else "")
+               + (" unrolled" if args.no_scan else "")
+               + (f" loss_chunk={args.loss_chunk}" if args.loss_chunk != 1024 else "")
                + (f" mesh={args.mesh} cf={args.capacity_factor}" if mesh_sizes else ""), seconds, rows,
                {"loss": loss, "peak_gib": peak, **kernel_backends()})  # which kernels ran
     print(f"\nFLOPs/token {fpt:.4g}")
