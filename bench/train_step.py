@@ -47,7 +47,7 @@ def median_step_seconds(run, steps: int, sync) -> float:
 
 def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat: str, mesh_sizes: dict,
               capacity_factor: float | None, autotune: bool = False, profile_dir: str | None = None,
-              scan_layers: bool = True, loss_chunk: int = 1024):
+              scan_layers: bool = True, loss_chunk: int | None = None):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -63,8 +63,8 @@ def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat:
     optimizer = make_optimizer(OptimizerConfig(lr=1e-4, warmup_steps=0), 1000)  # constant, as torch's side
     opt_state = on_mesh(jax.jit(optimizer.init)(params), mesh)
     groups = mesh.shape["expert"] if mesh is not None and mesh.shape["expert"] > 1 else 1
-    settings = StepSettings(remat, capacity_factor, (0.001, 0.0, 0.0), groups, 1, loss_chunk=loss_chunk,
-                            scan_layers=scan_layers)
+    chunk = {} if loss_chunk is None else {"loss_chunk": loss_chunk}  # else StepSettings' default
+    settings = StepSettings(remat, capacity_factor, (0.001, 0.0, 0.0), groups, 1, scan_layers=scan_layers, **chunk)
     step, _ = jit_steps(graphdef, optimizer, settings, mesh, params, opt_state)
     rng = np.random.default_rng(0)
     rows = batch * shards
@@ -142,8 +142,9 @@ def main():
     parser.add_argument("--param-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
     parser.add_argument("--no-scan", action="store_true", help="dsv2_jax: layers unrolled (recipe scan_layers: false)")
-    parser.add_argument("--loss-chunk", type=int, default=1024, help="dsv2_jax: sequence positions per chunk of the "
-                        "cross-entropy (recipe loss_chunk): rows x chunk x vocab float32 logits at a time")
+    parser.add_argument("--loss-chunk", type=int, default=None, help="dsv2_jax: sequence positions per chunk of the "
+                        "cross-entropy (recipe loss_chunk; default the library's): rows x chunk x vocab float32 "
+                        "logits at a time")
     parser.add_argument("--experts-impl", default="grouped_mm", help="transformers experts implementation")
     parser.add_argument("--mesh", default=None, help="e.g. expert=8 or expert=4,tensor=2 (all devices); --batch is "
                         "then per batch shard (weak scaling)")
@@ -188,7 +189,7 @@ def main():
                                               args.profile, not args.no_scan, args.loss_chunk)
         report(f"dsv2_jax params={args.param_dtype} remat={args.remat}" + (" autotuned" if args.autotune else "")
                + (" unrolled" if args.no_scan else "")
-               + (f" loss_chunk={args.loss_chunk}" if args.loss_chunk != 1024 else "")
+               + (f" loss_chunk={args.loss_chunk}" if args.loss_chunk else "")
                + (f" mesh={args.mesh} cf={args.capacity_factor}" if mesh_sizes else ""), seconds, rows,
                {"loss": loss, "peak_gib": peak, **kernel_backends()})  # which kernels ran
     print(f"\nFLOPs/token {fpt:.4g}")
