@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.report import emit  # noqa: E402
+from bench.report import emit, gpu_clocks  # noqa: E402
 
 
 def weight_bytes_read(config, batch: int, itemsize: int = 2) -> float:
@@ -98,12 +98,13 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kern
                     dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh)  # compile
                     first_call_s = time.perf_counter() - t0
                     runs = []
-                    for _ in range(3):  # the first timed call after compiling still pays one-off costs: best of 3
-                        t = {}
-                        dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh, timings=t)
-                        runs.append(t)
+                    with gpu_clocks() as gpu:
+                        for _ in range(3):  # the first timed call after compiling still pays one-off costs: best of 3
+                            t = {}
+                            dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh, timings=t)
+                            runs.append(t)
                     setting = dict(decode_experts=experts, decode_projections=projections, compile=compile_index,
-                                   first_call_s=first_call_s)
+                                   first_call_s=first_call_s, **gpu)
                     yield (setting, b, min(t["prefill_s"] for t in runs), min(t["decode_s"] for t in runs),
                            runs[0]["steps"])
                 if profile_dir:  # the decode loop's kernels per step, by name
@@ -136,15 +137,16 @@ def run_torch(config, batches, prompt_len, new_tokens):
         kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         model.generate(ids, **kw)
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model(ids)
-        torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        model.generate(ids, **kw)
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        yield {}, b, t1 - t0, (t2 - t1) - (t1 - t0), new_tokens
+        with gpu_clocks() as gpu:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model(ids)
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            model.generate(ids, **kw)
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+        yield gpu, b, t1 - t0, (t2 - t1) - (t1 - t0), new_tokens
 
 
 def _decode_setting(text: str) -> str:

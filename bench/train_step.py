@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.report import emit  # noqa: E402
+from bench.report import emit, gpu_clocks, gpu_text  # noqa: E402
 
 PEAK = 989e12  # H100 SXM dense bf16
 
@@ -32,17 +32,21 @@ def bench_config(layers: int, preset: str = "deepseek-v2-lite"):
     return ModelConfig.from_preset(preset).replace(num_hidden_layers=layers, first_k_dense_replace=1)
 
 
-def median_step_seconds(run, steps: int, sync) -> float:
+def median_step_seconds(run, steps: int, sync) -> tuple[float, dict]:
+    """The median of `steps` timed steps after two untimed ones, and the GPU's clocks and power over the timed steps
+    (report.gpu_clocks: on an H200 a large training step runs at its power cap, with the SM clock well below
+    its maximum)."""
     run()
     run()
     sync()
     times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    with gpu_clocks() as gpu:
+        for _ in range(steps):
+            t = time.perf_counter()
+            run()
+            sync()
+            times.append(time.perf_counter() - t)
+    return float(np.median(times)), gpu
 
 
 def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat: str, mesh_sizes: dict,
@@ -82,14 +86,14 @@ def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat:
         box["p"], box["o"], box["m"] = step(box["p"], box["o"], data)
 
     with tuned:
-        seconds = median_step_seconds(run, steps, lambda: jax.block_until_ready(box["m"]["loss"]))
+        seconds, gpu = median_step_seconds(run, steps, lambda: jax.block_until_ready(box["m"]["loss"]))
         loss = float(box["m"]["loss"])  # after the same number of steps as the transformers side
         peak = jax.devices()[0].memory_stats() or {}
         peak = peak.get("peak_bytes_in_use", 0) / 2**30
         if profile_dir:
             from bench.trace_summary import profile
             profile(lambda: run() or box["m"]["loss"], profile_dir, sync=jax.block_until_ready, steps=2)
-    return seconds, loss, rows, peak
+    return seconds, loss, rows, peak, gpu
 
 
 def bench_torch(config, batch: int, seq: int, steps: int, experts_impl: str):
@@ -117,12 +121,12 @@ def bench_torch(config, batch: int, seq: int, steps: int, experts_impl: str):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds = median_step_seconds(run, steps, torch.cuda.synchronize)
+    seconds, gpu = median_step_seconds(run, steps, torch.cuda.synchronize)
     loss = float(box.pop("loss"))
     peak = torch.cuda.max_memory_allocated() / 2**30
     model = opt = None  # give the memory back before JAX takes its share
     torch.cuda.empty_cache()
-    return seconds, loss, peak
+    return seconds, loss, peak, gpu
 
 
 def release_torch_memory():
@@ -176,27 +180,27 @@ def main():
 
     if not args.skip_torch:
         try:
-            seconds, loss, peak = bench_torch(config, args.batch, args.seq, args.steps, args.experts_impl)
+            seconds, loss, peak, gpu = bench_torch(config, args.batch, args.seq, args.steps, args.experts_impl)
             report(f"transformers experts={args.experts_impl}", seconds, args.batch,
-                   {"loss": loss, "peak_gib": peak})
+                   {"loss": loss, "peak_gib": peak, **gpu})
         except Exception as e:  # e.g. out of memory at this batch
             print(f"transformers failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         release_torch_memory()  # a failed step's traceback held the model: free it before JAX takes its share
     if not args.skip_jax:
         from dsv2_jax.layers import kernel_backends
-        seconds, loss, rows, peak = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype,
+        seconds, loss, rows, peak, gpu = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype,
                                               args.remat, mesh_sizes, args.capacity_factor, args.autotune,
                                               args.profile, not args.no_scan, args.loss_chunk)
         report(f"dsv2_jax params={args.param_dtype} remat={args.remat}" + (" autotuned" if args.autotune else "")
                + (" unrolled" if args.no_scan else "")
                + (f" loss_chunk={args.loss_chunk}" if args.loss_chunk else "")
                + (f" mesh={args.mesh} cf={args.capacity_factor}" if mesh_sizes else ""), seconds, rows,
-               {"loss": loss, "peak_gib": peak, **kernel_backends()})  # which kernels ran
+               {"loss": loss, "peak_gib": peak, **gpu, **kernel_backends()})  # which kernels ran
     print(f"\nFLOPs/token {fpt:.4g}")
     for r in results:
         print(f"{r['impl']:45s} {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:10.0f} tok/s  "
               f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  last loss {r['loss']:.3f}  "
-              f"peak {r['peak_gib']:.1f} GiB")
+              f"peak {r['peak_gib']:.1f} GiB" + gpu_text(r))
 
 
 if __name__ == "__main__":

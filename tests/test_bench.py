@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import time
 
 
 def load(name):
@@ -37,6 +38,38 @@ def test_host_events_in_the_device_span(capsys):
     out = capsys.readouterr().out
     assert "20.00      0.5     40.00  execute" in out and "3.00      1.0      3.00  launch" in out
     assert host_events({"traceEvents": events}, {1, 2}, (5, 50)) == {}
+
+
+def test_gpu_summary_reads_nvidia_smi_samples():
+    """report.gpu_summary: medians of the SM clock and power, the share of samples at the driver's power cap (bit
+    0x4) and the share slowed for heat or by the hardware; unreadable lines skipped."""
+    gpu_summary = load("report").gpu_summary
+    text = ("1980, 450.5, 0x0000000000000000\n1515, 690.0, 0x0000000000000004\n[N/A], [N/A], [N/A]\n"
+            "1530, 695.0, 0x0000000000000024\n")  # 0x24: the power cap and the SW thermal slowdown
+    assert gpu_summary(text) == {"sm_clock_mhz": 1530.0, "power_w": 690.0, "power_capped": 2 / 3,
+                                 "slowed_down": 1 / 3, "gpu_samples": 3}
+    assert gpu_summary("") == {}
+
+
+def test_gpu_clocks_samples_beside_the_block(tmp_path, monkeypatch):
+    """report.gpu_clocks runs nvidia-smi (here a stand-in on PATH that accepts only the expected query) while the
+    block runs and summarises what it printed; without nvidia-smi the figures are left out."""
+    report = load("report")
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text('#!/bin/sh\ncase "$*" in *"--query-gpu=' + report.GPU_QUERY + ' --format=csv,noheader,nounits '
+                    '-lms 100"*) ;; *) exit 2 ;; esac\n'
+                    'while true; do echo "1515, 690.0, 0x0000000000000004"; sleep 0.02; done\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with report.gpu_clocks() as gpu:
+        time.sleep(0.3)
+    assert gpu["sm_clock_mhz"] == 1515 and gpu["power_w"] == 690 and gpu["power_capped"] == 1
+    assert gpu["slowed_down"] == 0 and gpu["gpu_samples"] >= 2
+    assert "SM 1515 MHz  690 W  power-capped 100% of samples" in report.gpu_text(gpu)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    with report.gpu_clocks() as gpu:
+        pass
+    assert gpu == {} and report.gpu_text(gpu) == ""
 
 
 def test_decode_compiles_each_batch_again(decode_kernels):
