@@ -31,7 +31,8 @@ def gpu_summary(text: str) -> dict:
     """nvidia-smi's samples of GPU_QUERY (`--format=csv,noheader,nounits` lines: MHz, W, reasons in hex) -> the median
     SM clock and power draw, the share of samples in which the driver held the clocks at its power cap, and the
     share slowed down for heat or by the hardware. Lines that do not parse ("[N/A]" fields) are skipped; {} if none
-    does."""
+    does. Read the cap's share with the clock: the driver also sets that reason when it trims the clock only a little
+    (an H200 just after a loaded stretch: the reason in every sample at 1,965 of 1,980 MHz)."""
     rows = []
     for line in text.splitlines():
         fields = [f.strip() for f in line.split(",")]
