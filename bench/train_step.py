@@ -7,6 +7,7 @@ tokens/s, TFLOP/s and MFU for each. FLOPs per token: 6 × activated non-embeddin
 
     python bench/train_step.py --batch 2 --steps 10 [--param-dtype float32] [--skip-torch] [--out FILE]
     python bench/train_step.py --batch 12 --remat save_dots --no-scan --loss-chunk 4096   # the loss in one chunk
+    python bench/train_step.py --batch 12 --remat save_dots --no-scan --logits-dtype bfloat16   # transformers' logits
     python bench/train_step.py --batch 2 --mesh expert=8 --skip-torch     # N GPUs: --batch rows per batch shard
 """
 
@@ -51,7 +52,7 @@ def median_step_seconds(run, steps: int, sync) -> tuple[float, dict]:
 
 def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat: str, mesh_sizes: dict,
               capacity_factor: float | None, autotune: bool = False, profile_dir: str | None = None,
-              scan_layers: bool = True, loss_chunk: int | None = None):
+              scan_layers: bool = True, loss_chunk: int | None = None, logits_dtype: str = "float32"):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -68,7 +69,8 @@ def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat:
     opt_state = on_mesh(jax.jit(optimizer.init)(params), mesh)
     groups = mesh.shape["expert"] if mesh is not None and mesh.shape["expert"] > 1 else 1
     chunk = {} if loss_chunk is None else {"loss_chunk": loss_chunk}  # else StepSettings' default
-    settings = StepSettings(remat, capacity_factor, (0.001, 0.0, 0.0), groups, 1, scan_layers=scan_layers, **chunk)
+    settings = StepSettings(remat, capacity_factor, (0.001, 0.0, 0.0), groups, 1, scan_layers=scan_layers,
+                            logits_dtype=logits_dtype, **chunk)
     step, _ = jit_steps(graphdef, optimizer, settings, mesh, params, opt_state)
     rng = np.random.default_rng(0)
     rows = batch * shards
@@ -149,6 +151,9 @@ def main():
     parser.add_argument("--loss-chunk", type=int, default=None, help="dsv2_jax: sequence positions per chunk of the "
                         "cross-entropy (recipe loss_chunk; default the library's): rows x chunk x vocab float32 "
                         "logits at a time")
+    parser.add_argument("--logits-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dsv2_jax: the head's product as the cross-entropy stores it (recipe logits_dtype; "
+                        "bfloat16 is transformers' policy: bf16 logits, the loss in float32)")
     parser.add_argument("--experts-impl", default="grouped_mm", help="transformers experts implementation")
     parser.add_argument("--mesh", default=None, help="e.g. expert=8 or expert=4,tensor=2 (all devices); --batch is "
                         "then per batch shard (weak scaling)")
@@ -190,10 +195,11 @@ def main():
         from dsv2_jax.layers import kernel_backends
         seconds, loss, rows, peak, gpu = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype,
                                               args.remat, mesh_sizes, args.capacity_factor, args.autotune,
-                                              args.profile, not args.no_scan, args.loss_chunk)
+                                              args.profile, not args.no_scan, args.loss_chunk, args.logits_dtype)
         report(f"dsv2_jax params={args.param_dtype} remat={args.remat}" + (" autotuned" if args.autotune else "")
                + (" unrolled" if args.no_scan else "")
                + (f" loss_chunk={args.loss_chunk}" if args.loss_chunk else "")
+               + (f" logits={args.logits_dtype}" if args.logits_dtype != "float32" else "")
                + (f" mesh={args.mesh} cf={args.capacity_factor}" if mesh_sizes else ""), seconds, rows,
                {"loss": loss, "peak_gib": peak, **gpu, **kernel_backends()})  # which kernels ran
     print(f"\nFLOPs/token {fpt:.4g}")

@@ -27,6 +27,7 @@ from .moe import RouterOutput
 from .sharding import activation_mesh, batch_sharding, constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+LOGITS_DTYPES = ("float32", "bfloat16")
 # Dense bf16 peak FLOP/s per chip by jax device_kind prefix, for MFU.
 PEAK_FLOPS = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA H800": 989e12, "NVIDIA A100": 312e12,
               "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
@@ -71,6 +72,7 @@ class Recipe:
     scan_layers: bool = True  # False: layers unrolled (longer compiles, no scan copies of the kept activations)
     capacity_factor: float | None = None  # None: dropless
     loss_chunk: int = 1024  # sequence positions per chunk of the cross-entropy: [rows, chunk, vocab] fp32 logits
+    logits_dtype: str = "float32"  # the head's product as stored; bfloat16 as transformers and MaxText (CE in fp32)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     balance: BalanceConfig = dataclasses.field(default_factory=BalanceConfig)
@@ -112,6 +114,8 @@ class Recipe:
             fail("capacity_factor", f"must be > 0 or null, got {self.capacity_factor}")
         if not isinstance(self.scan_layers, bool):
             fail("scan_layers", f"must be true or false, got {self.scan_layers!r}")
+        if self.logits_dtype not in LOGITS_DTYPES:
+            fail("logits_dtype", f"must be one of {LOGITS_DTYPES}, got {self.logits_dtype!r}")
 
 
 def _build(cls, values: dict, where: str):
@@ -212,9 +216,9 @@ def logsumexp_once(x):
     return m + jnp.log(s)
 
 
-def _ce_chunk(x, w, targets, weights):
-    """fp32 logits of one chunk, and Σ weight · NLL over it."""
-    logits = jnp.einsum("bcd,dv->bcv", x, w, preferred_element_type=jnp.float32)
+def _ce_chunk(x, w, targets, weights, logits_dtype: str = "float32"):
+    """One chunk's logits (the product stored in logits_dtype, then read as float32), and Σ weight · NLL over it."""
+    logits = jnp.einsum("bcd,dv->bcv", x, w, preferred_element_type=DTYPES[logits_dtype]).astype(jnp.float32)
     lse = logsumexp_once(logits)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return logits, lse, jnp.sum((lse - picked) * weights)
@@ -231,8 +235,8 @@ def _ce_chunks(x, targets, weights, chunk: int):
     return x, targets, weights, chunk, (S + pad) // chunk
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def linear_cross_entropy(x, w, targets, weights, chunk: int = 1024):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def linear_cross_entropy(x, w, targets, weights, chunk: int = 1024, logits_dtype: str = "float32"):
     """Σ_{b,s} weights[b,s] · −log softmax(x[b,s] · w)[targets[b,s]], without all the logits at once.
 
     x [B, S, D] final hidden states (compute dtype); w [D, V] the output projection; targets int [B, S];
@@ -240,17 +244,19 @@ def linear_cross_entropy(x, w, targets, weights, chunk: int = 1024):
     so only [B, chunk, V] float32 logits exist at a time. Under differentiation each chunk's gradients are made in
     the same pass, d logits = (softmax − onehot) · weight in the compute dtype (as for any matmul in that dtype),
     and x's and w's gradients come from two matmuls of it; nothing is recomputed in the backward pass.
+    logits_dtype "bfloat16": the head's product is stored rounded to bf16 (half the bytes written and read per
+    chunk), and the log-softmax reads it in float32, as transformers' and MaxText's bf16 training computes the loss.
     """
     x, targets, weights, chunk, n = _ce_chunks(x, targets, weights, chunk)
 
     def body(i, total):
         sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)  # noqa: E731
-        return total + _ce_chunk(sl(x), w, sl(targets), sl(weights))[2]
+        return total + _ce_chunk(sl(x), w, sl(targets), sl(weights), logits_dtype)[2]
 
     return jax.lax.fori_loop(0, n, body, jnp.float32(0.0))
 
 
-def _linear_cross_entropy_fwd(x, w, targets, weights, chunk):
+def _linear_cross_entropy_fwd(x, w, targets, weights, chunk, logits_dtype):
     S = x.shape[1]
     x, targets, weights, chunk, n = _ce_chunks(x, targets, weights, chunk)
 
@@ -258,7 +264,7 @@ def _linear_cross_entropy_fwd(x, w, targets, weights, chunk):
         total, dx, dw = carry
         sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)  # noqa: E731
         x_c, t_c, w_c = sl(x), sl(targets), sl(weights)
-        logits, lse, loss = _ce_chunk(x_c, w, t_c, w_c)
+        logits, lse, loss = _ce_chunk(x_c, w, t_c, w_c, logits_dtype)
         onehot = jnp.arange(logits.shape[-1]) == t_c[..., None]
         g = ((jnp.exp(logits - lse[..., None]) - onehot) * w_c[..., None]).astype(x.dtype)
         dx_c = jnp.einsum("bcv,dv->bcd", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
@@ -271,7 +277,7 @@ def _linear_cross_entropy_fwd(x, w, targets, weights, chunk):
     return total, (dx[:, :S], dw.astype(w.dtype))
 
 
-def _linear_cross_entropy_bwd(chunk, residuals, ct):
+def _linear_cross_entropy_bwd(chunk, logits_dtype, residuals, ct):
     dx, dw = residuals
     return (ct * dx).astype(dx.dtype), (ct * dw).astype(dw.dtype), None, None
 
@@ -333,6 +339,7 @@ class StepSettings:
     limit: int
     loss_chunk: int = 1024  # sequence positions per chunk of the cross-entropy (linear_cross_entropy)
     scan_layers: bool = True
+    logits_dtype: str = "float32"  # the head's product as the cross-entropy stores it (linear_cross_entropy)
 
 
 def _forward(graphdef, params, batch, settings: StepSettings):
@@ -348,7 +355,8 @@ def _nll_sum(model, out, batch, settings: StepSettings, token_weights=None):
     targets, mask = next_token_targets(batch["tokens"], batch["segment_ids"])
     weights = mask.astype(jnp.float32) if token_weights is None else mask * token_weights
     with jax.named_scope("cross_entropy"):
-        nll = linear_cross_entropy(out.hidden, model.head_weight(), targets, weights, settings.loss_chunk)
+        nll = linear_cross_entropy(out.hidden, model.head_weight(), targets, weights, settings.loss_chunk,
+                                   settings.logits_dtype)
     return nll, mask
 
 
@@ -562,7 +570,7 @@ def train(recipe: Recipe, workdir: str, *, stop_after: int | None = None, progre
     groups, limit = balance_groups(config, recipe.balance, mesh) if config.num_moe_layers else (1, 1)
     settings = StepSettings(recipe.remat, recipe.capacity_factor,
                             (recipe.balance.alpha1, recipe.balance.alpha2, recipe.balance.alpha3), groups, limit,
-                            recipe.loss_chunk, recipe.scan_layers)
+                            recipe.loss_chunk, recipe.scan_layers, recipe.logits_dtype)
     train_fn, eval_fn = jit_steps(graphdef, optimizer, settings, mesh, params, opt_state)
     ckpt = TrainCheckpoints(workdir, recipe.checkpoint_every, recipe.keep_checkpoints)
     step = 0

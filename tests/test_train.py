@@ -205,6 +205,39 @@ def test_linear_cross_entropy_equals_full_logits():
         assert np.abs(np.asarray(g, np.float32) - ref).max() <= 2e-2 * np.abs(ref).max()
 
 
+def test_linear_cross_entropy_with_bf16_logits():
+    """logits_dtype "bfloat16": the loss and its gradients equal a float64 cross-entropy over the head's product
+    rounded to bf16 (1e-6), in chunks that divide the sequence and do not; that product is the float32 one rounded
+    (within one bf16 step), and the loss differs from the float32 logits' by more than the tolerance."""
+    rng = np.random.default_rng(1)
+    B, S, D, V = 2, 13, 16, 37
+    x = jnp.asarray(rng.normal(size=(B, S, D)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)  # logits of a few units: bf16 steps of ~1e-2
+    targets = jnp.asarray(rng.integers(0, V, (B, S)), jnp.int32)
+    weights = jnp.asarray(rng.random((B, S)) * (rng.random((B, S)) > 0.3), jnp.float32)
+    stored = jnp.einsum("bsd,dv->bsv", x, w, preferred_element_type=jnp.bfloat16)
+    exact = np.einsum("bsd,dv->bsv", np.asarray(x, np.float64), np.asarray(w, np.float64))
+    assert np.abs(np.asarray(stored, np.float64) - exact).max() <= 2 ** -8 * np.abs(exact).max()
+    logits = np.asarray(stored, np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    t, wt = np.asarray(targets), np.asarray(weights, np.float64)
+    want = -0.5 * np.sum(np.take_along_axis(logp, t[..., None], -1)[..., 0] * wt)
+    dlogits = 0.5 * (np.exp(logp) - np.eye(V)[t]) * wt[..., None]
+    want_dx = np.einsum("bsv,dv->bsd", dlogits, np.asarray(w, np.float64))
+    want_dw = np.einsum("bsd,bsv->dv", np.asarray(x, np.float64), dlogits)
+    for chunk in (4, 13):
+        def loss(x, w, chunk=chunk):
+            return 0.5 * linear_cross_entropy(x, w, targets, weights, chunk, "bfloat16")
+        got, (dx, dw) = jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        np.testing.assert_allclose(jax.jit(loss)(x, w), want, rtol=1e-6)
+        for g, ref in ((dx, want_dx), (dw, want_dw)):
+            assert np.abs(np.asarray(g, np.float64) - ref).max() <= 1e-6 * np.abs(ref).max(), chunk
+    float32_loss = 0.5 * linear_cross_entropy(x, w, targets, weights, 4)
+    assert abs(float(float32_loss) - want) > 1e-5 * abs(want)  # ten times the tolerance above
+
+
 def test_logsumexp_once_equals_a_float64_reference():
     """The one-pass log-sum-exp against numpy in float64: rows of large and mixed magnitudes (no overflow where a
     plain sum of exp would), all -inf (-inf), some -inf, and +inf (+inf), as jax.nn.logsumexp gives them."""
@@ -268,6 +301,9 @@ def test_recipe_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="scan_layers"):
         load_recipe(TINY_YAML, ["scan_layers=sometimes"])
     assert load_recipe(TINY_YAML, ["scan_layers=false"]).scan_layers is False
+    with pytest.raises(ValueError, match="logits_dtype"):
+        load_recipe(TINY_YAML, ["logits_dtype=float16"])
+    assert load_recipe(TINY_YAML, ["logits_dtype=bfloat16"]).logits_dtype == "bfloat16"
 
 
 def test_step_settings_scan_layers_unrolls_the_layers():
