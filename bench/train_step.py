@@ -194,8 +194,9 @@ def main():
     if not args.skip_jax:
         from dsv2_jax.layers import kernel_backends
         seconds, loss, rows, peak, gpu = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype,
-                                              args.remat, mesh_sizes, args.capacity_factor, args.autotune,
-                                              args.profile, not args.no_scan, args.loss_chunk, args.logits_dtype)
+                                                   args.remat, mesh_sizes, args.capacity_factor, args.autotune,
+                                                   args.profile, not args.no_scan, args.loss_chunk,
+                                                   args.logits_dtype)
         report(f"dsv2_jax params={args.param_dtype} remat={args.remat}" + (" autotuned" if args.autotune else "")
                + (" unrolled" if args.no_scan else "")
                + (f" loss_chunk={args.loss_chunk}" if args.loss_chunk else "")
