@@ -27,7 +27,6 @@ from .moe import RouterOutput
 from .sharding import activation_mesh, batch_sharding, constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-LOGITS_DTYPES = ("float32", "bfloat16")
 # Dense bf16 peak FLOP/s per chip by jax device_kind prefix, for MFU.
 PEAK_FLOPS = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA H800": 989e12, "NVIDIA A100": 312e12,
               "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
@@ -97,7 +96,7 @@ class Recipe:
         def fail(field, msg):
             raise ValueError(f"recipe {field}: {msg}")
 
-        for name in ("dtype", "param_dtype"):
+        for name in ("dtype", "param_dtype", "logits_dtype"):
             if getattr(self, name) not in DTYPES:
                 fail(name, f"must be one of {list(DTYPES)}, got {getattr(self, name)!r}")
         if self.remat not in REMAT_POLICIES:
@@ -114,8 +113,6 @@ class Recipe:
             fail("capacity_factor", f"must be > 0 or null, got {self.capacity_factor}")
         if not isinstance(self.scan_layers, bool):
             fail("scan_layers", f"must be true or false, got {self.scan_layers!r}")
-        if self.logits_dtype not in LOGITS_DTYPES:
-            fail("logits_dtype", f"must be one of {LOGITS_DTYPES}, got {self.logits_dtype!r}")
 
 
 def _build(cls, values: dict, where: str):
