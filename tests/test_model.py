@@ -126,6 +126,30 @@ def test_router_outputs_cover_every_moe_layer():
     np.testing.assert_allclose(np.asarray(out.router.scores).sum(-1), 1.0, rtol=1e-5)
 
 
+def test_embedding_gradient_sums_repeated_tokens_in_float32():
+    """The embedding table's gradient equals a float64 sum of each token's rows rounded once to the table's dtype:
+    for a bf16 table where one token fills half the batch (a bf16 running sum of its 2,048 rows would stop growing),
+    and for a float32 table (1e-6)."""
+    from dsv2_jax.layers import Embed
+
+    rng = np.random.default_rng(0)
+    V, D = 16, 8
+    ids = np.where(rng.random((4, 1024)) < 0.5, 0, rng.integers(1, V, (4, 1024))).astype(np.int32)
+    ct = rng.normal(0.01, 0.01, (4, 1024, D))  # mostly positive: the frequent token's sum is ~2,000 rows' size
+    for dtype, rtol in ((jnp.bfloat16, 2.0 ** -8), (jnp.float32, 1e-6)):
+        embed = Embed(V, D, std=0.02, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+        d = jnp.asarray(ct, dtype)
+
+        def loss(e):
+            return jnp.sum(e(jnp.asarray(ids)).astype(jnp.float32) * d.astype(jnp.float32))
+
+        got = nnx.grad(loss)(embed).embedding[...]
+        assert got.dtype == dtype
+        exact = np.zeros((V, D))
+        np.add.at(exact, ids.reshape(-1), np.asarray(d, np.float64).reshape(-1, D))  # the rows as passed in dtype
+        np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=rtol, atol=1e-6 * np.abs(exact).max())
+
+
 def test_bf16_compute_with_fp32_params_tracks_fp32():
     config = TINY.replace(initializer_range=0.05)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 16)))
