@@ -182,9 +182,34 @@ def decay_mask(params: dict) -> dict:
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
+def global_norm(tree) -> jnp.ndarray:
+    """√(Σ x²) over every leaf, squared and summed in float32 (optax.global_norm squares bf16 gradients in bf16 and
+    rounds each leaf's sum to bf16: ~0.2% off). A leaf stacked by layer whose layer slices are large is summed one
+    layer at a time: with the layers unrolled, its gradient is the sum of one padded gradient per layer, and XLA's
+    single reduction over that sum read at a third of the bandwidth (a [3, 64, 2048, 1408] bf16 expert stack on an
+    H200: 1.37 ms, against 0.50 ms by layer). Scanned stacks are materialised arrays; slicing them costs nothing."""
+    def sum_squares(x):
+        x = jnp.asarray(x)
+        parts = [x[i] for i in range(x.shape[0])] if x.ndim >= 3 and x.size // x.shape[0] >= 2**24 else [x]
+        return sum(jnp.sum(jnp.square(p.astype(jnp.float32))) for p in parts)
+
+    return jnp.sqrt(sum(sum_squares(x) for x in jax.tree.leaves(tree)))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm (the same rule and empty state) with `global_norm`'s float32 norm."""
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        clip = lambda t: jnp.where(norm < max_norm, t, (t / norm.astype(t.dtype)) * max_norm)  # noqa: E731
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(opt: OptimizerConfig, steps: int) -> optax.GradientTransformation:
     return optax.chain(
-        optax.clip_by_global_norm(opt.clip_norm),
+        clip_by_global_norm(opt.clip_norm),
         optax.adamw(learning_rate_schedule(opt, steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
                     weight_decay=opt.weight_decay, mask=decay_mask),
     )
@@ -406,7 +431,7 @@ def train_step(params, opt_state, batch, *, graphdef, optimizer, settings: StepS
                                                  jax.tree.map(lambda x: x[1:], batch))
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads), tokens=n_tokens)
+    metrics.update(loss=loss, grad_norm=global_norm(grads), tokens=n_tokens)
     return params, opt_state, metrics
 
 

@@ -278,6 +278,30 @@ def test_weight_decay_skips_norms():
     assert not mask["moe_layers"]["input_norm"]["weight"]
 
 
+def test_global_norm_is_a_float32_sum_of_bf16_squares():
+    from dsv2_jax.training import global_norm
+    rng = np.random.default_rng(0)
+    tree = {"stack": jnp.asarray(rng.normal(size=(2, 4096, 4096)) * 3.0, jnp.bfloat16),  # summed layer by layer
+            "m": jnp.asarray(rng.normal(size=(64, 48)), jnp.bfloat16), "v": jnp.asarray(rng.normal(size=7), jnp.float32)}
+    want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+    got = float(jax.jit(global_norm)(tree))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_clip_by_global_norm_matches_optax():
+    from dsv2_jax.training import clip_by_global_norm
+    rng = np.random.default_rng(1)
+    g = {"a": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32), "b": jnp.asarray(rng.normal(size=3), jnp.float32)}
+    norm = float(optax.global_norm(g))
+    for max_norm in (norm / 3, norm * 3):
+        ours, theirs = clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+        want, _ = theirs.update(g, theirs.init(g))
+        got, state = ours.update(g, ours.init(g))
+        assert state == theirs.init(g)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+    assert float(optax.global_norm(got)) == pytest.approx(min(norm, 3 * norm), rel=1e-6)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     from dsv2_jax.training import NonFiniteLoss
     recipe = small_recipe("steps=20", "checkpoint_every=1", "optimizer.lr=1e30", "optimizer.warmup_steps=0",
