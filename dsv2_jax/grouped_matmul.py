@@ -9,8 +9,10 @@ rows: the contraction runs over the ragged rows).
 Backends, one picked per call (DSV2_GROUPED_MATMUL=auto|pallas|tokamax|ragged_dot forces one):
 - `pallas`: two Pallas kernels (Triton lowering, any CUDA GPU): `ragged_matmul` for the forward and input gradient,
   `weight_gradient` for the weight gradient, joined by a custom VJP;
-- `tokamax`: tokamax's Mosaic Hopper kernels for the forward and input gradient with tiles tuned on an H100, this
-  module's `weight_gradient` for the weight gradient (tokamax's own was 2-8% wrong with its default tiles);
+- `tokamax`: tokamax's Mosaic Hopper kernels for the forward and input gradient with tiles tuned on an H100 (from
+  4,096 rows the input gradient runs on `_transposed_rhs_product`, the same kernel design reading the weights as
+  they lie, where tokamax's op transposes them first), this module's `weight_gradient` for the weight gradient
+  (tokamax's own was 2-8% wrong with its default tiles);
 - `ragged_dot`: jax.lax.ragged_dot (CPU; float32 everywhere, which the bf16 kernels would compute at lower precision).
 `auto` is ragged_dot off GPU and, on GPU, tokamax where it imports (else pallas), except inside `outputs_saved()`
 (scanned layers under the save_dots remat policy, which keeps the experts' outputs for the backward pass): there the
@@ -307,14 +309,20 @@ def _tokamax_ragged_dots():
     rows; None where tokamax or those kernel classes are missing (tokamax 0.0.17's layout).
 
     Large: 128×128×64 tiles, 4 stages, persistent: 1.7× tokamax's default tiles (V2-Lite expert shapes); small:
-    tokamax's default (decoding and small batches). Only their forward and input-gradient kernels are used: tokamax's
+    tokamax's default (decoding and small batches). Only their forward and input-gradient kernels are used (the
+    large input gradient on `_transposed_rhs_product`, with the large config's tiles): tokamax's
     weight-gradient kernel returned gradients 2-8% off (relative norm) with its default tiles and inf or a few %
     error with most others (bench/RESULTS.md); this module's `weight_gradient` is right on every routing checked and
     2.9× faster than its one right config.
     """
     try:
+        from tokamax._src import mosaic_gpu
+        from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu_common as common
         from tokamax._src.ops.ragged_dot.pallas_mosaic_gpu import PallasMosaicGpuRaggedDot
         from tokamax._src.ops.ragged_dot.pallas_mosaic_gpu_common import Config, MatmulDimension
+
+        _ = (mosaic_gpu.tiled_swizzled_block_spec, mosaic_gpu.tiled_swizzled_smem,  # what _transposed_rhs_product
+             common.GroupInfo.create_aligned, common.copy_ragged_smem_to_gmem)  # builds on
     except Exception as e:  # not installed, another layout, or its imports fail on this machine
         warn_if_installed("tokamax", e)
         return None
@@ -330,10 +338,75 @@ def _tokamax_product(lhs, rhs, group_sizes, transpose_rhs: bool):
                                              lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
     M = lhs.shape[0]
     pad = -M % (8 if M <= 64 else 128)
-    out = _tokamax_ragged_dots()[M >= 4096](jnp.pad(lhs, ((0, pad), (0, 0))) if pad else lhs, rhs,
-                                            group_sizes=group_sizes, ragged_dot_dimension_numbers=dims,
-                                            preferred_element_type=lhs.dtype)
+    lhs = jnp.pad(lhs, ((0, pad), (0, 0))) if pad else lhs
+    large = _tokamax_ragged_dots()[1].config
+    if transpose_rhs and M >= 4096 and rhs.shape[1] % large.block_n == 0 and rhs.shape[2] % large.block_k == 0:
+        out = _transposed_rhs_product(lhs, rhs, group_sizes, large)
+    else:
+        out = _tokamax_ragged_dots()[M >= 4096](lhs, rhs, group_sizes=group_sizes, ragged_dot_dimension_numbers=dims,
+                                                preferred_element_type=lhs.dtype)
     return out[:M] if pad else out
+
+
+def _transposed_rhs_product(lhs, rhs, group_sizes, config):
+    """lhs [M, K] times rhs[g] [N, K] transposed, for each group g's rows: tokamax's sm90 ragged-dot design (its
+    persistent grid, group blocks aligned to 8 rows, power-of-two ragged stores, built from its helpers) with rhs's
+    [N, K] tiles read as they lie and handed to wgmma transposed. tokamax's own op transposes rhs in XLA first,
+    a pass over the expert weights before each input gradient (3 per MoE layer, ~1 ms a layer at V2-Lite widths)."""
+    from jax.experimental.pallas import mosaic_gpu as mgpu
+    from jax.extend import backend
+    from tokamax._src import mosaic_gpu as mgpu_lib
+    from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu_common as common
+
+    m, k = lhs.shape
+    g, n, _ = rhs.shape
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    m_blocks, n_iters, k_iters = pl.cdiv(m, bm) + g - 1, pl.cdiv(n, bn), pl.cdiv(k, bk)
+    spec = functools.partial(mgpu_lib.tiled_swizzled_block_spec, delay_release=1)
+
+    def kernel(lhs_gmem, rhs_gmem, group_id_gmem, start_gmem, size_gmem, block_start_gmem, o_gmem):
+        def tile(m_offset, m_count, loop_info):
+            mi, ni = mgpu.planar_snake(loop_info.index[0], (m_count, n_iters), config.grid_minor_dim,
+                                       config.grid_tile_width)
+            mi += m_offset
+            gi, start, size = group_id_gmem[mi], start_gmem[mi], size_gmem[mi]
+            block_start = pl.multiple_of(block_start_gmem[mi], 8)
+
+            @pl.when(size > 0)
+            def _():
+                def accumulate(acc):
+                    def step(_, lhs_smem, rhs_smem):
+                        mgpu.wgmma(acc, lhs_smem, rhs_smem.T)
+                        mgpu.wgmma_wait(1)
+
+                    mgpu.emit_pipeline(
+                        step, grid=(k_iters,), max_concurrent_steps=config.num_stages,
+                        in_specs=(spec((pl.Element(bm), bk), lhs.dtype, lambda ki: (block_start, ki), "lhs"),
+                                  spec((bn, bk), rhs.dtype, lambda ki: (ni, ki), "rhs")),
+                    )(lhs_gmem, rhs_gmem.at[gi])
+                    return acc[...]
+
+                acc = pl.run_scoped(accumulate, mgpu.ACC((bm, bn)))
+                out_smem = mgpu_lib.tiled_swizzled_smem((bm, bn), o_gmem.dtype, tiling_prefix=(1,), what="out")
+
+                @functools.partial(pl.run_scoped, o_smem=out_smem)
+                def _(o_smem):
+                    o_smem[...] = acc.astype(o_smem.dtype)
+                    mgpu.commit_smem()
+                    common.copy_ragged_smem_to_gmem(o_smem, o_gmem, block_start=block_start, start_within_block=start,
+                                                    actual_size=size, ns=pl.ds(ni * bn, bn), max_rows=min(bm, m))
+
+        # blocks that surely hold rows first, then those that may be empty (tokamax's order, spreading the no-ops)
+        full = pl.cdiv(m, bm)
+        for m_offset, m_count in ((0, full), (full, m_blocks - full)):
+            mgpu.nd_loop((m_count * n_iters,), collective_axes="sm")(functools.partial(tile, m_offset, m_count))
+
+    info = common.GroupInfo.create_aligned(group_sizes, bm, m_blocks, 8)
+    return mgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((m, n), lhs.dtype), grid=(backend.get_default_device().core_count,),
+        grid_names=("sm",), kernel_name="ragged_dot_transposed_rhs_sm90",
+        compiler_params=mgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True),
+    )(lhs, rhs, info.group_id, info.start_within_block, info.actual_size, info.block_start)
 
 
 _tokamax_grouped_matmul = _with_vjp(_tokamax_product)

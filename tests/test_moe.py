@@ -4,6 +4,7 @@ import collections
 import contextlib
 import importlib.util
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -271,6 +272,40 @@ def test_grouped_matmul_backend_choice(monkeypatch):
         monkeypatch.setenv("DSV2_GROUPED_MATMUL", "tokamax")
         with pytest.raises(ValueError, match="does not import here"):
             choose()
+
+
+def test_tokamax_products_take_the_transposed_kernel_for_large_input_gradients(monkeypatch):
+    """_tokamax_product's choice, with stand-ins for tokamax's ops and the transposed-rhs kernel (both GPU-only; their
+    results are checked on a GPU by test_grouped_matmul_bf16_products_match_fp32): from 4,096 rows an input gradient
+    (rhs transposed) whose widths are whole tiles runs on `_transposed_rhs_product`, rows padded to whole tiles and
+    cut back after; other shapes and the forward go to tokamax's small or large op."""
+    from dsv2_jax import grouped_matmul as gm
+
+    calls = []
+
+    class Op:
+        def __init__(self, name):
+            self.name, self.config = name, types.SimpleNamespace(block_n=128, block_k=64)
+
+        def __call__(self, lhs, rhs, group_sizes, ragged_dot_dimension_numbers, preferred_element_type):
+            transposed = tuple(ragged_dot_dimension_numbers.dot_dimension_numbers[0][1]) == (2,)
+            calls.append((self.name, lhs.shape[0], transposed))
+            return jnp.zeros((lhs.shape[0], rhs.shape[1] if transposed else rhs.shape[2]), lhs.dtype)
+
+    def transposed(lhs, rhs, group_sizes, config):
+        calls.append(("transposed", lhs.shape[0], config.block_n))
+        return jnp.zeros((lhs.shape[0], rhs.shape[1]), lhs.dtype)
+
+    monkeypatch.setattr(gm, "_tokamax_ragged_dots", lambda: (Op("small"), Op("large")))
+    monkeypatch.setattr(gm, "_transposed_rhs_product", transposed)
+    gs = jnp.zeros(8, jnp.int32)
+    for M, rhs, transpose, want in ((4100, (8, 256, 128), True, ("transposed", 4224, 128)),
+                                    (4096, (8, 200, 128), True, ("large", 4096, True)),  # 200 columns: not whole tiles
+                                    (100, (8, 256, 128), True, ("small", 128, True)),
+                                    (5000, (8, 128, 256), False, ("large", 5120, False))):
+        out = gm._tokamax_product(jnp.ones((M, rhs[2] if transpose else rhs[1]), jnp.bfloat16),
+                                  jnp.ones(rhs, jnp.bfloat16), gs, transpose)
+        assert calls.pop() == want and out.shape == (M, rhs[1] if transpose else rhs[2])
 
 
 def test_kernel_backends_name_the_paths_taken(monkeypatch):
