@@ -352,7 +352,8 @@ def _transposed_rhs_product(lhs, rhs, group_sizes, config):
     """lhs [M, K] times rhs[g] [N, K] transposed, for each group g's rows: tokamax's sm90 ragged-dot design (its
     persistent grid, group blocks aligned to 8 rows, power-of-two ragged stores, built from its helpers) with rhs's
     [N, K] tiles read as they lie and handed to wgmma transposed. tokamax's own op transposes rhs in XLA first,
-    a pass over the expert weights before each input gradient (3 per MoE layer, ~1 ms a layer at V2-Lite widths)."""
+    a pass over the expert weights before each input gradient (3 per MoE layer, ~0.6 ms a layer at V2-Lite
+    widths, bench/RESULTS.md §20)."""
     from jax.experimental.pallas import mosaic_gpu as mgpu
     from jax.extend import backend
     from tokamax._src import mosaic_gpu as mgpu_lib

@@ -127,6 +127,17 @@ def test_attention_bench_checks_kernels_against_the_reference():
     assert float(jnp.linalg.norm(causal_ref - ref) / jnp.linalg.norm(ref)) > 0.1
 
 
+def test_step_parts_checks_each_form_against_the_code(capsys):
+    """bench/step_parts.py on CPU with few tokens: the experts' row gathers and the combine's backward in their
+    other forms (the barrier-free combine, the in-bounds gather) give the code's results."""
+    import re
+
+    load("step_parts").main(["--parts", "gather", "combine", "--tokens", "64"])
+    out = capsys.readouterr().out
+    diffs = [float(d) for d in re.findall(r"max \|difference\| (\S+)", out)]
+    assert len(diffs) == 2 and max(diffs) < 1e-5, out
+
+
 def test_decode_projections_sweep_checks_each_config():
     """bench/decode_projections.py on the tiny model (CPU, the kernels in Pallas's interpreter): every product of the
     decoding step at its default tiles, then a sweep's first configs, each product equal to a float32 product of the
