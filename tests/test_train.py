@@ -282,7 +282,8 @@ def test_global_norm_is_a_float32_sum_of_bf16_squares():
     from dsv2_jax.training import global_norm
     rng = np.random.default_rng(0)
     tree = {"stack": jnp.asarray(rng.normal(size=(2, 4096, 4096)) * 3.0, jnp.bfloat16),  # summed layer by layer
-            "m": jnp.asarray(rng.normal(size=(64, 48)), jnp.bfloat16), "v": jnp.asarray(rng.normal(size=7), jnp.float32)}
+            "m": jnp.asarray(rng.normal(size=(64, 48)), jnp.bfloat16),
+            "v": jnp.asarray(rng.normal(size=7), jnp.float32)}
     want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
     got = float(jax.jit(global_norm)(tree))
     np.testing.assert_allclose(got, want, rtol=1e-6)
