@@ -241,9 +241,13 @@ def logsumexp_once(x):
 
 def _ce_chunk(x, w, targets, weights, logits_dtype: str = "float32"):
     """One chunk's logits (the product stored in logits_dtype, then read as float32), and Σ weight · NLL over it."""
-    logits = jnp.einsum("bcd,dv->bcv", x, w, preferred_element_type=DTYPES[logits_dtype]).astype(jnp.float32)
-    if logits_dtype != "float32":  # keep the rounding where XLA would fuse the round trip away
-        f = jnp.finfo(DTYPES[logits_dtype])
+    stored = DTYPES[logits_dtype]
+    logits = jnp.einsum("bcd,dv->bcv", x, w, preferred_element_type=stored).astype(jnp.float32)
+    if stored != jnp.float32 and not x.dtype == w.dtype == stored:
+        # Operands wider than the stored product: XLA builds it at their width and converts, a round trip its
+        # excess-precision rewrites may drop (on GPU they did); keep it. Operands of the stored dtype make a GEMM that
+        # writes it itself; there the pin only cost time (~3 ms of a batch-12 step, bench/RESULTS.md §20).
+        f = jnp.finfo(stored)
         logits = jax.lax.reduce_precision(logits, exponent_bits=f.nexp, mantissa_bits=f.nmant)
     lse = logsumexp_once(logits)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -272,8 +276,9 @@ def linear_cross_entropy(x, w, targets, weights, chunk: int = 1024, logits_dtype
     and x's and w's gradients come from two matmuls of it; nothing is recomputed in the backward pass.
     logits_dtype "bfloat16": the head's product is stored rounded to bf16 (half the bytes written and read per
     chunk), and the log-softmax reads it in float32, as transformers' and MaxText's bf16 training computes the loss.
-    The rounding is pinned with `reduce_precision`: on GPU, XLA's excess-precision rewrites otherwise drop the round
-    trip through bf16 where they fuse the product with its readers, and the loss becomes the float32 one.
+    Where x or w is wider than bf16 the rounding is pinned with `reduce_precision`: on GPU, XLA's excess-precision
+    rewrites otherwise drop the round trip through bf16 where they fuse the product with its readers, and the loss
+    becomes the float32 one. With bf16 operands (the compute dtype) the GEMM itself writes bf16.
     """
     x, targets, weights, chunk, n = _ce_chunks(x, targets, weights, chunk)
 
