@@ -182,35 +182,37 @@ def decay_mask(params: dict) -> dict:
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def global_norm(tree) -> jnp.ndarray:
+def global_norm(tree, by_layer: bool = False) -> jnp.ndarray:
     """√(Σ x²) over every leaf, squared and summed in float32 (optax.global_norm squares bf16 gradients in bf16 and
-    rounds each leaf's sum to bf16: 1e-4 to 2e-3 off where measured). A leaf stacked by layer whose layer slices are
-    large is summed one layer at a time: with the layers unrolled, its gradient is the sum of one padded gradient per
-    layer, and XLA's single reduction over that sum read at a third of the bandwidth (a [3, 64, 2048, 1408] bf16
-    expert stack on an H200: 1.37 ms, against 0.50 ms by layer). A scanned stack's gradient is one array already;
-    there the slices only split the same reads into one kernel per layer."""
+    rounds each leaf's sum to bf16: 1e-4 to 2e-3 off where measured). by_layer (for unrolled layers): a leaf stacked
+    by layer whose layer slices are large is summed one layer at a time. With the layers unrolled its gradient is the
+    sum of one padded gradient per layer, and XLA's single reduction over that sum read at a third of the bandwidth
+    (a [3, 64, 2048, 1408] bf16 expert stack on an H200: 1.37 ms, against 0.50 ms by layer; bench/RESULTS.md §20).
+    A scanned stack's gradient is one array, read at full bandwidth as it is."""
     def sum_squares(x):
         x = jnp.asarray(x)
-        parts = [x[i] for i in range(x.shape[0])] if x.ndim >= 3 and x.size // x.shape[0] >= 2**24 else [x]
-        return sum(jnp.sum(jnp.square(p.astype(jnp.float32))) for p in parts)
+        split = by_layer and x.ndim >= 3 and x.size // x.shape[0] >= 2**24
+        return sum(jnp.sum(jnp.square(p.astype(jnp.float32))) for p in (list(x) if split else [x]))
 
     return jnp.sqrt(sum(sum_squares(x) for x in jax.tree.leaves(tree)))
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float, by_layer: bool = False) -> optax.GradientTransformation:
     """optax.clip_by_global_norm (the same rule and empty state) with `global_norm`'s float32 norm."""
     def update(updates, state, params=None):
         del params
-        norm = global_norm(updates)
+        norm = global_norm(updates, by_layer)
         clip = lambda t: jnp.where(norm < max_norm, t, (t / norm.astype(t.dtype)) * max_norm)  # noqa: E731
         return jax.tree.map(clip, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(opt: OptimizerConfig, steps: int) -> optax.GradientTransformation:
+def make_optimizer(opt: OptimizerConfig, steps: int, scan_layers: bool = True) -> optax.GradientTransformation:
+    """Clipping by the global norm, then AdamW on `learning_rate_schedule`. scan_layers: the step's layer loop (the
+    recipe's), which decides how the clipping's norm reads layer-stacked gradients (`global_norm`)."""
     return optax.chain(
-        clip_by_global_norm(opt.clip_norm),
+        clip_by_global_norm(opt.clip_norm, by_layer=not scan_layers),
         optax.adamw(learning_rate_schedule(opt, steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
                     weight_decay=opt.weight_decay, mask=decay_mask),
     )
@@ -437,7 +439,7 @@ def train_step(params, opt_state, batch, *, graphdef, optimizer, settings: StepS
                                                  jax.tree.map(lambda x: x[1:], batch))
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics.update(loss=loss, grad_norm=global_norm(grads), tokens=n_tokens)
+    metrics.update(loss=loss, grad_norm=global_norm(grads, by_layer=not settings.scan_layers), tokens=n_tokens)
     return params, opt_state, metrics
 
 
@@ -597,7 +599,7 @@ def train(recipe: Recipe, workdir: str, *, stop_after: int | None = None, progre
     rows = recipe.batch_size // n_proc  # per process, all micro-batches
     data = Pipeline(recipe.data, rows, "train", process_index=jax.process_index(), process_count=n_proc,
                     model_config=config)
-    optimizer = make_optimizer(recipe.optimizer, recipe.steps)
+    optimizer = make_optimizer(recipe.optimizer, recipe.steps, recipe.scan_layers)
     schedule = learning_rate_schedule(recipe.optimizer, recipe.steps)
     graphdef, params, opt_state = init_train_state(config, recipe, optimizer, mesh)
     groups, limit = balance_groups(config, recipe.balance, mesh) if config.num_moe_layers else (1, 1)

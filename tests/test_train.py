@@ -290,8 +290,9 @@ def test_global_norm_is_a_float32_sum_of_bf16_squares():
             "m": jnp.asarray(rng.normal(size=(64, 48)), jnp.bfloat16),
             "v": jnp.asarray(rng.normal(size=7), jnp.float32)}
     want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
-    got = float(jax.jit(global_norm)(tree))
-    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for by_layer in (False, True):  # the stack in one reduction, or a layer at a time (unrolled layers)
+        got = float(jax.jit(functools.partial(global_norm, by_layer=by_layer))(tree))
+        np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_clip_by_global_norm_matches_optax():
@@ -299,13 +300,13 @@ def test_clip_by_global_norm_matches_optax():
     rng = np.random.default_rng(1)
     g = {"a": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32), "b": jnp.asarray(rng.normal(size=3), jnp.float32)}
     norm = float(optax.global_norm(g))
-    for max_norm in (norm / 3, norm * 3):
-        ours, theirs = clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    for max_norm, by_layer in ((norm / 3, False), (norm * 3, False), (norm / 3, True)):
+        ours, theirs = clip_by_global_norm(max_norm, by_layer), optax.clip_by_global_norm(max_norm)
         want, _ = theirs.update(g, theirs.init(g))
         got, state = ours.update(g, ours.init(g))
         assert state == theirs.init(g)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
-    assert float(optax.global_norm(got)) == pytest.approx(min(norm, 3 * norm), rel=1e-6)
+        assert float(optax.global_norm(got)) == pytest.approx(min(norm, max_norm), rel=1e-6)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
