@@ -65,7 +65,8 @@ def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat:
     shards = int(np.prod([mesh.shape[a] for a in batch_axes()])) if mesh is not None else 1
     graphdef, state = nnx.split(init_model(config, mesh=mesh, dtype=jnp.bfloat16, param_dtype=dt, seed=0))
     params = state.to_pure_dict()
-    optimizer = make_optimizer(OptimizerConfig(lr=1e-4, warmup_steps=0), 1000, scan_layers)  # constant, as torch's
+    # a constant learning rate, as on torch's side
+    optimizer = make_optimizer(OptimizerConfig(lr=1e-4, warmup_steps=0), 1000, scan_layers)
     opt_state = on_mesh(jax.jit(optimizer.init)(params), mesh)
     groups = mesh.shape["expert"] if mesh is not None and mesh.shape["expert"] > 1 else 1
     chunk = {} if loss_chunk is None else {"loss_chunk": loss_chunk}  # else StepSettings' default
