@@ -308,6 +308,30 @@ def test_tokamax_products_take_the_transposed_kernel_for_large_input_gradients(m
         assert calls.pop() == want and out.shape == (M, rhs[1] if transpose else rhs[2])
 
 
+@pytest.mark.parametrize("sizes", GROUPED_SIZES[:2])
+def test_transposed_rhs_kernel_gives_tokamax_ops_bits(sizes):
+    """GPU with tokamax: the input gradient on `_transposed_rhs_product` (what `_tokamax_product` runs from 4,096
+    rows) equals, bit for bit on every row inside the groups, tokamax's own op with the weights transposed by XLA
+    (the path it replaced): empty, one-row and sub-tile groups, and rows not a whole number of tiles."""
+    from dsv2_jax import grouped_matmul as gm
+
+    if jax.default_backend() != "gpu" or gm._tokamax_ragged_dots() is None:
+        pytest.skip("tokamax's Hopper kernels need a GPU and tokamax")
+    rng = np.random.default_rng(7)
+    M, K, N = sum(sizes) + 3, 128, 256  # three rows past the groups
+    dout = jnp.asarray(rng.normal(size=(M, K)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(len(sizes), N, K)), jnp.bfloat16)
+    gs = jnp.asarray(sizes, jnp.int32)
+    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+    pad = -M % 128
+    want = gm._tokamax_ragged_dots()[1](jnp.pad(dout, ((0, pad), (0, 0))), w, group_sizes=gs,
+                                         ragged_dot_dimension_numbers=dims, preferred_element_type=dout.dtype)[:M]
+    got = jax.jit(lambda d, w, g: gm._tokamax_product(d, w, g, True))(dout, w, gs)
+    rows = sum(sizes)
+    np.testing.assert_array_equal(np.asarray(got[:rows], np.float32), np.asarray(want[:rows], np.float32))
+
+
 def test_kernel_backends_name_the_paths_taken(monkeypatch):
     """layers.kernel_backends (what the benchmarks record) reports the attention and grouped-matmul paths: the
     CPU defaults, and forced choices."""
