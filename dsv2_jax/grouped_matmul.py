@@ -339,12 +339,13 @@ def _tokamax_product(lhs, rhs, group_sizes, transpose_rhs: bool):
     M = lhs.shape[0]
     pad = -M % (8 if M <= 64 else 128)
     lhs = jnp.pad(lhs, ((0, pad), (0, 0))) if pad else lhs
-    large = _tokamax_ragged_dots()[1].config
-    if transpose_rhs and M >= 4096 and rhs.shape[1] % large.block_n == 0 and rhs.shape[2] % large.block_k == 0:
-        out = _transposed_rhs_product(lhs, rhs, group_sizes, large)
+    small, large = _tokamax_ragged_dots()
+    tiles = large.config
+    if transpose_rhs and M >= 4096 and rhs.shape[1] % tiles.block_n == 0 and rhs.shape[2] % tiles.block_k == 0:
+        out = _transposed_rhs_product(lhs, rhs, group_sizes, tiles)
     else:
-        out = _tokamax_ragged_dots()[M >= 4096](lhs, rhs, group_sizes=group_sizes, ragged_dot_dimension_numbers=dims,
-                                                preferred_element_type=lhs.dtype)
+        out = (large if M >= 4096 else small)(lhs, rhs, group_sizes=group_sizes, ragged_dot_dimension_numbers=dims,
+                                              preferred_element_type=lhs.dtype)
     return out[:M] if pad else out
 
 
