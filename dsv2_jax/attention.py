@@ -26,7 +26,7 @@ from jax.experimental.pallas import triton as plgpu
 from .config import ModelConfig
 from .grouped_matmul import (PROJECTION_TILES, TILE, decode_block, dot_precision, interpreted, matvecs, power_of_two,
                              stacked_matvec, stacked_partials, tiles_fit)
-from .layers import cast, kernel_backend, param, rms_norm
+from .layers import cast, kernel_backend, param, rms_norm, rms_norm_rows
 from .rope import apply_rope
 from .sharding import constrain, per_shard
 
@@ -75,6 +75,10 @@ class ProjectionStacks(NamedTuple):
     weights: dict  # name -> [L, *the layer's weight shape], in the compute dtype
     layer: jax.Array | int = 0  # int32: the layer these calls run
     kv_a_norm: jax.Array | None = None  # [L, kv_lora_rank]: the latent's norm weights (any dtype), for absorbed_query
+    # [L, D]: the layers' input norm weights where the input comes unnormalised (one token: `absorbed_inputs`' first
+    # kernel normalises it, one kernel fewer per layer; `MLA.input_normalised` on the other paths). Its eps is the
+    # config's rms_norm_eps, as for every norm of the model.
+    input_norm: jax.Array | None = None
 
     @classmethod
     def of(cls, attn: "MLA") -> "ProjectionStacks | None":
@@ -122,6 +126,14 @@ class MLA(nnx.Module):
         self.o_proj = param(rngs, (H, c.v_head_dim, D), ("heads", "head_dim", "embed"), param_dtype, std)
 
     # ------------------------------------------------------------------ projections
+    def input_normalised(self, x, stacks: ProjectionStacks | None) -> "tuple[jax.Array, ProjectionStacks | None]":
+        """x through the input norm `stacks` carry, if any (`rms_norm_rows`), and the stacks without it: for the
+        decoding paths whose first kernel does not normalise x itself."""
+        if stacks is None or stacks.input_norm is None:
+            return x, stacks
+        return (rms_norm_rows(x, stacks.input_norm, stacks.layer, eps=self.config.rms_norm_eps, dtype=self.dtype),
+                stacks._replace(input_norm=None))
+
     def _project(self, spec: str, x, name: str, stacks: ProjectionStacks | None, sums: bool = False):
         """einsum(spec, x, weight `name`); with `stacks` (a decoding step), by `stacked_matvec` reading this layer's
         weight out of the stacks (where its widths fit the kernel). The contracted dimensions lead the weight and
@@ -260,8 +272,9 @@ class MLA(nnx.Module):
         """A decoding step's attention inputs in two or three kernels (x [B, 1, D], one token per row): the
         layer input's products (`stacked_partials`; on the low-rank path q_a_proj with kv_a_proj, then q_b_proj
         of the normalised q_a), then `absorbed_query` for the absorbed query and the new latent written into the
-        cache at slot cache.last. Returns (q_lat [B, H, C], q_pe [B, H, R], the cache), or None where the widths
-        do not fit the kernels (`absorbed_query_fits`, `tiles_fit`)."""
+        cache at slot cache.last. Where the stacks carry the input norm (one token), x is the layer's unnormalised
+        input and the first kernel normalises it. Returns (q_lat [B, H, C], q_pe [B, H, R], the cache), or None
+        where the widths do not fit the kernels (`absorbed_query_fits`, `tiles_fit`)."""
         c, dt = self.config, self.dtype
         B, D = x.shape[0], x.shape[-1]
         query = "q_proj" if c.q_lora_rank is None else "q_a_proj"
@@ -271,9 +284,10 @@ class MLA(nnx.Module):
                 and stacks.kv_a_norm is not None and x.shape[1] == 1):
             return None
         w = stacks.weights
-        xt = x.reshape(B, D).astype(dt)
-        parts = stacked_partials(xt, (w[query].reshape(-1, D, first), w["kv_a_proj"]), stacks.layer,
-                                 **PROJECTION_TILES.get(("input", B), {}))
+        xt = x.reshape(B, D)  # normalised in the kernel where the stacks carry the input norm
+        parts = stacked_partials(xt if stacks.input_norm is not None else xt.astype(dt),
+                                 (w[query].reshape(-1, D, first), w["kv_a_proj"]), stacks.layer, stacks.input_norm,
+                                 dtype=dt, eps=c.rms_norm_eps, **PROJECTION_TILES.get(("input", B), {}))
         q_parts = parts
         if c.q_lora_rank is not None:
             q_a = rms_norm(parts.sum(axis=0)[:B, :first].astype(dt), self.q_a_norm[...], c.rms_norm_eps, dt)

@@ -84,7 +84,9 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
     attend(attn, h, layer, offset, c_kv, k_pe, projections) -> (attention output, c_kv, k_pe) writes the layer's
     new latent into the cache at layer `layer` + `offset` and attends over it: `layer` the layer's index in its
     stack (the loop counter), `offset` a static int (see `LatentCache`). The output may be o_proj's `PartialSums`,
-    which the post-attention norm's kernel adds to the residual itself (XLA would take a kernel for the add).
+    which the post-attention norm's kernel adds to the residual itself (XLA would take a kernel for the add). h is
+    the normalised input or, where `projections` carry the input norm (`ProjectionStacks.input_norm`), the
+    residual itself, for attend's first kernel to normalise.
     decoding: the MoE layers may take their decoding kernels (MoE.__call__), which read each layer's experts out
     of the whole stacks; on one device with few tokens (grouped_matmul.use_stacked_matvec) the attention
     projections and routers run on `stacked_matvec` the same way (`projections`: the layer's ProjectionStacks, else
@@ -110,12 +112,13 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
                   and tiles_fit(c.num_experts) and rms_norm_rows_takes_router(x.shape[-1], c.num_experts)
                   and steps_on_chosen_experts(c, B * S, x.shape[-1]) else None)
 
-        # a dense layer's down_proj stack in the compute dtype, for stacked_matvec (XLA pads 10,944 rows every step)
-        dense_down = (stack.mlp.down_proj[...] if matvec and kind == "dense"
-                      and stack.mlp.down_proj[...].dtype == stack.mlp.dtype else None)
+        # a dense layer's stacks in the compute dtype, for stacked_swiglu and stacked_matvec (MLP.__call__)
+        dense = (tuple(getattr(stack.mlp, n)[...] for n in ("gate_proj", "up_proj", "down_proj"))
+                 if matvec and kind == "dense" else None)
+        dense = None if dense is None or any(w.dtype != stack.mlp.dtype for w in dense) else dense
 
         def body(i, carry, graphdef=graphdef, state=state, experts=experts, projections=projections, norms=norms,
-                 router=router, dense_down=dense_down, first=first, start=start):
+                 router=router, dense=dense, first=first, start=start):
             h, c_kv, k_pe = carry
             # the layer index is the loop counter: scanning over index arrays would slice them (copies), and a second
             # index for the cache (first + i) would make XLA copy the counter every iteration (LatentCache.offset)
@@ -129,7 +132,13 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
                 return rms_norm_rows(h, n.weight[...], stack_index, router, added, eps=n.eps, dtype=n.dtype)
 
             here = None if projections is None else projections._replace(layer=stack_index)
-            a, c_kv, k_pe = attend(layer.attn, norm(0, h), stack_index, first - start, c_kv, k_pe, here)
+            if here is not None and norms is not None and B * S == 1 and norms[0].dtype == layer.attn.dtype:
+                # one token: the input norm goes to the attention's first kernel, which normalises the row itself
+                # (one kernel fewer per layer; attend normalises it where that kernel does not run)
+                here = here._replace(input_norm=norms[0].weight[...])
+                a, c_kv, k_pe = attend(layer.attn, h, stack_index, first - start, c_kv, k_pe, here)
+            else:
+                a, c_kv, k_pe = attend(layer.attn, norm(0, h), stack_index, first - start, c_kv, k_pe, here)
             # one token: o_proj's (4) partial sums added to the residual in the norm's kernel, which saves XLA's add
             # kernel (H200, V2-Lite: 2.14 -> 2.12 ms per step); 16 tokens (8 partials of 16 rows, read by each of
             # the kernel's 256 programs) ran slower (RESULTS §12)
@@ -147,7 +156,7 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
                 y = layer.mlp(h_norm, decoding=decoding, router_partials=router_partials,
                               stacks=None if experts is None else experts._replace(layer=stack_index))[0]
             else:
-                y = layer.mlp(h_norm, down=None if dense_down is None else (dense_down, stack_index))
+                y = layer.mlp(h_norm, stacks=None if dense is None else (dense, stack_index))
             h = constrain(h + y, ("batch", "seq", "embed"))
             return h, constrain(c_kv, CACHE_AXES.c_kv), constrain(k_pe, CACHE_AXES.k_pe)
 
@@ -221,6 +230,7 @@ def decode_forward(model, cache: KVCache, tokens):
             if inputs is not None:
                 q_lat, q_pe, cache = inputs
                 return attn.attend_latent(q_lat, q_pe, projections, cache, sums=True), cache.c_kv, cache.k_pe
+        h, projections = attn.input_normalised(h, projections)  # where h came unnormalised
         li = layer + offset
         products = None if projections is None else attn.input_products(h, projections)
         q_nope, q_pe = attn.query(h, cos, sin, projections, products)

@@ -489,19 +489,24 @@ def matvecs(x_of, w_ofs, length: int, block_k: int, block_n: int):
     return tuple(acc.max(axis=0) for acc in jax.lax.fori_loop(0, length // block_k, body, zeros))
 
 
+def _swiglu(x_of, w_gate, w_up, length: int, block_k: int, block_n: int, dtype):
+    """silu(x · w_gate) * (x · w_up) over `matvecs`' loop, the two products rounded to dtype first (as XLA's path
+    rounds them): [block_n] in dtype."""
+    g, u = (p.astype(dtype).astype(jnp.float32) for p in matvecs(x_of, (w_gate, w_up), length, block_k, block_n))
+    return (g / (1.0 + jnp.exp(-g)) * u).astype(dtype)
+
+
 def _chosen_gate_up_kernel(layer_ref, experts_ref, x_ref, gate_ref, up_ref, *rest, num_routed, width, block_k,
                            block_n):
     """Program (t, j, n): columns n of silu(x_t W_gate) * (x_t W_up) for token t's j-th expert (routed for
     j < num_routed, else the shared chunk j - num_routed of `width` columns), in layer layer_ref[0] of the stacks."""
     *shared, h_ref = rest
     t, j, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer, D = layer_ref[0], x_ref.shape[1]
-    x_of = lambda ks: x_ref[t, ks]  # noqa: E731
+    layer = layer_ref[0]
 
     def store(w_gate, w_up):
-        g, u = (p.astype(h_ref.dtype).astype(jnp.float32)
-                for p in matvecs(x_of, (w_gate, w_up), D, block_k, block_n))
-        h_ref[t, j, pl.ds(n * block_n, block_n)] = (g / (1.0 + jnp.exp(-g)) * u).astype(h_ref.dtype)
+        h_ref[t, j, pl.ds(n * block_n, block_n)] = _swiglu(lambda ks: x_ref[t, ks], w_gate, w_up, x_ref.shape[1],
+                                                           block_k, block_n, h_ref.dtype)
 
     @pl.when(j < num_routed)
     def _():
@@ -606,6 +611,43 @@ def chosen_experts_mlp(x, experts, gate, up, down, shared=None, layer=None, *, g
                 jax.ShapeDtypeStruct((T, K + S, D), jnp.float32), D, layer, experts, h, down, *shared[2:])
 
 
+def _stacked_swiglu_kernel(layer_ref, x_ref, gate_ref, up_ref, h_ref, *, block_k, block_n):
+    """Program n: columns n of silu(x W_gate) * (x W_up) for the one token, with layer layer_ref[0] of the stacks."""
+    layer, ns = layer_ref[0], pl.ds(pl.program_id(0) * block_n, block_n)
+    h_ref[0, ns] = _swiglu(lambda ks: x_ref[0, ks], lambda ks: gate_ref[layer, ks, ns],
+                           lambda ks: up_ref[layer, ks, ns], x_ref.shape[1], block_k, block_n, h_ref.dtype)
+
+
+def stacked_swiglu_fits(tokens: int, hidden: int, width: int) -> bool:
+    """Whether `stacked_swiglu` takes a step of `tokens` tokens through a SwiGLU of these widths."""
+    return tokens == 1 and tiles_fit(hidden, width)
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+def stacked_swiglu(x, gate, up, layer, *, tiles: DecodeTiles = FEW_TOKEN_TILES[1]["gate_up"],
+                   interpret: bool | None = None):
+    """silu(x W_gate) * (x W_up) of one token x [1, D] with layer `layer` (an int32 scalar) of stacked weights
+    [L, D, I], read by the kernel itself, in one kernel (a decoding step's dense SwiGLU, where XLA runs the two
+    products and the activation in kernels of their own): [1, I] in x.dtype, the products rounded to it first as
+    `layers.MLP` rounds them. The chosen-experts gate/up kernel's loop and tiles (`stacked_swiglu_fits`)."""
+    T, D = x.shape
+    I = gate.shape[2]
+    if not (stacked_swiglu_fits(T, D, I) and gate.shape == up.shape and gate.shape[1] == D):
+        raise ValueError(f"stacked_swiglu: one token x {x.shape} against stacked gate {gate.shape} and up "
+                         f"{up.shape} ([L, {D}, I], widths multiples of {TILE})")
+    block_k, block_n = decode_block(tiles.block_k, D), decode_block(tiles.block_n, I)
+    return pl.pallas_call(
+        functools.partial(_stacked_swiglu_kernel, block_k=block_k, block_n=block_n),
+        out_shape=jax.ShapeDtypeStruct((T, I), x.dtype),
+        grid=(I // block_n,),
+        in_specs=[pl.no_block_spec] * 4,
+        out_specs=pl.no_block_spec,
+        name="stacked_swiglu",
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        interpret=interpreted(interpret),
+    )(jnp.asarray(layer, jnp.int32).reshape(1), x, gate, up)
+
+
 # The dense projections of a decoding step: a few tokens times one layer of a stacked weight (Pallas, Triton)
 
 # programs: one token's products split further (measured on an H100, V2-Lite: q_proj 7.1 -> 6.3 µs, o_proj 5.2 -> 4.8)
@@ -647,19 +689,27 @@ def use_stacked_matvec(tokens: int) -> bool:
                                   and tokens <= MATVEC_MAX_TOKENS)
 
 
-def _stacked_matvec_kernel(layer_ref, x_ref, *refs, rows, block_k, block_n, dtype, blocks):
+def _stacked_matvec_kernel(layer_ref, x_ref, *refs, rows, block_k, block_n, dtype, blocks, eps):
     """Program (n, s): columns n of x · w[layer] over the contraction rows [s·rows, (s+1)·rows), float32, the
     operands in `dtype`, w the weight whose column blocks [blocks[i], blocks[i + 1]) hold n. One token: its row is
-    broadcast to the 16 rows of a tensor-core tile (as in `matvecs`)."""
-    *w_refs, o_ref = refs
+    broadcast to the 16 rows of a tensor-core tile (as in `matvecs`). eps (one token, with the norm's stacked
+    weights first among refs): x's row is first normalised as `layers.rms_norm_rows` does, each program taking the
+    row's scale from the whole row."""
+    norm_ref, *w_refs, o_ref = refs if eps is not None else (None, *refs)
     n, s = pl.program_id(0), pl.program_id(1)
     layer, ns = layer_ref[0], pl.ds(n * block_n, block_n)
     one = x_ref.shape[0] == 1
+    if norm_ref is not None:
+        row = x_ref[0, :].astype(jnp.float32)
+        scale = jax.lax.rsqrt((row * row).sum() / row.shape[0] + eps)
 
     def product(w_ref, first):
         def body(i, acc):
             ks = pl.ds(s * rows + i * block_k, block_k)
-            x = x_ref[:, ks].astype(dtype)
+            x = x_ref[:, ks]
+            if norm_ref is not None:
+                x = (x.astype(jnp.float32) * scale).astype(dtype) * norm_ref[layer, ks].astype(dtype)
+            x = x.astype(dtype)
             x = jnp.broadcast_to(x, (TILE, block_k)) if one else x
             w = w_ref[layer, ks, pl.ds((n - first) * block_n, block_n)]
             return acc + jnp.dot(x, w.astype(dtype), precision=dot_precision(dtype),
@@ -695,25 +745,31 @@ def stacked_matvec(x, w, layer=None, *, dtype=None, **options):
     return parts if several else parts[0]
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "block_k", "block_n", "num_warps", "num_stages", "programs",
-                                             "interpret"))
-def stacked_partials(x, w, layer=None, *, dtype=None, block_k: int = MATVEC_TILES["block_k"],
-                     block_n: int = MATVEC_TILES["block_n"], num_warps: int = MATVEC_TILES["num_warps"],
-                     num_stages: int = MATVEC_TILES["num_stages"], programs: int | None = None,
-                     interpret: bool | None = None):
+@functools.partial(jax.jit, static_argnames=("dtype", "eps", "block_k", "block_n", "num_warps", "num_stages",
+                                             "programs", "interpret"))
+def stacked_partials(x, w, layer=None, norm=None, *, dtype=None, eps: float = 0.0,
+                     block_k: int = MATVEC_TILES["block_k"], block_n: int = MATVEC_TILES["block_n"],
+                     num_warps: int = MATVEC_TILES["num_warps"], num_stages: int = MATVEC_TILES["num_stages"],
+                     programs: int | None = None, interpret: bool | None = None):
     """`stacked_matvec`'s kernel, returning its partial sums [S, R, N1 + N2 + ...] float32 (the products' columns
     side by side, in the order of the weights w (one, or a tuple); R >= T rows, the tokens first), for a kernel
     that adds them itself. Programs of block_n columns each split the contraction into S = up to `programs` /
     (N / block_n) parts of whole blocks of block_k (default MATVEC_TILES' programs, more for one token; S is a
-    power of two where K / block_k is)."""
+    power of two where K / block_k is).
+    norm (one token): stacked RMSNorm weights [L, K] of which x's row is first normalised, with eps, in `dtype`
+    (default x's) as `layers.rms_norm_rows` normalises it, so that a decoding layer's input norm takes no kernel of
+    its own."""
     ws = tuple(w) if isinstance(w, (tuple, list)) else (w,)
     if layer is None:
         ws, layer = tuple(a[None] for a in ws), 0
+        norm = None if norm is None else norm[None]
     T, K = x.shape
     widths = [a.shape[2] for a in ws]
-    if T > MATVEC_MAX_TOKENS or any(a.shape[1] != K for a in ws):
-        raise ValueError(f"stacked_matvec: x {x.shape} (at most {MATVEC_MAX_TOKENS} rows) against w "
-                         f"{[a.shape for a in ws]}")
+    if (T > MATVEC_MAX_TOKENS or any(a.shape[1] != K for a in ws)
+            or (norm is not None and (T != 1 or norm.ndim != 2 or norm.shape[1] != K))):
+        raise ValueError(f"stacked_matvec: x {x.shape} (at most {MATVEC_MAX_TOKENS} rows; one with a norm) against "
+                         f"w {[a.shape for a in ws]} and norm weights {None if norm is None else norm.shape} "
+                         f"([L, {K}])")
     block_k, block_n = decode_block(block_k, K), decode_block(block_n, *widths)
     blocks = tuple(itertools.accumulate((n // block_n for n in widths), initial=0))
     programs = programs or MATVEC_TILES["one_token_programs" if T == 1 else "programs"]
@@ -724,12 +780,12 @@ def stacked_partials(x, w, layer=None, *, dtype=None, block_k: int = MATVEC_TILE
     x = jnp.pad(x, ((0, rows - T), (0, 0)))
     return pl.pallas_call(
         functools.partial(_stacked_matvec_kernel, rows=K // splits, block_k=block_k, block_n=block_n,
-                          dtype=jnp.dtype(dtype or x.dtype), blocks=blocks),
+                          dtype=jnp.dtype(dtype or x.dtype), blocks=blocks, eps=None if norm is None else eps),
         out_shape=jax.ShapeDtypeStruct((splits, rows, sum(widths)), jnp.float32),
         grid=(blocks[-1], splits),
-        in_specs=[pl.no_block_spec] * (2 + len(ws)),
+        in_specs=[pl.no_block_spec] * (2 + (norm is not None) + len(ws)),
         out_specs=pl.no_block_spec,
         name="stacked_matvec",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpreted(interpret),
-    )(jnp.asarray(layer, jnp.int32).reshape(1), x, *ws)
+    )(jnp.asarray(layer, jnp.int32).reshape(1), x, *(() if norm is None else (norm,)), *ws)

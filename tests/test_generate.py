@@ -216,8 +216,10 @@ def test_absorbed_inputs_equal_query_and_latent(q_lora_rank):
     absorbed_query for the partial sums, the latent's norm, both RoPEs, W_UK and the cache writes; interpreted off
     GPU) against the module's query, latent and W_UK einsum (float32, 1e-5 relative): layer 1 of the weight stacks,
     layer 2 of a 3-layer cache (for the one row as layer 1 plus a static offset of 1), three rows at different
-    slots and one row; the rest of the cache is untouched. Both query paths."""
+    slots and one row, and the one row unnormalised with the stacks' input norm (normalised by the first kernel);
+    the rest of the cache is untouched. Both query paths."""
     from dsv2_jax.attention import LatentCache, ProjectionStacks
+    from dsv2_jax.layers import rms_norm
 
     config = ModelConfig.from_preset("tiny").replace(initializer_range=0.15, q_lora_rank=q_lora_rank)
     attn = MLA(config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(6))
@@ -228,8 +230,10 @@ def test_absorbed_inputs_equal_query_and_latent(q_lora_rank):
     stacks = ProjectionStacks({n: jnp.stack([w * 3, w]) for n, w in own.weights.items()}, jnp.int32(1),
                               jnp.stack([own.kv_a_norm * 2, own.kv_a_norm]))
     L, T, C, R = 3, 16, config.kv_lora_rank, config.qk_rope_head_dim
+    weight = jnp.linspace(0.5, 1.5, config.hidden_size)  # layer 1's input norm, for the unnormalised row
+    norm_stacks = stacks._replace(input_norm=jnp.stack([weight * 2, weight]))
     rng = np.random.default_rng(8)
-    for slots in ([5, 0, 15], [9]):  # several rows, and one (the one-token products)
+    for slots, normalise in (([5, 0, 15], False), ([9], False), ([9], True)):  # one row: the one-token products
         B, pos = len(slots), jnp.array(slots, jnp.int32)
         x = jax.random.normal(jax.random.key(7), (B, 1, config.hidden_size))
         cos, sin = rope_cos_sin(config, pos[:, None])
@@ -237,7 +241,11 @@ def test_absorbed_inputs_equal_query_and_latent(q_lora_rank):
         cache = LatentCache(jnp.asarray(rng.normal(size=(L, B, T, C)), jnp.float32),
                             jnp.asarray(rng.normal(size=(L, B, T, R)), jnp.float32), jnp.int32(layer), pos, offset)
         with jax.default_matmul_precision("highest"):
-            q_lat, q_pe, got = jax.jit(attn.absorbed_inputs)(x, cos, sin, stacks, cache)
+            if normalise:  # the kernel's input is 3 x unnormalised; the references get it normalised
+                q_lat, q_pe, got = jax.jit(attn.absorbed_inputs)(3 * x, cos, sin, norm_stacks, cache)
+                x = rms_norm(3 * x, weight, config.rms_norm_eps, jnp.float32)
+            else:
+                q_lat, q_pe, got = jax.jit(attn.absorbed_inputs)(x, cos, sin, stacks, cache)
             q_nope, q_pe_want = attn.query(x, cos, sin)
             q_lat_want = jnp.einsum("bqhk,chk->bqhc", q_nope, attn.k_b_proj[...])[:, 0]
             c_kv, k_pe = attn.latent(x, cos, sin)
@@ -366,7 +374,8 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
     on XLA or on stacked_matvec, its attention over the latents (16 heads) on latent_attention, its routing (16
     experts, greedy) on rms_norm_rows (the router's product with the post-attention norm) and route_kernel, its
     norms on rms_norm_rows (kernels interpreted off GPU); and with one token a step on those kernels, the
-    post-attention norm adding o_proj's partial sums to the residual itself."""
+    post-attention norm adding o_proj's partial sums to the residual itself, the input norm taken by the
+    attention's first kernel and the dense layer's SwiGLU on stacked_swiglu."""
     tiny = request.getfixturevalue(model)
     decode_kernels(experts, projections)
     prompts = random_prompts(256, (6, 3))
@@ -379,7 +388,7 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
     wide = model == "tiny16"
     for name, want in (("stacked_matvec", 7), ("latent_attention", 2 if wide else 0),
                        ("latent_output", 2 if wide else 0), ("route", 1 if wide else 0),
-                       ("absorbed_query", 2 if wide else 0), ("rms_norm_rows", 4)):
+                       ("absorbed_query", 2 if wide else 0), ("rms_norm_rows", 4), ("stacked_swiglu", 0)):
         kernels = pallas_calls(lambda c, t: gen.decode_forward(tiny, c, t)[1], cache, jnp.array([7, 250]), prefix=name)
         assert kernels == (want if projections == "pallas" else 0), name
 
@@ -397,10 +406,19 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
             assert err <= 1e-5, (step, row, err)
         cache, logits = gen.decode_step(tiny, cache, [extra[0][step], extra[1][step]])
     np.testing.assert_array_equal(np.asarray(cache.lengths), [9, 6])
-    if wide and projections == "pallas":  # one token a step: each loop's post-attention norm adds them itself
+    if projections == "pallas":
+        # one token a step: with the attention kernels (tiny16), each loop's post-attention norm adds them itself
+        # and the input norm is taken by the attention's first kernel (stacked_matvec), not a kernel of its own;
+        # without them (tiny), the input norm still runs on its own kernel
         cache = dsv2_jax.init_cache(tiny.config, 1, 16, dtype=jnp.float32)
         cache, _ = gen.prefill(tiny, cache, prompts[:1], chunk_size=4)
-        assert norms_adding(cache, jnp.array([7])) == 2
+        assert norms_adding(cache, jnp.array([7])) == (2 if wide else 0)
+        norms = pallas_calls(lambda c, t: gen.decode_forward(tiny, c, t)[1], cache, jnp.array([7]),
+                             prefix="rms_norm_rows")
+        assert norms == (2 if wide else 4)
+        # and the dense layer's gate, up and activation run on one kernel
+        assert pallas_calls(lambda c, t: gen.decode_forward(tiny, c, t)[1], cache, jnp.array([7]),
+                            prefix="stacked_swiglu") == 1
         _, logits = gen.decode_step(tiny, cache, [extra[0][0]])
         want = full[0, len(prompts[0])]
         assert np.abs(np.asarray(logits[0]) - want).max() <= 1e-5 * np.abs(want).max()

@@ -496,6 +496,73 @@ def test_stacked_matvec_matches_numpy(dtype):
         stacked_matvec(jnp.zeros((17, K), dtype), w, 0)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stacked_partials_normalises_one_row(dtype):
+    """stacked_partials with a norm (a decoding layer's input norm in its first kernel; interpreted off GPU): one
+    row normalised with layer 2 of stacked RMSNorm weights, then times layer 2 of two weights. float32: against
+    float64 numpy (1e-6 of the largest entry); both types: against rms_norm_rows, then the kernel without a norm
+    (1e-6: the same rounded inputs). Norm weights of another width, or two rows, are an error."""
+    from dsv2_jax.grouped_matmul import stacked_partials
+    from dsv2_jax.layers import rms_norm_rows
+
+    rng = np.random.default_rng(13)
+    L, K, eps = 3, 512, 1e-6
+    ws = tuple(jnp.asarray(rng.normal(size=(L, K, n)), dtype) for n in (96, 32))
+    norm = jnp.asarray(rng.uniform(0.5, 1.5, size=(L, K)), dtype)
+    x = jnp.asarray(3 * rng.normal(size=(1, K)), dtype)
+    tiles = dict(block_k=64, block_n=32, programs=48)
+    got = np.asarray(stacked_partials(x, ws, jnp.int32(2), norm, eps=eps, **tiles).sum(0)[:1])
+    normed = rms_norm_rows(x, norm, jnp.int32(2), eps=eps, dtype=jnp.dtype(dtype))
+    want = np.asarray(stacked_partials(normed, ws, jnp.int32(2), **tiles).sum(0)[:1])
+    assert got.shape == (1, 128) and np.abs(want).max() > 1
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+    if dtype == "float32":
+        x64 = np.asarray(x, np.float64)
+        n64 = x64 / np.sqrt((x64 ** 2).mean() + eps) * np.asarray(norm[2], np.float64)
+        want64 = np.concatenate([n64 @ np.asarray(w[2], np.float64) for w in ws], axis=1)
+        np.testing.assert_allclose(got, want64, rtol=0, atol=1e-6 * np.abs(want64).max())
+    for bad_x, bad_norm in ((x, norm[:, :256]), (jnp.concatenate([x, x]), norm)):
+        with pytest.raises(ValueError, match="norm weights"):
+            stacked_partials(bad_x, ws, jnp.int32(2), bad_norm, eps=eps, **tiles)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stacked_swiglu_matches_mlp(dtype):
+    """stacked_swiglu (a decoding step's dense gate, up and activation in one kernel; interpreted off GPU) with
+    layer 1 of stacked weights 16 · 171 wide (V2-Lite's dense width is 64 · 171: the column blocks shrink to the
+    largest power of two dividing it): float32 against float64 numpy (1e-5 of the largest entry); bf16 against
+    layers.MLP's XLA path on the same weights (one bf16 rounding, 1e-2). Two tokens, or a width that is no
+    multiple of 16, are an error."""
+    from flax import nnx
+
+    from dsv2_jax.grouped_matmul import stacked_swiglu
+    from dsv2_jax.layers import MLP
+
+    rng = np.random.default_rng(14)
+    L, D, I = 3, 256, 16 * 171
+    gate, up = (jnp.asarray(rng.normal(size=(L, D, I)) / 16, dtype) for _ in range(2))
+    x = jnp.asarray(rng.normal(size=(1, D)), dtype)
+    got = stacked_swiglu(x, gate, up, jnp.int32(1))
+    assert got.shape == (1, I) and got.dtype == jnp.dtype(dtype)
+    got = np.asarray(got, np.float64)
+    if dtype == "float32":
+        g, u = (np.asarray(x, np.float64) @ np.asarray(w[1], np.float64) for w in (gate, up))
+        want = g / (1 + np.exp(-g)) * u
+        tol = 1e-5
+    else:
+        mlp = MLP(D, I, std=0.02, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        mlp.gate_proj[...], mlp.up_proj[...] = gate[1], up[1]
+        mlp.down_proj[...] = jnp.eye(I, D, dtype=jnp.bfloat16)  # h's first D columns come out unchanged
+        want = np.asarray(mlp(x), np.float64)
+        got = got[:, :D]
+        tol = 1e-2
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+    for bad_x, bad_w in ((jnp.concatenate([x, x]), gate), (x, gate[:, :, :I - 8])):
+        with pytest.raises(ValueError, match="stacked_swiglu"):
+            stacked_swiglu(bad_x, bad_w, bad_w, jnp.int32(1))
+
+
 @pytest.mark.parametrize("norm,scaling", [(False, 1.0), (True, 1.0), (False, 2.5)])
 def test_route_kernel_matches_route(norm, scaling):
     """route_kernel (decoding's routing in one kernel; interpreted off GPU) against `route` of the summed partial
