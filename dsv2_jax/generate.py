@@ -112,13 +112,12 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
                   and tiles_fit(c.num_experts) and rms_norm_rows_takes_router(x.shape[-1], c.num_experts)
                   and steps_on_chosen_experts(c, B * S, x.shape[-1]) else None)
 
-        # a dense layer's stacks in the compute dtype, for stacked_swiglu and stacked_matvec (MLP.__call__)
-        dense = (tuple(getattr(stack.mlp, n)[...] for n in ("gate_proj", "up_proj", "down_proj"))
-                 if matvec and kind == "dense" else None)
-        dense = None if dense is None or any(w.dtype != stack.mlp.dtype for w in dense) else dense
+        # a dense layer's down_proj stack in the compute dtype, for stacked_matvec (XLA pads 10,944 rows every step)
+        dense_down = (stack.mlp.down_proj[...] if matvec and kind == "dense"
+                      and stack.mlp.down_proj[...].dtype == stack.mlp.dtype else None)
 
         def body(i, carry, graphdef=graphdef, state=state, experts=experts, projections=projections, norms=norms,
-                 router=router, dense=dense, first=first, start=start):
+                 router=router, dense_down=dense_down, first=first, start=start):
             h, c_kv, k_pe = carry
             # the layer index is the loop counter: scanning over index arrays would slice them (copies), and a second
             # index for the cache (first + i) would make XLA copy the counter every iteration (LatentCache.offset)
@@ -156,7 +155,7 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
                 y = layer.mlp(h_norm, decoding=decoding, router_partials=router_partials,
                               stacks=None if experts is None else experts._replace(layer=stack_index))[0]
             else:
-                y = layer.mlp(h_norm, stacks=None if dense is None else (dense, stack_index))
+                y = layer.mlp(h_norm, down=None if dense_down is None else (dense_down, stack_index))
             h = constrain(h + y, ("batch", "seq", "embed"))
             return h, constrain(c_kv, CACHE_AXES.c_kv), constrain(k_pe, CACHE_AXES.k_pe)
 

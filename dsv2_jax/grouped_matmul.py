@@ -489,24 +489,19 @@ def matvecs(x_of, w_ofs, length: int, block_k: int, block_n: int):
     return tuple(acc.max(axis=0) for acc in jax.lax.fori_loop(0, length // block_k, body, zeros))
 
 
-def _swiglu(x_of, w_gate, w_up, length: int, block_k: int, block_n: int, dtype):
-    """silu(x · w_gate) * (x · w_up) over `matvecs`' loop, the two products rounded to dtype first (as XLA's path
-    rounds them): [block_n] in dtype."""
-    g, u = (p.astype(dtype).astype(jnp.float32) for p in matvecs(x_of, (w_gate, w_up), length, block_k, block_n))
-    return (g / (1.0 + jnp.exp(-g)) * u).astype(dtype)
-
-
 def _chosen_gate_up_kernel(layer_ref, experts_ref, x_ref, gate_ref, up_ref, *rest, num_routed, width, block_k,
                            block_n):
     """Program (t, j, n): columns n of silu(x_t W_gate) * (x_t W_up) for token t's j-th expert (routed for
     j < num_routed, else the shared chunk j - num_routed of `width` columns), in layer layer_ref[0] of the stacks."""
     *shared, h_ref = rest
     t, j, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer = layer_ref[0]
+    layer, D = layer_ref[0], x_ref.shape[1]
+    x_of = lambda ks: x_ref[t, ks]  # noqa: E731
 
     def store(w_gate, w_up):
-        h_ref[t, j, pl.ds(n * block_n, block_n)] = _swiglu(lambda ks: x_ref[t, ks], w_gate, w_up, x_ref.shape[1],
-                                                           block_k, block_n, h_ref.dtype)
+        g, u = (p.astype(h_ref.dtype).astype(jnp.float32)
+                for p in matvecs(x_of, (w_gate, w_up), D, block_k, block_n))
+        h_ref[t, j, pl.ds(n * block_n, block_n)] = (g / (1.0 + jnp.exp(-g)) * u).astype(h_ref.dtype)
 
     @pl.when(j < num_routed)
     def _():
@@ -609,43 +604,6 @@ def chosen_experts_mlp(x, experts, gate, up, down, shared=None, layer=None, *, g
              jax.ShapeDtypeStruct((T, K + S, I), x.dtype), I, layer, experts, x, gate, up, *shared[:2])
     return call(_chosen_down_kernel, down_tiles or decode_tiles("down", T), "chosen_experts_down",
                 jax.ShapeDtypeStruct((T, K + S, D), jnp.float32), D, layer, experts, h, down, *shared[2:])
-
-
-def _stacked_swiglu_kernel(layer_ref, x_ref, gate_ref, up_ref, h_ref, *, block_k, block_n):
-    """Program n: columns n of silu(x W_gate) * (x W_up) for the one token, with layer layer_ref[0] of the stacks."""
-    layer, ns = layer_ref[0], pl.ds(pl.program_id(0) * block_n, block_n)
-    h_ref[0, ns] = _swiglu(lambda ks: x_ref[0, ks], lambda ks: gate_ref[layer, ks, ns],
-                           lambda ks: up_ref[layer, ks, ns], x_ref.shape[1], block_k, block_n, h_ref.dtype)
-
-
-def stacked_swiglu_fits(tokens: int, hidden: int, width: int) -> bool:
-    """Whether `stacked_swiglu` takes a step of `tokens` tokens through a SwiGLU of these widths."""
-    return tokens == 1 and tiles_fit(hidden, width)
-
-
-@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
-def stacked_swiglu(x, gate, up, layer, *, tiles: DecodeTiles = FEW_TOKEN_TILES[1]["gate_up"],
-                   interpret: bool | None = None):
-    """silu(x W_gate) * (x W_up) of one token x [1, D] with layer `layer` (an int32 scalar) of stacked weights
-    [L, D, I], read by the kernel itself, in one kernel (a decoding step's dense SwiGLU, where XLA runs the two
-    products and the activation in kernels of their own): [1, I] in x.dtype, the products rounded to it first as
-    `layers.MLP` rounds them. The chosen-experts gate/up kernel's loop and tiles (`stacked_swiglu_fits`)."""
-    T, D = x.shape
-    I = gate.shape[2]
-    if not (stacked_swiglu_fits(T, D, I) and gate.shape == up.shape and gate.shape[1] == D):
-        raise ValueError(f"stacked_swiglu: one token x {x.shape} against stacked gate {gate.shape} and up "
-                         f"{up.shape} ([L, {D}, I], widths multiples of {TILE})")
-    block_k, block_n = decode_block(tiles.block_k, D), decode_block(tiles.block_n, I)
-    return pl.pallas_call(
-        functools.partial(_stacked_swiglu_kernel, block_k=block_k, block_n=block_n),
-        out_shape=jax.ShapeDtypeStruct((T, I), x.dtype),
-        grid=(I // block_n,),
-        in_specs=[pl.no_block_spec] * 4,
-        out_specs=pl.no_block_spec,
-        name="stacked_swiglu",
-        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
-        interpret=interpreted(interpret),
-    )(jnp.asarray(layer, jnp.int32).reshape(1), x, gate, up)
 
 
 # The dense projections of a decoding step: a few tokens times one layer of a stacked weight (Pallas, Triton)

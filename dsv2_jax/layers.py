@@ -11,8 +11,8 @@ from flax import nnx
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .grouped_matmul import (grouped_matmul_backend, interpreted, power_of_two, stacked_matvec, stacked_swiglu,
-                             stacked_swiglu_fits, tiles_fit, warn_if_installed)
+from .grouped_matmul import (grouped_matmul_backend, interpreted, power_of_two, stacked_matvec, tiles_fit,
+                             warn_if_installed)
 from .sharding import constrain
 
 
@@ -185,22 +185,18 @@ class MLP(nnx.Module):
         self.down_proj = param(rngs, (intermediate, hidden), ("mlp", "embed"), param_dtype, std)
 
     @jax.named_scope("mlp")
-    def __call__(self, x: jnp.ndarray, stacks: tuple | None = None) -> jnp.ndarray:
-        """x [..., hidden]. stacks: ((the gate_proj, up_proj and down_proj stacks [L, ...] this module was sliced
-        from, in the compute dtype), the layer's index), for a decoding step: the down product then runs on
+    def __call__(self, x: jnp.ndarray, down: tuple | None = None) -> jnp.ndarray:
+        """x [..., hidden]. down: (the down_proj stack [L, intermediate, hidden] this module was sliced from, in
+        the compute dtype, and the layer's index), for a decoding step: the down product then runs on
         `stacked_matvec`, reading the layer out of the stack (XLA pads V2-Lite's 10,944-row weight for its
-        split-K product every step), and one token's gate, up and activation on `stacked_swiglu` (one kernel)."""
+        split-K product every step)."""
         x = x.astype(self.dtype)
-        rows = x.reshape(-1, x.shape[-1])
-        if stacks is not None and stacked_swiglu_fits(rows.shape[0], *stacks[0][0].shape[1:]):
-            h = stacked_swiglu(rows, stacks[0][0], stacks[0][1], stacks[1]).reshape(*x.shape[:-1], -1)
-        else:
-            gate = x @ cast(self.gate_proj, self.dtype)
-            up = x @ cast(self.up_proj, self.dtype)
-            h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        if stacks is not None and tiles_fit(*stacks[0][2].shape[1:]):
+        gate = x @ cast(self.gate_proj, self.dtype)
+        up = x @ cast(self.up_proj, self.dtype)
+        h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        if down is not None and tiles_fit(*down[0].shape[1:]):
             rows = h.reshape(-1, h.shape[-1])
-            return stacked_matvec(rows, stacks[0][2], stacks[1]).astype(self.dtype).reshape(*h.shape[:-1], -1)
+            return stacked_matvec(rows, down[0], down[1]).astype(self.dtype).reshape(*h.shape[:-1], -1)
         return h @ cast(self.down_proj, self.dtype)
 
 

@@ -526,43 +526,6 @@ def test_stacked_partials_normalises_one_row(dtype):
             stacked_partials(bad_x, ws, jnp.int32(2), bad_norm, eps=eps, **tiles)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_stacked_swiglu_matches_mlp(dtype):
-    """stacked_swiglu (a decoding step's dense gate, up and activation in one kernel; interpreted off GPU) with
-    layer 1 of stacked weights 16 · 171 wide (V2-Lite's dense width is 64 · 171: the column blocks shrink to the
-    largest power of two dividing it): float32 against float64 numpy (1e-5 of the largest entry); bf16 against
-    layers.MLP's XLA path on the same weights (one bf16 rounding, 1e-2). Two tokens, or a width that is no
-    multiple of 16, are an error."""
-    from flax import nnx
-
-    from dsv2_jax.grouped_matmul import stacked_swiglu
-    from dsv2_jax.layers import MLP
-
-    rng = np.random.default_rng(14)
-    L, D, I = 3, 256, 16 * 171
-    gate, up = (jnp.asarray(rng.normal(size=(L, D, I)) / 16, dtype) for _ in range(2))
-    x = jnp.asarray(rng.normal(size=(1, D)), dtype)
-    got = stacked_swiglu(x, gate, up, jnp.int32(1))
-    assert got.shape == (1, I) and got.dtype == jnp.dtype(dtype)
-    got = np.asarray(got, np.float64)
-    if dtype == "float32":
-        g, u = (np.asarray(x, np.float64) @ np.asarray(w[1], np.float64) for w in (gate, up))
-        want = g / (1 + np.exp(-g)) * u
-        tol = 1e-5
-    else:
-        mlp = MLP(D, I, std=0.02, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-        mlp.gate_proj[...], mlp.up_proj[...] = gate[1], up[1]
-        mlp.down_proj[...] = jnp.eye(I, D, dtype=jnp.bfloat16)  # h's first D columns come out unchanged
-        want = np.asarray(mlp(x), np.float64)
-        got = got[:, :D]
-        tol = 1e-2
-    assert np.abs(want).max() > 0.1
-    np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
-    for bad_x, bad_w in ((jnp.concatenate([x, x]), gate), (x, gate[:, :, :I - 8])):
-        with pytest.raises(ValueError, match="stacked_swiglu"):
-            stacked_swiglu(bad_x, bad_w, bad_w, jnp.int32(1))
-
-
 @pytest.mark.parametrize("norm,scaling", [(False, 1.0), (True, 1.0), (False, 2.5)])
 def test_route_kernel_matches_route(norm, scaling):
     """route_kernel (decoding's routing in one kernel; interpreted off GPU) against `route` of the summed partial
