@@ -284,10 +284,10 @@ class MLA(nnx.Module):
                 and stacks.kv_a_norm is not None and x.shape[1] == 1):
             return None
         w = stacks.weights
-        xt = x.reshape(B, D)  # normalised in the kernel where the stacks carry the input norm
-        parts = stacked_partials(xt if stacks.input_norm is not None else xt.astype(dt),
-                                 (w[query].reshape(-1, D, first), w["kv_a_proj"]), stacks.layer, stacks.input_norm,
-                                 dtype=dt, eps=c.rms_norm_eps, **PROJECTION_TILES.get(("input", B), {}))
+        # x in its own type: the kernel converts it to dt (normalising it first where the stacks carry the norm)
+        parts = stacked_partials(x.reshape(B, D), (w[query].reshape(-1, D, first), w["kv_a_proj"]), stacks.layer,
+                                 stacks.input_norm, dtype=dt, eps=c.rms_norm_eps,
+                                 **PROJECTION_TILES.get(("input", B), {}))
         q_parts = parts
         if c.q_lora_rank is not None:
             q_a = rms_norm(parts.sum(axis=0)[:B, :first].astype(dt), self.q_a_norm[...], c.rms_norm_eps, dt)
