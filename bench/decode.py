@@ -12,6 +12,8 @@ preallocates GPU memory):
                                                     # decoding paths: DSV2_DECODE_EXPERTS:DSV2_DECODE_PROJECTIONS
     python bench/decode.py --impl jax   --batches 1 --profile /tmp/decode_prof   # + the decode loop's kernels
     python bench/decode.py --impl jax   --batches 1 --compiles 6   # compile and time each batch 6 times, one row each
+    python bench/decode.py --impl jax   --batches 1 --compiles 2 --layers-per-iteration 1 2 13
+                                                    # the decoding loop's layers per iteration, side by side
 
 The batch-1 step on an H200 differs by up to ~6% between compilations of the same program, in one process as
 between processes (bench/RESULTS.md §9): compare changes over several compilations (`--compiles`).
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
+import itertools
 import os
 import sys
 import time
@@ -64,12 +68,13 @@ PROFILE_TOKENS = 32  # --profile: the tokens of the traced generate call
 
 
 def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kernels=("auto:auto",),
-            profile_dir=None, compiles: int = 1):
+            profile_dir=None, compiles: int = 1, layers_per_iteration=(None,)):
     import jax
     import jax.numpy as jnp
 
     import dsv2_jax
     from dsv2_jax import grouped_matmul
+    gen = importlib.import_module("dsv2_jax.generate")  # the module (dsv2_jax.generate is the function)
     from dsv2_jax.sharding import init_model, make_mesh, parse_mesh
 
     mesh = None
@@ -83,8 +88,10 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kern
     # reads the setting once, at its first compilation: reset_cache() has it read again.
     jax.config.update("jax_enable_compilation_cache", cache and compiles == 1)
     reset_cache()
+    default_per = gen.DECODE_LAYERS_PER_ITERATION
     try:
-        for setting in decode_kernels:  # side by side on the same model
+        for setting, per in itertools.product(decode_kernels, layers_per_iteration):  # side by side, one model
+            gen.DECODE_LAYERS_PER_ITERATION = default_per if per is None else per
             experts, projections = setting.split(":")
             os.environ["DSV2_DECODE_EXPERTS"], os.environ["DSV2_DECODE_PROJECTIONS"] = experts, projections
             grouped_matmul.reread_decode_choices()
@@ -103,19 +110,23 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kern
                             t = {}
                             dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh, timings=t)
                             runs.append(t)
-                    setting = dict(decode_experts=experts, decode_projections=projections, compile=compile_index,
+                    setting = dict(decode_experts=experts, decode_projections=projections,
+                                   layers_per_iteration=gen.DECODE_LAYERS_PER_ITERATION, compile=compile_index,
                                    first_call_s=first_call_s, **gpu)
                     yield (setting, b, min(t["prefill_s"] for t in runs), min(t["decode_s"] for t in runs),
                            runs[0]["steps"])
                 if profile_dir:  # the decode loop's kernels per step, by name
                     from bench.trace_summary import summarize
-                    trace_dir = os.path.join(profile_dir, f"{experts}_{projections}_b{b}")
+                    trace_dir = os.path.join(profile_dir,
+                                             f"{experts}_{projections}_l{gen.DECODE_LAYERS_PER_ITERATION}_b{b}")
                     dsv2_jax.generate(model, prompts, PROFILE_TOKENS, mesh=mesh)  # compile this length's buckets
                     with jax.profiler.trace(trace_dir):
                         dsv2_jax.generate(model, prompts, PROFILE_TOKENS, mesh=mesh)
-                    print(f"\n{experts}:{projections}, batch {b}, decode loop:")
+                    print(f"\n{experts}:{projections}, {gen.DECODE_LAYERS_PER_ITERATION} layers an iteration, "
+                          f"batch {b}, decode loop:")
                     summarize(trace_dir, top=40, steps=PROFILE_TOKENS, module="decode_loop")
     finally:
+        gen.DECODE_LAYERS_PER_ITERATION = default_per
         jax.config.update("jax_enable_compilation_cache", cache)
         reset_cache()
     del model, jax
@@ -174,10 +185,15 @@ def main():
                              "the decode loop's kernels per step by name")
     parser.add_argument("--compiles", type=int, default=1,
                         help="jax only: compile and time each batch this many times in this process (a row each)")
+    parser.add_argument("--layers-per-iteration", type=int, nargs="+", default=[None], metavar="N",
+                        help="jax only: the decoding loop's layers per iteration (generate.DECODE_LAYERS_PER_ITERATION)"
+                             " to run one after another on the same model (default: the module's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.compiles < 1:
         parser.error(f"--compiles {args.compiles}: at least 1")
+    if any(n is not None and n < 1 for n in args.layers_per_iteration):
+        parser.error(f"--layers-per-iteration {args.layers_per_iteration}: each at least 1")
 
     from dsv2_jax import ModelConfig
     config = ModelConfig.from_preset("deepseek-v2-lite")
@@ -191,7 +207,8 @@ def main():
     runner = run_torch
     if args.impl == "jax":
         runner = functools.partial(run_jax, mesh_text=args.mesh, decode_kernels=args.decode_kernels,
-                                   profile_dir=args.profile, compiles=args.compiles)
+                                   profile_dir=args.profile, compiles=args.compiles,
+                                   layers_per_iteration=args.layers_per_iteration)
     cache_per_token = 2 * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
     for setting, b, prefill_s, decode_s, steps in runner(config, args.batches, args.prompt, args.new_tokens):
         step_s = decode_s / max(steps, 1)

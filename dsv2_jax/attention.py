@@ -24,8 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .config import ModelConfig
-from .grouped_matmul import (PROJECTION_TILES, TILE, decode_block, dot_precision, interpreted, matvecs, power_of_two,
-                             stacked_matvec, stacked_partials, tiles_fit)
+from .grouped_matmul import (PROJECTION_TILES, TILE, LayerIndex, decode_block, dot_precision, interpreted, kernel_layer,
+                             layer_operand, matvecs, power_of_two, stacked_matvec, stacked_partials, tiles_fit)
 from .layers import cast, kernel_backend, param, rms_norm, rms_norm_rows
 from .rope import apply_rope
 from .sharding import constrain, per_shard
@@ -73,7 +73,7 @@ class ProjectionStacks(NamedTuple):
     would be copied whole)."""
 
     weights: dict  # name -> [L, *the layer's weight shape], in the compute dtype
-    layer: jax.Array | int = 0  # int32: the layer these calls run
+    layer: jax.Array | int | LayerIndex = 0  # int32 (or a LayerIndex): the layer these calls run
     kv_a_norm: jax.Array | None = None  # [L, kv_lora_rank]: the latent's norm weights (any dtype), for absorbed_query
     # [L, D]: the layers' input norm weights where the input comes unnormalised (one token: `absorbed_inputs`' first
     # kernel normalises it, one kernel fewer per layer; `MLA.input_normalised` on the other paths). Its eps is the
@@ -98,7 +98,7 @@ class LatentCache:
 
     c_kv: jax.Array  # [L, B, T, kv_lora_rank]
     k_pe: jax.Array  # [L, B, T, rope]
-    layer: jax.Array  # int32: the layer (model order) less `offset`
+    layer: jax.Array | LayerIndex  # int32 (or a LayerIndex): the layer (model order) less `offset`
     last: jax.Array  # [B] int32: each row attends to slots [0, last]
     offset: int = struct.field(pytree_node=False, default=0)
 
@@ -417,11 +417,11 @@ def latent_attention_fits(config: ModelConfig, slots: int) -> bool:
 
 
 def _latent_attention_kernel(layer_ref, last_ref, q_ref, q_pe_ref, c_ref, k_pe_ref, o_ref, m_ref, l_ref, *, scale,
-                             block_t, span, layer_offset):
+                             block_t, span, at):
     """Program (b, g, s): heads g·16 .. g·16 + 15 of row b over cache slots [s·span, (s+1)·span) ∩ [0, last]:
     the unnormalised weighted sum of the latents (online softmax) with its running max and denominator."""
     b, g, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer, last = layer_ref[0] + layer_offset, last_ref[b]
+    layer, last = kernel_layer(layer_ref, at), last_ref[b]
     heads = pl.ds(g * LATENT_HEADS, LATENT_HEADS)
     q, q_pe = q_ref[b, heads, :], q_pe_ref[b, heads, :]
     dot = functools.partial(jax.lax.dot_general, precision=dot_precision(q.dtype), preferred_element_type=jnp.float32)
@@ -488,9 +488,9 @@ def latent_attention_spans(q_lat, q_pe, c_kv, k_pe, layer, last, *, scale: float
     per_span = -(-(T // block_t) // splits)  # blocks per span; the last span may be shorter
     span, S = per_span * block_t, -(-(T // block_t) // per_span)
     f32 = jnp.float32
+    layer, at = layer_operand(layer, layer_offset)
     o, m, l = pl.pallas_call(
-        functools.partial(_latent_attention_kernel, scale=scale, block_t=block_t, span=span,
-                          layer_offset=layer_offset),
+        functools.partial(_latent_attention_kernel, scale=scale, block_t=block_t, span=span, at=at),
         out_shape=[jax.ShapeDtypeStruct((B, S, H, C), f32), jax.ShapeDtypeStruct((B, S, H), f32),
                    jax.ShapeDtypeStruct((B, S, H), f32)],
         grid=(B, H // LATENT_HEADS, S),
@@ -499,14 +499,14 @@ def latent_attention_spans(q_lat, q_pe, c_kv, k_pe, layer, last, *, scale: float
         name="latent_attention",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpreted(interpret),
-    )(jnp.asarray(layer, jnp.int32).reshape(1), last.astype(jnp.int32), q_lat, q_pe, c_kv, k_pe)
+    )(layer, last.astype(jnp.int32), q_lat, q_pe, c_kv, k_pe)
     return o, m, l
 
 
-def _latent_output_kernel(layer_ref, o_ref, m_ref, l_ref, w_ref, out_ref, *, block_k, block_n):
+def _latent_output_kernel(layer_ref, o_ref, m_ref, l_ref, w_ref, out_ref, *, block_k, block_n, at):
     """Program (b, h, n): columns n of head h's combined attention output (row b) times W_UV[layer, :, h]."""
     b, h, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer, ns = layer_ref[0], pl.ds(n * block_n, block_n)
+    layer, ns = kernel_layer(layer_ref, at), pl.ds(n * block_n, block_n)
     spans, C = o_ref.shape[1], o_ref.shape[3]
     maxima = [m_ref[b, s, h] for s in range(spans)]
     top = functools.reduce(jnp.maximum, maxima)
@@ -532,8 +532,9 @@ def latent_output(o, m, l, w_uv, layer, *, dtype, block_k: int = 256, block_n: i
     if w_uv.shape[1:3] != (C, H) or not tiles_fit(C, V):
         raise ValueError(f"latent_output: spans {o.shape} against W_UV {w_uv.shape} (widths multiples of {TILE})")
     block_k, block_n = decode_block(block_k, C), decode_block(block_n, V)
+    layer, at = layer_operand(layer)
     return pl.pallas_call(
-        functools.partial(_latent_output_kernel, block_k=block_k, block_n=block_n),
+        functools.partial(_latent_output_kernel, block_k=block_k, block_n=block_n, at=at),
         out_shape=jax.ShapeDtypeStruct((B, H, V), dtype),
         grid=(B, H, V // block_n),
         in_specs=[pl.no_block_spec] * 5,
@@ -541,7 +542,7 @@ def latent_output(o, m, l, w_uv, layer, *, dtype, block_k: int = 256, block_n: i
         name="latent_output",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpreted(interpret),
-    )(jnp.asarray(layer, jnp.int32).reshape(1), o, m, l, w_uv)
+    )(layer, o, m, l, w_uv)
 
 
 def absorbed_query_fits(config: ModelConfig) -> bool:
@@ -554,13 +555,13 @@ def absorbed_query_fits(config: ModelConfig) -> bool:
 
 def _absorbed_query_kernel(weights_ref, layer_ref, pos_ref, q_ref, kv_ref, k_b_ref, norm_ref, cos_ref, sin_ref,
                            c_in, k_in, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, *, q_at, kv_at, nope, block_c, eps,
-                           cache_offset):
+                           weights_at, cache_at):
     """Program (b, h, j), h < H: latents j·block_c.. of head h's query with W_UK folded in (row b), j = 0 also its
     roped q_pe; h = H: block j of the normalised latent (j = 0 also the roped k_pe) written into the cache at slot
     pos[b]. (The latent's programs apart from the heads': no program waits on both.)"""
     del c_in, k_in  # aliased to c_ref, k_pe_ref
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    weights, layer, pos = weights_ref[0], layer_ref[0] + cache_offset, pos_ref[b]
+    weights, layer, pos = kernel_layer(weights_ref, weights_at), kernel_layer(layer_ref, cache_at), pos_ref[b]
     dt, f32 = q_lat_ref.dtype, jnp.float32
     heads, rope, latent = q_lat_ref.shape[1], q_pe_ref.shape[2], c_ref.shape[3]
     half, cs = rope // 2, pl.ds(j * block_c, block_c)
@@ -624,10 +625,11 @@ def absorbed_query(q_parts, kv_parts, k_b, kv_norm, cos, sin, c_kv, k_pe, weight
                          f"{pos.shape} against a cache {c_kv.shape} and partials {q_parts.shape}, {kv_parts.shape}")
     block_c = decode_block(block_c, C)
     dt = c_kv.dtype
-    index = lambda i: jnp.asarray(i, jnp.int32).reshape(1)  # noqa: E731
+    weights_layer, weights_at = layer_operand(weights_layer)
+    cache_layer, cache_at = layer_operand(cache_layer, cache_offset)
     return pl.pallas_call(
         functools.partial(_absorbed_query_kernel, q_at=q_at, kv_at=kv_at, nope=nope, block_c=block_c, eps=eps,
-                          cache_offset=cache_offset),
+                          weights_at=weights_at, cache_at=cache_at),
         out_shape=[jax.ShapeDtypeStruct((B, H, C), dt), jax.ShapeDtypeStruct((B, H, rope), dt),
                    jax.ShapeDtypeStruct(c_kv.shape, dt), jax.ShapeDtypeStruct(k_pe.shape, k_pe.dtype)],
         grid=(B, H + 1, C // block_c),
@@ -637,5 +639,5 @@ def absorbed_query(q_parts, kv_parts, k_b, kv_norm, cos, sin, c_kv, k_pe, weight
         name="absorbed_query",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpreted(interpret),
-    )(index(weights_layer), index(cache_layer), pos.astype(jnp.int32), q_parts, kv_parts, k_b, kv_norm,
+    )(weights_layer, cache_layer, pos.astype(jnp.int32), q_parts, kv_parts, k_b, kv_norm,
       cos.astype(jnp.float32), sin.astype(jnp.float32), c_kv, k_pe)

@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .attention import LatentCache, PartialSums, ProjectionStacks, latent_attention_fits
 from .config import ModelConfig
-from .grouped_matmul import tiles_fit, use_stacked_matvec
+from .grouped_matmul import LayerIndex, tiles_fit, use_stacked_matvec
 from .layers import rms_norm_rows, rms_norm_rows_fits, rms_norm_rows_takes_router
 from .model import layer_runs, split_layers
 from .moe import ExpertStacks, steps_on_chosen_experts
@@ -78,6 +78,19 @@ def cache_bytes_per_token(cache: KVCache) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- the cached forward
+# Decoding on the kernels: the layers of a run go this many to an iteration of its loop (the rest one at a time), each
+# kernel taking the loop's counter as it is (`LayerIndex`). Each iteration costs a CUDA-graph launch's boundary
+# (~1.5 µs idle) and the counter's increment (a kernel, ~1.3 µs): V2-Lite's 26 MoE layers in 2 iterations instead of
+# 26 ran its batch-1 step ~3% faster, in 13 iterations ~1.5% (H200, bench/RESULTS.md §22). Fully unrolled, the host
+# launches the whole step's graph after each token's condition and the GPU waits for it.
+DECODE_LAYERS_PER_ITERATION = 13
+
+
+def _index_value(i):
+    """A layer index (an int, an int32 scalar or a `LayerIndex`) as a value for XLA."""
+    return i.value() if isinstance(i, LayerIndex) else i
+
+
 def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
     """All decoder layers in model order over x [B, S, D], threading the cache arrays through the scans.
 
@@ -86,7 +99,8 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
     stack (the loop counter), `offset` a static int (see `LatentCache`). The output may be o_proj's `PartialSums`,
     which the post-attention norm's kernel adds to the residual itself (XLA would take a kernel for the add). h is
     the normalised input or, where `projections` carry the input norm (`ProjectionStacks.input_norm`), the
-    residual itself, for attend's first kernel to normalise.
+    residual itself, for attend's first kernel to normalise. `layer` may be a `LayerIndex` (decoding on the kernels,
+    DECODE_LAYERS_PER_ITERATION layers an iteration; `_index_value` gives it to XLA).
     decoding: the MoE layers may take their decoding kernels (MoE.__call__), which read each layer's experts out
     of the whole stacks; on one device with few tokens (grouped_matmul.use_stacked_matvec) the attention
     projections and routers run on `stacked_matvec` the same way (`projections`: the layer's ProjectionStacks, else
@@ -118,11 +132,12 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
 
         def body(i, carry, graphdef=graphdef, state=state, experts=experts, projections=projections, norms=norms,
                  router=router, dense_down=dense_down, first=first, start=start):
+            """One layer, i its index in this run: the loop counter, or a `LayerIndex` of it for the kernels."""
             h, c_kv, k_pe = carry
             # the layer index is the loop counter: scanning over index arrays would slice them (copies), and a second
             # index for the cache (first + i) would make XLA copy the counter every iteration (LatentCache.offset)
-            stack_index = start + i
-            layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+            stack_index = i.plus(start) if isinstance(i, LayerIndex) else start + i
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[_index_value(i)], state))
 
             def norm(which: int, h, router=None, added=None):
                 if norms is None:
@@ -159,7 +174,19 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
             h = constrain(h + y, ("batch", "seq", "embed"))
             return h, constrain(c_kv, CACHE_AXES.c_kv), constrain(k_pe, CACHE_AXES.k_pe)
 
-        x, c_kv, k_pe = jax.lax.fori_loop(0, count, body, (x, c_kv, k_pe))
+        per = DECODE_LAYERS_PER_ITERATION if matvec else 1
+        carry, done = (x, c_kv, k_pe), 0
+        if per > 1 and count >= per:
+            def layers(c, carry, body=body, per=per):
+                for k in range(per):
+                    carry = body(LayerIndex(c, per, k), carry)
+                return carry
+
+            carry = jax.lax.fori_loop(0, count // per, layers, carry)
+            done = count - count % per
+        if done < count:  # the rest one at a time
+            carry = jax.lax.fori_loop(done, count, body, carry)
+        x, c_kv, k_pe = carry
         first += count
     return x, c_kv, k_pe
 
@@ -230,7 +257,7 @@ def decode_forward(model, cache: KVCache, tokens):
                 q_lat, q_pe, cache = inputs
                 return attn.attend_latent(q_lat, q_pe, projections, cache, sums=True), cache.c_kv, cache.k_pe
         h, projections = attn.input_normalised(h, projections)  # where h came unnormalised
-        li = layer + offset
+        li = _index_value(layer) + offset
         products = None if projections is None else attn.input_products(h, projections)
         q_nope, q_pe = attn.query(h, cos, sin, projections, products)
         c_kv, k_pe = attn.latent(h, cos, sin, projections, products)

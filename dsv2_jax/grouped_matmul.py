@@ -43,6 +43,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -471,6 +472,39 @@ def decode_block(block: int, *dims: int) -> int:
     return block
 
 
+@struct.dataclass
+class LayerIndex:
+    """The layer of stacked weights (or of the cache) that a decoding kernel reads: counter · scale + offset, taken
+    inside the kernel. counter is an int32 scalar, a layer loop's counter; scale and offset are static. A loop that
+    runs `scale` layers an iteration hands each of them its counter as it is (offset k for the k-th), so that XLA
+    computes no index of its own for them (each would be a kernel; bench/RESULTS.md §22)."""
+
+    counter: jax.Array
+    scale: int = struct.field(pytree_node=False, default=1)
+    offset: int = struct.field(pytree_node=False, default=0)
+
+    def value(self) -> jax.Array:
+        """The index as an XLA value, for what runs outside the kernels."""
+        return self.counter * self.scale + self.offset
+
+    def plus(self, offset: int) -> "LayerIndex":
+        return self.replace(offset=self.offset + offset)
+
+
+def layer_operand(layer, offset: int = 0) -> tuple[jax.Array, tuple[int, int]]:
+    """A kernel's layer argument (an int, an int32 scalar or a `LayerIndex`), plus a static offset: the int32 [1]
+    operand and the static (scale, offset) with which `kernel_layer` reads it."""
+    if isinstance(layer, LayerIndex):
+        return jnp.asarray(layer.counter, jnp.int32).reshape(1), (layer.scale, layer.offset + offset)
+    return jnp.asarray(layer, jnp.int32).reshape(1), (1, offset)
+
+
+def kernel_layer(ref, at: tuple[int, int]):
+    """Inside a kernel: the layer that `layer_operand` passed as ref and at."""
+    scale, offset = at
+    return ref[0] * scale + offset if scale != 1 else ref[0] + offset
+
+
 def matvecs(x_of, w_ofs, length: int, block_k: int, block_n: int):
     """x · w for each w in w_ofs, in one loop over the contraction: x_of(ks) [block_k] and w_of(ks) [block_k, block_n]
     for ks the pl.ds blocks of [0, length) -> one [block_n] float32 per w.
@@ -490,12 +524,13 @@ def matvecs(x_of, w_ofs, length: int, block_k: int, block_n: int):
 
 
 def _chosen_gate_up_kernel(layer_ref, experts_ref, x_ref, gate_ref, up_ref, *rest, num_routed, width, block_k,
-                           block_n):
+                           block_n, at):
     """Program (t, j, n): columns n of silu(x_t W_gate) * (x_t W_up) for token t's j-th expert (routed for
-    j < num_routed, else the shared chunk j - num_routed of `width` columns), in layer layer_ref[0] of the stacks."""
+    j < num_routed, else the shared chunk j - num_routed of `width` columns), in layer `kernel_layer(layer_ref, at)`
+    of the stacks."""
     *shared, h_ref = rest
     t, j, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer, D = layer_ref[0], x_ref.shape[1]
+    layer, D = kernel_layer(layer_ref, at), x_ref.shape[1]
     x_of = lambda ks: x_ref[t, ks]  # noqa: E731
 
     def store(w_gate, w_up):
@@ -517,11 +552,11 @@ def _chosen_gate_up_kernel(layer_ref, experts_ref, x_ref, gate_ref, up_ref, *res
             store(lambda ks: shared_gate_ref[layer, ks, cols], lambda ks: shared_up_ref[layer, ks, cols])
 
 
-def _chosen_down_kernel(layer_ref, experts_ref, h_ref, down_ref, *rest, num_routed, width, block_k, block_n):
+def _chosen_down_kernel(layer_ref, experts_ref, h_ref, down_ref, *rest, num_routed, width, block_k, block_n, at):
     """Program (t, j, n): columns n of h[t, j] W_down for token t's j-th expert, float32."""
     *shared, y_ref = rest
     t, j, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer, ns = layer_ref[0], pl.ds(n * block_n, block_n)
+    layer, ns = kernel_layer(layer_ref, at), pl.ds(n * block_n, block_n)
     h_of = lambda ks: h_ref[t, j, ks]  # noqa: E731
 
     @pl.when(j < num_routed)
@@ -569,8 +604,8 @@ def chosen_experts_mlp(x, experts, gate, up, down, shared=None, layer=None, *, g
     x [T, D]; experts [T, K] int32 expert ids; gate/up [E, D, I], down [E, I, D]; shared: optional (gate [D, S*I],
     up [D, S*I], down [S*I, D]) of the shared experts, computed as S more experts of width I per token.
     layer: with it, every weight has a leading layer axis ([L, E, D, I], [L, D, S*I], ...) and the kernels read
-    layer `layer` (an int32 scalar) themselves: a slice of the stacks handed to a kernel would first be copied
-    whole (measured: 0.9 ms per V2-Lite layer).
+    layer `layer` (an int32 scalar or a `LayerIndex`) themselves: a slice of the stacks handed to a kernel would
+    first be copied whole (measured: 0.9 ms per V2-Lite layer).
     Returns [T, K + S, D] float32: each expert's output, unweighted. Two kernels: gate/up with the activation
     (its output rounded to x.dtype, as the grouped path rounds), then down, each with its DecodeTiles (default
     `decode_tiles`); the blocks shrink to powers of two dividing D and I (multiples of 16).
@@ -584,13 +619,13 @@ def chosen_experts_mlp(x, experts, gate, up, down, shared=None, layer=None, *, g
     K, I = experts.shape[1], gate.shape[3]
     S = 0 if shared is None else shared[0].shape[2] // I
     shared = () if shared is None else tuple(shared)
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    layer, at = layer_operand(layer)
     experts = experts.astype(jnp.int32)
 
     def call(kernel, tiles, name, out_shape, columns, *args):
         block_k, block_n = decode_block(tiles.block_k, D, I), decode_block(tiles.block_n, D, I)
         return pl.pallas_call(
-            functools.partial(kernel, num_routed=K, width=I, block_k=block_k, block_n=block_n),
+            functools.partial(kernel, num_routed=K, width=I, block_k=block_k, block_n=block_n, at=at),
             out_shape=out_shape,
             grid=(T, K + S, columns // block_n),
             in_specs=[pl.no_block_spec] * len(args),
@@ -647,7 +682,7 @@ def use_stacked_matvec(tokens: int) -> bool:
                                   and tokens <= MATVEC_MAX_TOKENS)
 
 
-def _stacked_matvec_kernel(layer_ref, x_ref, *refs, rows, block_k, block_n, dtype, blocks, eps):
+def _stacked_matvec_kernel(layer_ref, x_ref, *refs, rows, block_k, block_n, dtype, blocks, eps, at):
     """Program (n, s): columns n of x · w[layer] over the contraction rows [s·rows, (s+1)·rows), float32, the
     operands in `dtype`, w the weight whose column blocks [blocks[i], blocks[i + 1]) hold n. One token: its row is
     broadcast to the 16 rows of a tensor-core tile (as in `matvecs`). eps (one token, with the norm's stacked
@@ -655,7 +690,7 @@ def _stacked_matvec_kernel(layer_ref, x_ref, *refs, rows, block_k, block_n, dtyp
     row's scale from the whole row."""
     norm_ref, *w_refs, o_ref = refs if eps is not None else (None, *refs)
     n, s = pl.program_id(0), pl.program_id(1)
-    layer, ns = layer_ref[0], pl.ds(n * block_n, block_n)
+    layer, ns = kernel_layer(layer_ref, at), pl.ds(n * block_n, block_n)
     one = x_ref.shape[0] == 1
     if norm_ref is not None:
         row = x_ref[0, :].astype(jnp.float32)
@@ -687,9 +722,9 @@ def _stacked_matvec_kernel(layer_ref, x_ref, *refs, rows, block_k, block_n, dtyp
 
 
 def stacked_matvec(x, w, layer=None, *, dtype=None, **options):
-    """x [T, K] (T <= 16 tokens) times w [K, N], or times layer `layer` (an int32 scalar) of w [L, K, N] read by
-    the kernel itself (a slice handed to a kernel would first be copied whole): [T, N] float32. w a tuple of such
-    weights (one K): one kernel for all, a tuple of products.
+    """x [T, K] (T <= 16 tokens) times w [K, N], or times layer `layer` (an int32 scalar or a `LayerIndex`) of
+    w [L, K, N] read by the kernel itself (a slice handed to a kernel would first be copied whole): [T, N] float32.
+    w a tuple of such weights (one K): one kernel for all, a tuple of products.
 
     For decoding, where XLA turns such products into multiply-and-reduce fusions: `stacked_partials`' products
     (options: its tiles) with their float32 partial sums added by XLA. dtype: the operands' type in the products
@@ -736,9 +771,10 @@ def stacked_partials(x, w, layer=None, norm=None, *, dtype=None, eps: float = 0.
                  default=1)
     rows = 1 if T == 1 else MATVEC_MAX_TOKENS
     x = jnp.pad(x, ((0, rows - T), (0, 0)))
+    layer, at = layer_operand(layer)
     return pl.pallas_call(
         functools.partial(_stacked_matvec_kernel, rows=K // splits, block_k=block_k, block_n=block_n,
-                          dtype=jnp.dtype(dtype or x.dtype), blocks=blocks, eps=None if norm is None else eps),
+                          dtype=jnp.dtype(dtype or x.dtype), blocks=blocks, eps=None if norm is None else eps, at=at),
         out_shape=jax.ShapeDtypeStruct((splits, rows, sum(widths)), jnp.float32),
         grid=(blocks[-1], splits),
         in_specs=[pl.no_block_spec] * (2 + (norm is not None) + len(ws)),
@@ -746,4 +782,4 @@ def stacked_partials(x, w, layer=None, norm=None, *, dtype=None, eps: float = 0.
         name="stacked_matvec",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpreted(interpret),
-    )(jnp.asarray(layer, jnp.int32).reshape(1), x, *(() if norm is None else (norm,)), *ws)
+    )(layer, x, *(() if norm is None else (norm,)), *ws)

@@ -11,8 +11,8 @@ from flax import nnx
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .grouped_matmul import (grouped_matmul_backend, interpreted, power_of_two, stacked_matvec, tiles_fit,
-                             warn_if_installed)
+from .grouped_matmul import (grouped_matmul_backend, interpreted, kernel_layer, layer_operand, power_of_two,
+                             stacked_matvec, tiles_fit, warn_if_installed)
 from .sharding import constrain
 
 
@@ -82,15 +82,15 @@ def rms_norm_rows_fits(width: int) -> bool:
     return power_of_two(width)
 
 
-def _rms_norm_rows_kernel(layer_ref, x_ref, w_ref, *refs, eps, router_block, added):
-    """Program (b, g): row b of x normalised, times the weights of layer layer_ref[0] (as `rms_norm`; written by the
-    g = 0 programs). With a router: its float32 product over the normalised row's columns [g·router_block,
-    (g+1)·router_block) (each program recomputing its slice after the row's scale). added (a number of partial
-    sums): the row is x plus the sum of those float32 partials, rounded to x's type and added as XLA adds two
-    arrays of that type; the g = 0 programs also write it (the last output)."""
+def _rms_norm_rows_kernel(layer_ref, x_ref, w_ref, *refs, eps, router_block, added, at):
+    """Program (b, g): row b of x normalised, times the weights of layer `kernel_layer(layer_ref, at)` (as
+    `rms_norm`; written by the g = 0 programs). With a router: its float32 product over the normalised row's
+    columns [g·router_block, (g+1)·router_block) (each program recomputing its slice after the row's scale). added
+    (a number of partial sums): the row is x plus the sum of those float32 partials, rounded to x's type and added
+    as XLA adds two arrays of that type; the g = 0 programs also write it (the last output)."""
     router_ref, parts_ref = refs[:bool(router_block)], refs[bool(router_block):bool(router_block) + bool(added)]
     o_ref, *outs = refs[bool(router_block) + bool(added):]
-    b, layer, f32 = pl.program_id(0), layer_ref[0], jnp.float32
+    b, layer, f32 = pl.program_id(0), kernel_layer(layer_ref, at), jnp.float32
 
     def row(cols):
         x = x_ref[b, cols]
@@ -131,8 +131,8 @@ def rms_norm_rows_takes_router(width: int, experts: int) -> bool:
 @functools.partial(jax.jit, static_argnames=("eps", "dtype", "interpret"))
 def rms_norm_rows(x, weight, layer, router=None, added=None, *, eps: float, dtype, interpret: bool | None = None):
     """`rms_norm` of a decoding step's rows x [..., D] in one kernel (XLA runs a reduce and an apply kernel), with
-    layer `layer` (an int32 scalar) of stacked weights [L, D], read by the kernel (a slice handed to a kernel would be
-    copied). D a power of two (`rms_norm_rows_fits`). interpret: Pallas's interpreter (default: off GPU).
+    layer `layer` (an int32 scalar or a `LayerIndex`) of stacked weights [L, D], read by the kernel (a slice handed to
+    a kernel would be copied). D a power of two (`rms_norm_rows_fits`). interpret: Pallas's interpreter (default: off GPU).
     router: stacked router weights [L, D, E] (E a power of two): the same kernel then also returns the router's
     float32 partial products [D / ROUTER_ROWS, T, E] of the T normalised rows (as rounded to dtype) with layer
     `layer` of it, for `moe.route_kernel`, where a `stacked_matvec` would take one more kernel.
@@ -157,9 +157,10 @@ def rms_norm_rows(x, weight, layer, router=None, added=None, *, eps: float, dtyp
         out_shape.append(jax.ShapeDtypeStruct((D // block, T, router.shape[2]), jnp.float32))
     if added is not None:
         out_shape.append(jax.ShapeDtypeStruct(rows.shape, x.dtype))
+    layer, at = layer_operand(layer)
     out = pl.pallas_call(
         functools.partial(_rms_norm_rows_kernel, eps=eps, router_block=block,
-                          added=0 if added is None else added.shape[0]),
+                          added=0 if added is None else added.shape[0], at=at),
         out_shape=out_shape,
         grid=(T, D // block if router is not None else 1),
         in_specs=[pl.no_block_spec] * (3 + len(extra)),
@@ -167,7 +168,7 @@ def rms_norm_rows(x, weight, layer, router=None, added=None, *, eps: float, dtyp
         name="rms_norm_rows",
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpreted(interpret),
-    )(jnp.asarray(layer, jnp.int32).reshape(1), rows, weight, *extra)
+    )(layer, rows, weight, *extra)
     out = list(out)
     out[0] = out[0].reshape(x.shape)
     if added is not None:

@@ -36,8 +36,8 @@ from jax.sharding import PartitionSpec as P
 
 from . import sharding
 from .config import ModelConfig
-from .grouped_matmul import (chosen_experts_mlp, grouped_matmul, interpreted, power_of_two, stacked_partials,
-                             tiles_fit, use_chosen_experts)
+from .grouped_matmul import (LayerIndex, chosen_experts_mlp, grouped_matmul, interpreted, power_of_two,
+                             stacked_partials, tiles_fit, use_chosen_experts)
 from .layers import MLP, cast, param
 from .sharding import constrain
 
@@ -241,7 +241,7 @@ class ExpertStacks(NamedTuple):
     up: jax.Array  # [L, E, D, I]
     down: jax.Array  # [L, E, I, D]
     shared: tuple | None  # the shared experts' (gate [L, D, S*I], up [L, D, S*I], down [L, S*I, D]), or None
-    layer: jax.Array | int = 0  # int32: the layer these calls run
+    layer: jax.Array | int | LayerIndex = 0  # int32 (or a LayerIndex): the layer these calls run
     router: jax.Array | None = None  # [L, D, E]: with it, the router's product runs on `stacked_matvec`
 
     @classmethod

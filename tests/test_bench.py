@@ -1,5 +1,6 @@
 """The benchmark scripts' own arithmetic (bench/ runs on GPUs; its helpers are plain Python)."""
 
+import importlib
 import importlib.util
 import os
 import time
@@ -75,7 +76,7 @@ def test_gpu_clocks_samples_beside_the_block(tmp_path, monkeypatch):
 def test_decode_compiles_each_batch_again(decode_kernels):
     """bench/decode.py --compiles 2: each batch compiled and timed twice in the process, one row each, on the tiny
     model (CPU). Every compilation is a real one: jax's caches are cleared in between and the persistent cache the
-    tests run with (conftest) is off meanwhile (no hits), then on again."""
+    tests run with (conftest) is off meanwhile (no hits), then on again. --layers-per-iteration: a row per setting."""
     import jax
     from dsv2_jax import ModelConfig
 
@@ -92,6 +93,12 @@ def test_decode_compiles_each_batch_again(decode_kernels):
     assert [(setting["compile"], batch) for setting, batch, *_ in rows] == [(0, 2), (1, 2)]
     for setting, _, prefill_s, decode_s, steps in rows:
         assert setting["first_call_s"] > 0 and prefill_s > 0 and decode_s > 0 and steps == 3
+    # --layers-per-iteration: one row each, the module's own setting back afterwards
+    gen = importlib.import_module("dsv2_jax.generate")
+    default = gen.DECODE_LAYERS_PER_ITERATION
+    rows = list(load("decode").run_jax(config, [1], 8, 2, layers_per_iteration=(1, 2)))
+    assert [setting["layers_per_iteration"] for setting, *_ in rows] == [1, 2]
+    assert gen.DECODE_LAYERS_PER_ITERATION == default
 
 
 def test_attention_bench_checks_kernels_against_the_reference():

@@ -368,14 +368,16 @@ def test_latent_output_matches_reference(dtype):
 
 @pytest.mark.parametrize("model,experts,projections", [("tiny", "sorted", "xla"), ("tiny", "sorted", "pallas"),
                                                        ("tiny", "chosen", "pallas"), ("tiny16", "chosen", "pallas")])
-def test_decode_steps_equal_full_forward(model, experts, projections, decode_kernels, request):
+def test_decode_steps_equal_full_forward(model, experts, projections, decode_kernels, request, monkeypatch):
     """Prefill, then absorbed decode steps of chosen tokens: logits equal the full (expanded) forward pass, with the
     decoding step's experts on the sorted grouped path or the chosen-experts kernels, and its attention projections
     on XLA or on stacked_matvec, its attention over the latents (16 heads) on latent_attention, its routing (16
     experts, greedy) on rms_norm_rows (the router's product with the post-attention norm) and route_kernel, its
     norms on rms_norm_rows (kernels interpreted off GPU); and with one token a step on those kernels, the
     post-attention norm adding o_proj's partial sums to the residual itself and the input norm taken by the
-    attention's first kernel."""
+    attention's first kernel. On the kernels the MoE layers run two to an iteration here (the tiny preset's three: a
+    pair in the loop, then the third in a loop of its own), each kernel reading its layer from the loop's counter."""
+    monkeypatch.setattr(gen, "DECODE_LAYERS_PER_ITERATION", 2)
     tiny = request.getfixturevalue(model)
     decode_kernels(experts, projections)
     prompts = random_prompts(256, (6, 3))
@@ -383,14 +385,16 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
     full = full_forward_logits(tiny, [p + e for p, e in zip(prompts, extra)])  # causal: padding is harmless
     cache = dsv2_jax.init_cache(tiny.config, 2, 16, dtype=jnp.float32)
     cache, logits = gen.prefill(tiny, cache, prompts, chunk_size=4)
-    # per layer loop (dense, MoE): q_a with kv_a, q_b, o_proj; the dense down_proj; attention, routing (tiny16's
-    # router product in the post-attention norm's kernel)
-    wide = model == "tiny16"
-    for name, want in (("stacked_matvec", 7), ("latent_attention", 2 if wide else 0),
-                       ("latent_output", 2 if wide else 0), ("route", 1 if wide else 0),
-                       ("absorbed_query", 2 if wide else 0), ("rms_norm_rows", 4)):
+    # per traced layer (dense, MoE): q_a with kv_a, q_b, o_proj; the dense down_proj; attention, routing (tiny16's
+    # router product in the post-attention norm's kernel). The MoE layer is traced three times: twice in the first
+    # loop's body, once in the second's.
+    wide, moe = model == "tiny16", 3
+    assert tiny.config.num_moe_layers == 3
+    for name, dense, per_moe in (("stacked_matvec", 4, 3), ("latent_attention", wide, wide),
+                                 ("latent_output", wide, wide), ("route", 0, wide), ("absorbed_query", wide, wide),
+                                 ("rms_norm_rows", 2, 2)):
         kernels = pallas_calls(lambda c, t: gen.decode_forward(tiny, c, t)[1], cache, jnp.array([7, 250]), prefix=name)
-        assert kernels == (want if projections == "pallas" else 0), name
+        assert kernels == (dense + moe * per_moe if projections == "pallas" else 0), name
 
     def norms_adding(cache, tokens):  # post-attention norm kernels that add o_proj's float32 partial sums themselves
         jaxpr = jax.make_jaxpr(lambda c, t: gen.decode_forward(tiny, c, t)[1])(cache, tokens).jaxpr
@@ -412,10 +416,10 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
         # without them (tiny), the input norm still runs on its own kernel
         cache = dsv2_jax.init_cache(tiny.config, 1, 16, dtype=jnp.float32)
         cache, _ = gen.prefill(tiny, cache, prompts[:1], chunk_size=4)
-        assert norms_adding(cache, jnp.array([7])) == (2 if wide else 0)
+        assert norms_adding(cache, jnp.array([7])) == (1 + moe if wide else 0)
         norms = pallas_calls(lambda c, t: gen.decode_forward(tiny, c, t)[1], cache, jnp.array([7]),
                              prefix="rms_norm_rows")
-        assert norms == (2 if wide else 4)
+        assert norms == (1 + moe if wide else 2 * (1 + moe))
         _, logits = gen.decode_step(tiny, cache, [extra[0][0]])
         want = full[0, len(prompts[0])]
         assert np.abs(np.asarray(logits[0]) - want).max() <= 1e-5 * np.abs(want).max()

@@ -496,6 +496,32 @@ def test_stacked_matvec_matches_numpy(dtype):
         stacked_matvec(jnp.zeros((17, K), dtype), w, 0)
 
 
+def test_decoding_kernels_read_a_layer_index():
+    """A `LayerIndex(counter, scale, offset)` handed to a decoding kernel reads layer counter · scale + offset, as
+    that int would, with the counter traced under jit (a layer loop running two layers an iteration hands both its
+    counter); interpreted off GPU. The attention's kernels take it the same way (the decoding loop's test)."""
+    from dsv2_jax.grouped_matmul import LayerIndex, chosen_experts_mlp, stacked_matvec
+    from dsv2_jax.layers import rms_norm_rows
+
+    rng = np.random.default_rng(3)
+    L, D, E, I = 5, 64, 4, 32
+    w = jnp.asarray(rng.normal(size=(L, D, 48)), jnp.float32)
+    norm = jnp.asarray(rng.uniform(0.5, 1.5, size=(L, D)), jnp.float32)
+    gate, up = (jnp.asarray(rng.normal(size=(L, E, D, I)), jnp.float32) for _ in range(2))
+    down = jnp.asarray(rng.normal(size=(L, E, I, D)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(1, D)), jnp.float32)
+    experts = jnp.array([[0, 3]], jnp.int32)
+    kernels = {"stacked_matvec": lambda layer: stacked_matvec(x, w, layer, block_k=32, block_n=16),
+               "rms_norm_rows": lambda layer: rms_norm_rows(x, norm, layer, eps=1e-6, dtype=jnp.float32),
+               "chosen_experts_mlp": lambda layer: chosen_experts_mlp(x, experts, gate, up, down, None, layer)}
+    for counter, scale, offset in ((1, 2, 1), (0, 2, 4), (2, 1, 0)):
+        layer = counter * scale + offset
+        for name, kernel in kernels.items():
+            got = np.asarray(jax.jit(lambda c: kernel(LayerIndex(c, scale, offset)))(jnp.int32(counter)))
+            np.testing.assert_array_equal(got, np.asarray(jax.jit(kernel)(jnp.int32(layer))), err_msg=name)
+            assert not np.allclose(got, np.asarray(jax.jit(kernel)(jnp.int32((layer + 1) % L)))), name
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_stacked_partials_normalises_one_row(dtype):
     """stacked_partials with a norm (a decoding layer's input norm in its first kernel; interpreted off GPU): one
