@@ -502,7 +502,7 @@ def layer_operand(layer, offset: int = 0) -> tuple[jax.Array, tuple[int, int]]:
 def kernel_layer(ref, at: tuple[int, int]):
     """Inside a kernel: the layer that `layer_operand` passed as ref and at."""
     scale, offset = at
-    return ref[0] * scale + offset if scale != 1 else ref[0] + offset
+    return ref[0] * scale + offset
 
 
 def matvecs(x_of, w_ofs, length: int, block_k: int, block_n: int):

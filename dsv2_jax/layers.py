@@ -132,7 +132,8 @@ def rms_norm_rows_takes_router(width: int, experts: int) -> bool:
 def rms_norm_rows(x, weight, layer, router=None, added=None, *, eps: float, dtype, interpret: bool | None = None):
     """`rms_norm` of a decoding step's rows x [..., D] in one kernel (XLA runs a reduce and an apply kernel), with
     layer `layer` (an int32 scalar or a `LayerIndex`) of stacked weights [L, D], read by the kernel (a slice handed to
-    a kernel would be copied). D a power of two (`rms_norm_rows_fits`). interpret: Pallas's interpreter (default: off GPU).
+    a kernel would be copied). D a power of two (`rms_norm_rows_fits`). interpret: Pallas's interpreter (default:
+    off GPU).
     router: stacked router weights [L, D, E] (E a power of two): the same kernel then also returns the router's
     float32 partial products [D / ROUTER_ROWS, T, E] of the T normalised rows (as rounded to dtype) with layer
     `layer` of it, for `moe.route_kernel`, where a `stacked_matvec` would take one more kernel.
