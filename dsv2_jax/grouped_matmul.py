@@ -505,6 +505,17 @@ def kernel_layer(ref, at: tuple[int, int]):
     return ref[0] * scale + offset
 
 
+def rms_scale(row, eps: float):
+    """Inside a kernel: the RMSNorm scale of a float32 row (its whole width), as `layers.rms_norm` takes it."""
+    return jax.lax.rsqrt((row * row).sum() / row.shape[0] + eps)
+
+
+def rms_normalised(x, scale, weight, dtype):
+    """Inside a kernel: float32 x times its row's `rms_scale`, rounded to dtype, times the norm weights in dtype:
+    `layers.rms_norm`'s rounding, shared by the kernels that normalise rows themselves."""
+    return (x * scale).astype(dtype) * weight.astype(dtype)
+
+
 def matvecs(x_of, w_ofs, length: int, block_k: int, block_n: int):
     """x · w for each w in w_ofs, in one loop over the contraction: x_of(ks) [block_k] and w_of(ks) [block_k, block_n]
     for ks the pl.ds blocks of [0, length) -> one [block_n] float32 per w.
@@ -693,15 +704,14 @@ def _stacked_matvec_kernel(layer_ref, x_ref, *refs, rows, block_k, block_n, dtyp
     layer, ns = kernel_layer(layer_ref, at), pl.ds(n * block_n, block_n)
     one = x_ref.shape[0] == 1
     if norm_ref is not None:
-        row = x_ref[0, :].astype(jnp.float32)
-        scale = jax.lax.rsqrt((row * row).sum() / row.shape[0] + eps)
+        scale = rms_scale(x_ref[0, :].astype(jnp.float32), eps)
 
     def product(w_ref, first):
         def body(i, acc):
             ks = pl.ds(s * rows + i * block_k, block_k)
             x = x_ref[:, ks]
             if norm_ref is not None:
-                x = (x.astype(jnp.float32) * scale).astype(dtype) * norm_ref[layer, ks].astype(dtype)
+                x = rms_normalised(x.astype(jnp.float32), scale, norm_ref[layer, ks], dtype)
             x = x.astype(dtype)
             x = jnp.broadcast_to(x, (TILE, block_k)) if one else x
             w = w_ref[layer, ks, pl.ds((n - first) * block_n, block_n)]

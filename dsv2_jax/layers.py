@@ -12,7 +12,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .grouped_matmul import (grouped_matmul_backend, interpreted, kernel_layer, layer_operand, power_of_two,
-                             stacked_matvec, tiles_fit, warn_if_installed)
+                             rms_normalised, rms_scale, stacked_matvec, tiles_fit, warn_if_installed)
 from .sharding import constrain
 
 
@@ -102,10 +102,10 @@ def _rms_norm_rows_kernel(layer_ref, x_ref, w_ref, *refs, eps, router_block, add
         return (x.astype(f32) + total.astype(x.dtype).astype(f32)).astype(x.dtype).astype(f32)
 
     def normed(x, cols, scale):
-        return (x * scale).astype(o_ref.dtype) * w_ref[layer, cols].astype(o_ref.dtype)
+        return rms_normalised(x, scale, w_ref[layer, cols], o_ref.dtype)
 
     x = row(slice(None))
-    scale = jax.lax.rsqrt((x * x).sum() / x.shape[0] + eps)
+    scale = rms_scale(x, eps)
 
     @pl.when(pl.program_id(1) == 0)
     def _():
