@@ -14,6 +14,8 @@ preallocates GPU memory):
     python bench/decode.py --impl jax   --batches 1 --compiles 6   # compile and time each batch 6 times, one row each
     python bench/decode.py --impl jax   --batches 1 --compiles 2 --layers-per-iteration 1 2 13
                                                     # the decoding loop's layers per iteration, side by side
+    python bench/decode.py --impl jax   --batches 1 16 --compiles 2 --moe-two-kernel-tokens 2 0
+                                                    # a MoE layer's routing, experts and residual add in 2 kernels or 4
 
 The batch-1 step on an H200 differs by up to ~6% between compilations of the same program, in one process as
 between processes (bench/RESULTS.md §9): compare changes over several compilations (`--compiles`).
@@ -68,7 +70,7 @@ PROFILE_TOKENS = 32  # --profile: the tokens of the traced generate call
 
 
 def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kernels=("auto:auto",),
-            profile_dir=None, compiles: int = 1, layers_per_iteration=(None,)):
+            profile_dir=None, compiles: int = 1, layers_per_iteration=(None,), moe_two_kernel_tokens=(None,)):
     import jax
     import jax.numpy as jnp
 
@@ -88,10 +90,11 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kern
     # reads the setting once, at its first compilation: reset_cache() has it read again.
     jax.config.update("jax_enable_compilation_cache", cache and compiles == 1)
     reset_cache()
-    default_per = gen.DECODE_LAYERS_PER_ITERATION
-    try:
-        for setting, per in itertools.product(decode_kernels, layers_per_iteration):  # side by side, one model
+    default_per, default_two = gen.DECODE_LAYERS_PER_ITERATION, gen.DECODE_MOE_TWO_KERNEL_TOKENS
+    try:  # the settings side by side, on one model
+        for setting, per, two in itertools.product(decode_kernels, layers_per_iteration, moe_two_kernel_tokens):
             gen.DECODE_LAYERS_PER_ITERATION = default_per if per is None else per
+            gen.DECODE_MOE_TWO_KERNEL_TOKENS = default_two if two is None else two
             experts, projections = setting.split(":")
             os.environ["DSV2_DECODE_EXPERTS"], os.environ["DSV2_DECODE_PROJECTIONS"] = experts, projections
             grouped_matmul.reread_decode_choices()
@@ -111,22 +114,25 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kern
                             dsv2_jax.generate(model, prompts, new_tokens, mesh=mesh, timings=t)
                             runs.append(t)
                     setting = dict(decode_experts=experts, decode_projections=projections,
-                                   layers_per_iteration=gen.DECODE_LAYERS_PER_ITERATION, compile=compile_index,
+                                   layers_per_iteration=gen.DECODE_LAYERS_PER_ITERATION,
+                                   moe_two_kernel_tokens=gen.DECODE_MOE_TWO_KERNEL_TOKENS, compile=compile_index,
                                    first_call_s=first_call_s, **gpu)
                     yield (setting, b, min(t["prefill_s"] for t in runs), min(t["decode_s"] for t in runs),
                            runs[0]["steps"])
                 if profile_dir:  # the decode loop's kernels per step, by name
                     from bench.trace_summary import summarize
                     trace_dir = os.path.join(profile_dir,
-                                             f"{experts}_{projections}_l{gen.DECODE_LAYERS_PER_ITERATION}_b{b}")
+                                             f"{experts}_{projections}_l{gen.DECODE_LAYERS_PER_ITERATION}"
+                                             f"_m{gen.DECODE_MOE_TWO_KERNEL_TOKENS}_b{b}")
                     dsv2_jax.generate(model, prompts, PROFILE_TOKENS, mesh=mesh)  # compile this length's buckets
                     with jax.profiler.trace(trace_dir):
                         dsv2_jax.generate(model, prompts, PROFILE_TOKENS, mesh=mesh)
                     print(f"\n{experts}:{projections}, {gen.DECODE_LAYERS_PER_ITERATION} layers an iteration, "
-                          f"batch {b}, decode loop:")
+                          f"MoE in two kernels up to {gen.DECODE_MOE_TWO_KERNEL_TOKENS} tokens, batch {b}, "
+                          "decode loop:")
                     summarize(trace_dir, top=40, steps=PROFILE_TOKENS, module="decode_loop")
     finally:
-        gen.DECODE_LAYERS_PER_ITERATION = default_per
+        gen.DECODE_LAYERS_PER_ITERATION, gen.DECODE_MOE_TWO_KERNEL_TOKENS = default_per, default_two
         jax.config.update("jax_enable_compilation_cache", cache)
         reset_cache()
     del model, jax
@@ -188,12 +194,18 @@ def main():
     parser.add_argument("--layers-per-iteration", type=int, nargs="+", default=[None], metavar="N",
                         help="jax only: the decoding loop's layers per iteration (generate.DECODE_LAYERS_PER_ITERATION)"
                              " to run one after another on the same model (default: the module's)")
+    parser.add_argument("--moe-two-kernel-tokens", type=int, nargs="+", default=[None], metavar="N",
+                        help="jax only: decoding steps of at most N tokens run a MoE layer's routing, experts and "
+                             "residual add in two kernels, not four (generate.DECODE_MOE_TWO_KERNEL_TOKENS; 0: none), "
+                             "one setting after another on the same model (default: the module's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.compiles < 1:
         parser.error(f"--compiles {args.compiles}: at least 1")
     if any(n is not None and n < 1 for n in args.layers_per_iteration):
         parser.error(f"--layers-per-iteration {args.layers_per_iteration}: each at least 1")
+    if any(n is not None and n < 0 for n in args.moe_two_kernel_tokens):
+        parser.error(f"--moe-two-kernel-tokens {args.moe_two_kernel_tokens}: each at least 0")
 
     from dsv2_jax import ModelConfig
     config = ModelConfig.from_preset("deepseek-v2-lite")
@@ -208,7 +220,8 @@ def main():
     if args.impl == "jax":
         runner = functools.partial(run_jax, mesh_text=args.mesh, decode_kernels=args.decode_kernels,
                                    profile_dir=args.profile, compiles=args.compiles,
-                                   layers_per_iteration=args.layers_per_iteration)
+                                   layers_per_iteration=args.layers_per_iteration,
+                                   moe_two_kernel_tokens=args.moe_two_kernel_tokens)
     cache_per_token = 2 * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
     for setting, b, prefill_s, decode_s, steps in runner(config, args.batches, args.prompt, args.new_tokens):
         step_s = decode_s / max(steps, 1)

@@ -5,9 +5,10 @@
 
     python bench/trace_summary.py TRACE_DIR [--top 40]      # summarise a trace written earlier
 
-Kernels are grouped by name, and by the model code that issued them (the jax name stack, e.g. `moe/experts`)
-where the trace carries it: kernels XLA runs inside CUDA graphs (command buffers, the default on GPU) are only
-attributed to their module, so then the kernel names are the guide. A third table gives the time the device sat
+Kernels are grouped by name (a kernel's copies, `name__N`, one per call site, as one: a loop iteration that runs
+13 layers has 13 copies of each layer's kernels), and by the model code that issued them (the jax name stack, e.g.
+`moe/experts`) where the trace carries it: kernels XLA runs inside CUDA graphs (command buffers, the default on GPU)
+are only attributed to their module, so then the kernel names are the guide. A third table gives the time the device sat
 idle between consecutive kernels, by transition (kernel -> next kernel): launch gaps, waits on the host; a fourth
 what the host's threads did over the same span (their traced events by name: XLA's thunks, launches, copies), to
 tell a step the host holds back from one the GPU does.
@@ -63,6 +64,11 @@ def _scope(args: dict) -> str:
     return ("bwd " if backward else "") + ("/".join(parts[-3:]) or "(unnamed)")
 
 
+def kernel_family(name: str) -> str:
+    """A kernel's name without the `__N` that numbers its copies at different call sites."""
+    return re.sub(r"__\d+$", "", name)
+
+
 def summarize(trace_dir: str, top: int = 30, steps: int = 1, module: str | None = None) -> dict:
     """Totals of device kernel time by kernel name and by model scope; prints two tables, returns them.
     module: only the kernels of XLA modules whose name contains it (e.g. "decode_loop")."""
@@ -76,7 +82,7 @@ def summarize(trace_dir: str, top: int = 30, steps: int = 1, module: str | None 
         if module and module not in str(e.get("args", {}).get("hlo_module", "")):
             continue
         kernels.append(e)
-        name = e.get("name", "?")
+        name = kernel_family(e.get("name", "?"))
         by_kernel[name] += e["dur"]
         count[name] += 1
         by_scope[_scope(e.get("args", {}))] += e["dur"]

@@ -29,10 +29,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .attention import LatentCache, PartialSums, ProjectionStacks, latent_attention_fits
 from .config import ModelConfig
-from .grouped_matmul import LayerIndex, tiles_fit, use_stacked_matvec
+from .grouped_matmul import LayerIndex, arrival_counts, tiles_fit, use_stacked_matvec
 from .layers import rms_norm_rows, rms_norm_rows_fits, rms_norm_rows_takes_router
 from .model import layer_runs, split_layers
-from .moe import ExpertStacks, steps_on_chosen_experts
+from .moe import ExpertStacks, adds_decoded, steps_on_chosen_experts
 from .rope import rope_cos_sin
 from .sharding import (activation_mesh, batch_axes, constrain, current_mesh, logical_to_spec, mesh_size,
                        param_sharding)
@@ -84,6 +84,12 @@ def cache_bytes_per_token(cache: KVCache) -> int:
 # 26 ran its batch-1 step ~3% faster, in 13 iterations ~1.5% (H200, bench/RESULTS.md §22). Fully unrolled, the host
 # launches the whole step's graph after each token's condition and the GPU waits for it.
 DECODE_LAYERS_PER_ITERATION = 13
+# Decoding on the kernels, with the router's product in the post-attention norm's kernel: in steps of at most this many
+# tokens, a MoE layer's routing, experts and residual add take two kernels (MoE.add_decoded) instead of four
+# (route_kernel, the experts' two, XLA's add). V2-Lite, H200: batch 1 1.5-3% faster (236 kernels a step against 287),
+# batch 2 2.5%; batch 4 the same, batch 8-16 0.7-2.5% slower, where every program of the gate/up kernel (16 × 66 at
+# batch 16) takes its token's routing itself (bench/RESULTS.md §23).
+DECODE_MOE_TWO_KERNEL_TOKENS = 2
 
 
 def _index_value(i):
@@ -106,12 +112,13 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
     projections and routers run on `stacked_matvec` the same way (`projections`: the layer's ProjectionStacks, else
     None), as do the dense layers' down products, decoding's attention over the latents on
     `attention.latent_attention`, and the two norms on `rms_norm_rows` (the post-attention one with the MoE router's
-    product).
+    product, after which the MoE layer's routing, experts and residual add take two kernels, `MoE.add_decoded`,
+    whose counters the layer loops carry).
     """
     B, S = x.shape[:2]
     c = model.config
     matvec = decoding and current_mesh() is None and use_stacked_matvec(B * S)
-    first = 0
+    first, counts = 0, None
     for kind, start, count in layer_runs(c):
         stack = model.moe_layers if kind == "moe" else model.dense_layers
         graphdef, state = split_layers(stack, start, count)
@@ -125,15 +132,21 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
                   # where the router would run on stacked_matvec otherwise, ahead of the chosen-experts kernels
                   and tiles_fit(c.num_experts) and rms_norm_rows_takes_router(x.shape[-1], c.num_experts)
                   and steps_on_chosen_experts(c, B * S, x.shape[-1]) else None)
+        # with the router's product in the norm's kernel, the MoE layer's routing, experts and residual add take two
+        # kernels (MoE.add_decoded), which carry counters from layer to layer
+        adds = (B * S <= DECODE_MOE_TWO_KERNEL_TOKENS and router is not None
+                and adds_decoded(c, B * S, x.shape[-1]))
+        if adds and counts is None:
+            counts = arrival_counts(B * S, x.shape[-1])
 
         # a dense layer's down_proj stack in the compute dtype, for stacked_matvec (XLA pads 10,944 rows every step)
         dense_down = (stack.mlp.down_proj[...] if matvec and kind == "dense"
                       and stack.mlp.down_proj[...].dtype == stack.mlp.dtype else None)
 
         def body(i, carry, graphdef=graphdef, state=state, experts=experts, projections=projections, norms=norms,
-                 router=router, dense_down=dense_down, first=first, start=start):
+                 router=router, dense_down=dense_down, first=first, start=start, adds=adds):
             """One layer, i its index in this run: the loop counter, or a `LayerIndex` of it for the kernels."""
-            h, c_kv, k_pe = carry
+            h, c_kv, k_pe, counts = carry
             # the layer index is the loop counter: scanning over index arrays would slice them (copies), and a second
             # index for the cache (first + i) would make XLA copy the counter every iteration (LatentCache.offset)
             stack_index = i.plus(start) if isinstance(i, LayerIndex) else start + i
@@ -166,16 +179,20 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
                 normed = normed if router is not None else (normed,)
             # with a router, its product comes from the norm's kernel too
             h_norm, router_partials = normed if router is not None else (normed[0], None)
-            if layer.is_moe:
-                y = layer.mlp(h_norm, decoding=decoding, router_partials=router_partials,
-                              stacks=None if experts is None else experts._replace(layer=stack_index))[0]
+            layer_experts = None if experts is None else experts._replace(layer=stack_index)
+            if adds:
+                h, counts, _ = layer.mlp.add_decoded(h_norm, h, router_partials, counts, stacks=layer_experts)
             else:
-                y = layer.mlp(h_norm, down=None if dense_down is None else (dense_down, stack_index))
-            h = constrain(h + y, ("batch", "seq", "embed"))
-            return h, constrain(c_kv, CACHE_AXES.c_kv), constrain(k_pe, CACHE_AXES.k_pe)
+                if layer.is_moe:
+                    y = layer.mlp(h_norm, decoding=decoding, router_partials=router_partials,
+                                  stacks=layer_experts)[0]
+                else:
+                    y = layer.mlp(h_norm, down=None if dense_down is None else (dense_down, stack_index))
+                h = constrain(h + y, ("batch", "seq", "embed"))
+            return h, constrain(c_kv, CACHE_AXES.c_kv), constrain(k_pe, CACHE_AXES.k_pe), counts
 
         per = DECODE_LAYERS_PER_ITERATION if matvec else 1
-        carry, done = (x, c_kv, k_pe), 0
+        carry, done = (x, c_kv, k_pe, counts), 0
         if per > 1 and count >= per:
             def layers(c, carry, body=body, per=per):
                 for k in range(per):
@@ -186,7 +203,7 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
             done = count - count % per
         if done < count:  # the rest one at a time
             carry = jax.lax.fori_loop(done, count, body, carry)
-        x, c_kv, k_pe = carry
+        x, c_kv, k_pe, counts = carry
         first += count
     return x, c_kv, k_pe
 

@@ -534,12 +534,42 @@ def matvecs(x_of, w_ofs, length: int, block_k: int, block_n: int):
     return tuple(acc.max(axis=0) for acc in jax.lax.fori_loop(0, length // block_k, body, zeros))
 
 
+class GreedyRouting(NamedTuple):
+    """Greedy top-k routing (`moe.route`'s "greedy"), for the kernels that take it themselves from the router's
+    float32 partial products: top_k experts, their weights renormalised (norm) or times scaling."""
+    top_k: int
+    norm: bool
+    scaling: float
+
+
+def greedy_top_k(logits, routing: GreedyRouting):
+    """Inside a kernel: the softmax of float32 logits [E] (E a power of two), then its greedy top-k (the highest
+    score first, the lowest expert id among equal scores, as jax.lax.top_k) -> (scores [E], [top_k expert ids],
+    [top_k weights])."""
+    e = jnp.exp(logits - logits.max())
+    scores = e / e.sum()
+    ids = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 0)
+    rest, experts, chosen = scores, [], []
+    for _ in range(routing.top_k):
+        best = rest.max()
+        expert = jnp.min(jnp.where(rest == best, ids, scores.shape[0]))
+        experts.append(expert)
+        chosen.append(best)
+        rest = jnp.where(ids == expert, -1.0, rest)  # scores are >= 0
+    total = functools.reduce(jnp.add, chosen) + 1e-20
+    return scores, experts, [w / total if routing.norm else w * routing.scaling for w in chosen]
+
+
 def _chosen_gate_up_kernel(layer_ref, experts_ref, x_ref, gate_ref, up_ref, *rest, num_routed, width, block_k,
-                           block_n, at):
+                           block_n, at, routing=None):
     """Program (t, j, n): columns n of silu(x_t W_gate) * (x_t W_up) for token t's j-th expert (routed for
     j < num_routed, else the shared chunk j - num_routed of `width` columns), in layer `kernel_layer(layer_ref, at)`
-    of the stacks."""
-    *shared, h_ref = rest
+    of the stacks.
+    routing (a GreedyRouting): experts_ref holds the router's float32 partial products [S, >= T, E] instead of
+    expert ids, and each routed program takes token t's routing from them itself (`greedy_top_k` of their sum, as
+    `moe.route_kernel`); programs (t, 0, 0) also write its scores, weights and expert ids (the last three outputs)."""
+    outputs = 4 if routing else 1
+    shared, (h_ref, *routed) = rest[:len(rest) - outputs], rest[len(rest) - outputs:]
     t, j, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer, D = kernel_layer(layer_ref, at), x_ref.shape[1]
     x_of = lambda ks: x_ref[t, ks]  # noqa: E731
@@ -551,7 +581,21 @@ def _chosen_gate_up_kernel(layer_ref, experts_ref, x_ref, gate_ref, up_ref, *res
 
     @pl.when(j < num_routed)
     def _():
-        e, ns = experts_ref[t, j], pl.ds(n * block_n, block_n)
+        if routing is None:
+            e = experts_ref[t, j]
+        else:
+            scores, experts, weights = greedy_top_k(experts_ref[:, t, :].sum(axis=0), routing)
+            e = functools.reduce(lambda e, k: jnp.where(j == k, experts[k], e), range(1, num_routed), experts[0])
+            scores_ref, weights_ref, ids_ref = routed
+
+            @pl.when((j == 0) & (n == 0))
+            def _():
+                scores_ref[t, :] = scores
+                for k in range(num_routed):
+                    weights_ref[t, k] = weights[k]
+                    ids_ref[t, k] = experts[k]
+
+        ns = pl.ds(n * block_n, block_n)
         store(lambda ks: gate_ref[layer, e, ks, ns], lambda ks: up_ref[layer, e, ks, ns])
 
     if shared:
@@ -563,9 +607,20 @@ def _chosen_gate_up_kernel(layer_ref, experts_ref, x_ref, gate_ref, up_ref, *res
             store(lambda ks: shared_gate_ref[layer, ks, cols], lambda ks: shared_up_ref[layer, ks, cols])
 
 
-def _chosen_down_kernel(layer_ref, experts_ref, h_ref, down_ref, *rest, num_routed, width, block_k, block_n, at):
-    """Program (t, j, n): columns n of h[t, j] W_down for token t's j-th expert, float32."""
-    *shared, y_ref = rest
+def _chosen_down_kernel(layer_ref, experts_ref, h_ref, down_ref, *rest, num_routed, width, block_k, block_n, at,
+                        combine=False, barriers=True):
+    """Program (t, j, n): columns n of h[t, j] W_down for token t's j-th expert, float32.
+    combine: the inputs end with the routing weights [T, K], the residual [T, D] and arrival counters
+    [T, >= D / block_n] int32 (zeros), and the outputs with the new residual and the counters (the same buffer).
+    Each program adds one to its column block's counter once its product is written; the last of the block's
+    programs writes the block of residual + Σ_j coef_j · y_j (coef: j's weight, 1 for a shared chunk; j in order,
+    the sum rounded to the residual's type before the add, as `moe.chosen_experts` and the residual add round) and
+    sets the counter back to zero. barriers: the CTA barriers around the arrival (not in Pallas's interpreter,
+    which runs one program at a time)."""
+    inputs = 3 if combine else 0
+    shared = rest[:len(rest) - inputs - (3 if combine else 1)]
+    weights_ref, residual_ref, _ = rest[len(shared):len(shared) + inputs] if combine else (None,) * 3
+    y_ref, *combined = rest[len(shared) + inputs:]
     t, j, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer, ns = kernel_layer(layer_ref, at), pl.ds(n * block_n, block_n)
     h_of = lambda ks: h_ref[t, j, ks]  # noqa: E731
@@ -583,6 +638,25 @@ def _chosen_down_kernel(layer_ref, experts_ref, h_ref, down_ref, *rest, num_rout
             r0 = (j - num_routed) * width
             (y_ref[t, j, ns],) = matvecs(
                 h_of, (lambda ks: shared_down_ref[layer, pl.ds(r0 + ks.start, block_k), ns],), width, block_k, block_n)
+
+    if combine:
+        out_ref, counts_ref = combined
+        if barriers:
+            plgpu.debug_barrier()  # every thread's part of the product is written before the arrival (a release)
+        arrived = plgpu.atomic_add(counts_ref, (t, n), jnp.ones((), jnp.int32))
+
+        @pl.when(arrived == y_ref.shape[1] - 1)
+        def _():
+            if barriers:
+                plgpu.debug_barrier()
+            total = None
+            for i in range(y_ref.shape[1]):  # the products (volatile: from L2, never a stale L1 line)
+                y = plgpu.load(y_ref.at[t, jnp.int32(i), ns], volatile=True)
+                y = y * weights_ref[t, i] if i < num_routed else y
+                total = y if total is None else total + y
+            res = residual_ref[t, ns]
+            out_ref[t, ns] = (res.astype(jnp.float32) + total.astype(res.dtype).astype(jnp.float32)).astype(res.dtype)
+            counts_ref[t, n] = 0
 
 
 class DecodeTiles(NamedTuple):
@@ -622,34 +696,90 @@ def chosen_experts_mlp(x, experts, gate, up, down, shared=None, layer=None, *, g
     `decode_tiles`); the blocks shrink to powers of two dividing D and I (multiples of 16).
     interpret: run in Pallas's interpreter (default: off GPU).
     """
+    return _experts_kernels(x, experts.astype(jnp.int32), experts.shape[1], gate, up, down, shared, layer,
+                            gate_up_tiles=gate_up_tiles, down_tiles=down_tiles, interpret=interpret)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("routing", "gate_up_tiles", "down_tiles", "interpret"))
+def routed_experts_mlp(x, partials, residual, counts, gate, up, down, shared=None, layer=None, *,
+                       routing: GreedyRouting, gate_up_tiles: DecodeTiles | None = None,
+                       down_tiles: DecodeTiles | None = None, interpret: bool | None = None):
+    """A decoding step's whole MoE layer after the router's product, added to the residual, in the two kernels of
+    `chosen_experts_mlp` (same arguments, tiles and rounding) with two more jobs, which would otherwise take a
+    kernel each: the gate/up kernel takes each token's greedy routing from the router's float32 partial products
+    partials [S, R >= T, E] itself (as `moe.route_kernel`: E a power of two), and the down kernel adds the
+    experts' weighted sum to the residual [T, D] (as `moe.chosen_experts` and then the residual add round it).
+    counts: int32 zeros [T, >= D / 16] (`arrival_counts`), the down kernel's counters: the last of the programs
+    that write a column block of a token sums it. They come back as zeros, in the same buffer (aliased), for the
+    next layer's call.
+    Returns (residual + the layer's output [T, D], counts, scores [T, E], weights [T, K], experts [T, K] int32)."""
+    T, D = x.shape
+    if (partials.ndim != 3 or partials.shape[1] < T or not power_of_two(partials.shape[2])
+            or not power_of_two(partials.shape[0]) or routing.top_k > partials.shape[2]
+            or residual.shape != x.shape or counts.dtype != jnp.int32 or counts.shape[0] != T
+            or counts.shape[1] * TILE < D):
+        raise ValueError(f"routed_experts_mlp: router partials [S, >= {T}, E] (S and E powers of two, E >= "
+                         f"{routing.top_k}), a residual {x.shape} and int32 counts [{T}, >= {D // TILE}]; got "
+                         f"{partials.shape}, {residual.shape} and {counts.dtype} {counts.shape}")
+    return _experts_kernels(x, partials.astype(jnp.float32), routing.top_k, gate, up, down, shared, layer,
+                            routing=routing, combine=(residual, counts), gate_up_tiles=gate_up_tiles,
+                            down_tiles=down_tiles, interpret=interpret)
+
+
+def arrival_counts(tokens: int, hidden: int) -> jax.Array:
+    """`routed_experts_mlp`'s counters for steps of `tokens` tokens of width `hidden`: zeros, carried from one
+    layer's call to the next."""
+    return jnp.zeros((tokens, hidden // TILE), jnp.int32)
+
+
+def _experts_kernels(x, experts, K: int, gate, up, down, shared, layer, *, routing: GreedyRouting | None = None,
+                     combine=None, gate_up_tiles, down_tiles, interpret):
+    """chosen_experts_mlp's and routed_experts_mlp's two kernels. experts: expert ids [T, K], or router partials
+    with routing; combine: (residual, counts) for the down kernel to add the weighted sum to. Returns the down
+    kernel's outputs, then the gate/up kernel's routing outputs (with routing)."""
     if layer is None:
         gate, up, down = gate[None], up[None], down[None]
         shared = None if shared is None else tuple(a[None] for a in shared)
         layer = 0
     T, D = x.shape
-    K, I = experts.shape[1], gate.shape[3]
+    I = gate.shape[3]
     S = 0 if shared is None else shared[0].shape[2] // I
     shared = () if shared is None else tuple(shared)
     layer, at = layer_operand(layer)
-    experts = experts.astype(jnp.int32)
 
-    def call(kernel, tiles, name, out_shape, columns, *args):
+    def call(kernel, tiles, name, out_shape, columns, *args, **options):
         block_k, block_n = decode_block(tiles.block_k, D, I), decode_block(tiles.block_n, D, I)
+        aliases = {len(args) - 1: len(out_shape) - 1} if options.get("combine") else {}
         return pl.pallas_call(
-            functools.partial(kernel, num_routed=K, width=I, block_k=block_k, block_n=block_n, at=at),
+            functools.partial(kernel, num_routed=K, width=I, block_k=block_k, block_n=block_n, at=at, **options),
             out_shape=out_shape,
             grid=(T, K + S, columns // block_n),
             in_specs=[pl.no_block_spec] * len(args),
-            out_specs=pl.no_block_spec,
+            out_specs=[pl.no_block_spec] * len(out_shape),
+            input_output_aliases=aliases,
             name=name,
             compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
             interpret=interpreted(interpret),
         )(*args)
 
-    h = call(_chosen_gate_up_kernel, gate_up_tiles or decode_tiles("gate_up", T), "chosen_experts_gate_up",
-             jax.ShapeDtypeStruct((T, K + S, I), x.dtype), I, layer, experts, x, gate, up, *shared[:2])
-    return call(_chosen_down_kernel, down_tiles or decode_tiles("down", T), "chosen_experts_down",
-                jax.ShapeDtypeStruct((T, K + S, D), jnp.float32), D, layer, experts, h, down, *shared[2:])
+    f32, i32 = jnp.float32, jnp.int32
+    routed = [] if routing is None else [jax.ShapeDtypeStruct((T, experts.shape[2]), f32),
+                                         jax.ShapeDtypeStruct((T, K), f32), jax.ShapeDtypeStruct((T, K), i32)]
+    h, *routed = call(_chosen_gate_up_kernel, gate_up_tiles or decode_tiles("gate_up", T),
+                      "chosen_experts_gate_up" + ("_routing" if routing else ""),
+                      [jax.ShapeDtypeStruct((T, K + S, I), x.dtype), *routed], I, layer, experts, x, gate, up,
+                      *shared[:2], **({"routing": routing} if routing else {}))
+    out_shape = [jax.ShapeDtypeStruct((T, K + S, D), f32)]
+    extra = ()
+    if combine is not None:
+        residual, counts = combine
+        out_shape += [jax.ShapeDtypeStruct(residual.shape, residual.dtype), jax.ShapeDtypeStruct(counts.shape, i32)]
+        extra = (routed[1], residual, counts)
+    out = call(_chosen_down_kernel, down_tiles or decode_tiles("down", T),
+               "chosen_experts_down" + ("_residual" if combine is not None else ""), out_shape, D, layer,
+               routed[2] if routing else experts, h, down, *shared[2:], *extra,
+               **({"combine": True, "barriers": not interpreted(interpret)} if combine is not None else {}))
+    return (*out[1:], *routed) if combine is not None else (out[0], *routed)
 
 
 # The dense projections of a decoding step: a few tokens times one layer of a stacked weight (Pallas, Triton)

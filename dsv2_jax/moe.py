@@ -36,8 +36,8 @@ from jax.sharding import PartitionSpec as P
 
 from . import sharding
 from .config import ModelConfig
-from .grouped_matmul import (LayerIndex, chosen_experts_mlp, grouped_matmul, interpreted, power_of_two,
-                             stacked_partials, tiles_fit, use_chosen_experts)
+from .grouped_matmul import (GreedyRouting, LayerIndex, chosen_experts_mlp, greedy_top_k, grouped_matmul, interpreted,
+                             power_of_two, routed_experts_mlp, stacked_partials, tiles_fit, use_chosen_experts)
 from .layers import MLP, cast, param
 from .sharding import constrain
 
@@ -76,31 +76,33 @@ def route(config: ModelConfig, logits: jnp.ndarray) -> RouterOutput:
     return RouterOutput(weights, experts.astype(jnp.int32), scores)
 
 
+def adds_decoded(config: ModelConfig, tokens: int, hidden: int) -> bool:
+    """Whether `MoE.add_decoded` takes a decoding step of `tokens` tokens: on the chosen-experts kernels
+    (`steps_on_chosen_experts`) with routing that a kernel takes (`routes_on_kernel`)."""
+    return routes_on_kernel(config) and steps_on_chosen_experts(config, tokens, hidden)
+
+
 def routes_on_kernel(config: ModelConfig) -> bool:
     """Whether `route_kernel` takes this model's routing: greedy top-k over a power-of-two number of experts."""
     E = config.num_experts
     return config.topk_method == "greedy" and power_of_two(E) and config.num_experts_per_tok <= E
 
 
-def _route_kernel(partials_ref, scores_ref, weights_ref, experts_ref, *, top_k, norm, scaling):
+def greedy_routing(config: ModelConfig) -> GreedyRouting:
+    """The routing that `route_kernel` and `grouped_matmul.routed_experts_mlp` take inside their kernels."""
+    K = config.num_experts_per_tok
+    return GreedyRouting(K, norm=config.norm_topk_prob and K > 1, scaling=config.routed_scaling_factor)
+
+
+def _route_kernel(partials_ref, scores_ref, weights_ref, experts_ref, *, routing):
     """Program t: token t's logits (the sum of the router's partial products), their softmax, the greedy top-k
-    (the highest score first, the lowest expert id among equal scores, as jax.lax.top_k) and its weights."""
+    and its weights (`grouped_matmul.greedy_top_k`)."""
     t = pl.program_id(0)
-    logits = partials_ref[:, t, :].sum(axis=0)
-    e = jnp.exp(logits - logits.max())
-    scores = e / e.sum()
+    scores, experts, weights = greedy_top_k(partials_ref[:, t, :].sum(axis=0), routing)
     scores_ref[t, :] = scores
-    ids = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 0)
-    rest, chosen = scores, []
-    for k in range(top_k):
-        best = rest.max()
-        expert = jnp.min(jnp.where(rest == best, ids, scores.shape[0]))
+    for k, (expert, w) in enumerate(zip(experts, weights)):
         experts_ref[t, k] = expert
-        chosen.append(best)
-        rest = jnp.where(ids == expert, -1.0, rest)  # scores are >= 0
-    total = functools.reduce(jnp.add, chosen) + 1e-20
-    for k, w in enumerate(chosen):
-        weights_ref[t, k] = w / total if norm else w * scaling
+        weights_ref[t, k] = w
 
 
 @functools.partial(jax.jit, static_argnames=("config", "tokens", "interpret"))
@@ -116,7 +118,7 @@ def route_kernel(config: ModelConfig, partials: jnp.ndarray, tokens: int, interp
                          f"{E} experts) from [splits, >= {tokens}, {E}] partial logits, got {partials.shape}")
     f32 = jnp.float32
     scores, weights, experts = pl.pallas_call(
-        functools.partial(_route_kernel, top_k=K, norm=c.norm_topk_prob and K > 1, scaling=c.routed_scaling_factor),
+        functools.partial(_route_kernel, routing=greedy_routing(c)),
         out_shape=[jax.ShapeDtypeStruct((tokens, E), f32), jax.ShapeDtypeStruct((tokens, K), f32),
                    jax.ShapeDtypeStruct((tokens, K), jnp.int32)],
         grid=(tokens,),
@@ -415,6 +417,33 @@ class MoE(nnx.Module):
         """x [T, D] -> the routing of each token; logits in fp32."""
         return route_tokens(self.config, x, self.router[...])
 
+    def _decoding_stacks(self, stacks: ExpertStacks | None) -> tuple[ExpertStacks, bool]:
+        """The weights for the chosen-experts kernels and whether they are stacked: `stacks` where they hold the
+        compute dtype (the kernels then read their layer), else this module's own, cast."""
+        dt = self.dtype
+        if stacks is not None and all(a.dtype == dt for a in jax.tree.leaves(stacks[:4])):
+            return stacks, True
+        s = self.shared_experts
+        shared = None if s is None else tuple(cast(p, dt) for p in (s.gate_proj, s.up_proj, s.down_proj))
+        return ExpertStacks(cast(self.gate_proj, dt), cast(self.up_proj, dt), cast(self.down_proj, dt), shared), False
+
+    @jax.named_scope("moe")
+    def add_decoded(self, x: jnp.ndarray, residual: jnp.ndarray, router_partials: jnp.ndarray, counts: jax.Array,
+                    stacks: ExpertStacks | None = None) -> tuple[jnp.ndarray, jax.Array, RouterOutput]:
+        """residual + this layer's output for a decoding step's normalised rows x [B, S, D], for steps that
+        `adds_decoded` takes: two kernels (`grouped_matmul.routed_experts_mlp`), where __call__(decoding=True) and
+        the residual add take four. The gate/up kernel takes the routing from the router's float32 partial
+        products router_partials [S', >= B*S, E] (`layers.rms_norm_rows` with the router) itself; the down kernel
+        adds the weighted sum to the residual [B, S, D]. counts: those kernels' counters
+        (`grouped_matmul.arrival_counts`, zeros), carried from one layer to the next. stacks: as for __call__.
+        Returns (the new residual, counts, the routing)."""
+        B, S, D = x.shape
+        w, stacked = self._decoding_stacks(stacks)
+        h, counts, scores, weights, experts = routed_experts_mlp(
+            x.astype(self.dtype).reshape(B * S, D), router_partials, residual.reshape(B * S, D), counts, w.gate,
+            w.up, w.down, w.shared, w.layer if stacked else None, routing=greedy_routing(self.config))
+        return h.reshape(residual.shape), counts, RouterOutput(weights, experts, scores, jnp.ones(experts.shape, bool))
+
     @jax.named_scope("moe")
     def __call__(self, x: jnp.ndarray, capacity_factor: float | None = None, decoding: bool = False,
                  stacks: ExpertStacks | None = None,
@@ -450,12 +479,7 @@ class MoE(nnx.Module):
                      else route(c, partials.sum(axis=0)[:B * S]))
             else:
                 r = self.route(xt)
-            stacked = stacks is not None and all(a.dtype == dt for a in jax.tree.leaves(stacks[:4]))
-            if not stacked:
-                s = self.shared_experts
-                shared = None if s is None else tuple(cast(p, dt) for p in (s.gate_proj, s.up_proj, s.down_proj))
-                stacks = ExpertStacks(gate, up, down, shared)
-            y = chosen_experts(xt, r, stacks, stacked)
+            y = chosen_experts(xt, r, *self._decoding_stacks(stacks))
             return y.reshape(B, S, D), r._replace(kept=jnp.ones(r.experts.shape, bool))
         if mesh is not None:
             # pinned to their own shardings so that their gradients come back sharded the same way

@@ -26,6 +26,25 @@ def test_idle_between_kernels(capsys):
     assert idle_between(kernels[:1]) == {}
 
 
+def test_summarize_groups_a_kernels_copies(tmp_path, capsys):
+    """trace_summary.summarize: a kernel's copies (`name__N`, one per call site) count as one kernel; host events
+    and other modules' kernels are left out of the kernel tables."""
+    import gzip
+    import json
+
+    summarize = load("trace_summary").summarize
+    device = dict(ph="M", pid=2, name="process_name", args=dict(name="/device:GPU:0"))
+    k = lambda name, ts, dur, module="jit_loop": dict(ph="X", pid=2, name=name, ts=ts, dur=dur,  # noqa: E731
+                                                    args=dict(hlo_module=module))
+    events = [device, k("gate_up", 0, 4), k("gate_up__1", 5, 6), k("down__12", 12, 3), k("other", 16, 9, "jit_x"),
+              dict(ph="X", pid=1, name="launch", ts=0, dur=2)]
+    with gzip.open(tmp_path / "t.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    got = summarize(str(tmp_path), steps=1, module="loop")
+    assert got["by_kernel"] == {"gate_up": 10, "down": 3}
+    assert "gate_up  x2" in capsys.readouterr().out
+
+
 def test_host_events_in_the_device_span(capsys):
     """trace_summary.host_events: the host threads' complete events inside the device's span, by name (per step,
     count per step, median); device events, events outside the span and other phases are left out."""
@@ -76,7 +95,8 @@ def test_gpu_clocks_samples_beside_the_block(tmp_path, monkeypatch):
 def test_decode_compiles_each_batch_again(decode_kernels):
     """bench/decode.py --compiles 2: each batch compiled and timed twice in the process, one row each, on the tiny
     model (CPU). Every compilation is a real one: jax's caches are cleared in between and the persistent cache the
-    tests run with (conftest) is off meanwhile (no hits), then on again. --layers-per-iteration: a row per setting."""
+    tests run with (conftest) is off meanwhile (no hits), then on again. --layers-per-iteration and
+    --moe-two-kernel-tokens: a row per setting."""
     import jax
     from dsv2_jax import ModelConfig
 
@@ -99,6 +119,11 @@ def test_decode_compiles_each_batch_again(decode_kernels):
     rows = list(load("decode").run_jax(config, [1], 8, 2, layers_per_iteration=(1, 2)))
     assert [setting["layers_per_iteration"] for setting, *_ in rows] == [1, 2]
     assert gen.DECODE_LAYERS_PER_ITERATION == default
+    # --moe-two-kernel-tokens the same way
+    default = gen.DECODE_MOE_TWO_KERNEL_TOKENS
+    rows = list(load("decode").run_jax(config, [1], 8, 2, moe_two_kernel_tokens=(0, 1)))
+    assert [setting["moe_two_kernel_tokens"] for setting, *_ in rows] == [0, 1]
+    assert gen.DECODE_MOE_TWO_KERNEL_TOKENS == default
 
 
 def test_attention_bench_checks_kernels_against_the_reference():

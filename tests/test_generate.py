@@ -372,11 +372,13 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
     """Prefill, then absorbed decode steps of chosen tokens: logits equal the full (expanded) forward pass, with the
     decoding step's experts on the sorted grouped path or the chosen-experts kernels, and its attention projections
     on XLA or on stacked_matvec, its attention over the latents (16 heads) on latent_attention, its routing (16
-    experts, greedy) on rms_norm_rows (the router's product with the post-attention norm) and route_kernel, its
-    norms on rms_norm_rows (kernels interpreted off GPU); and with one token a step on those kernels, the
-    post-attention norm adding o_proj's partial sums to the residual itself and the input norm taken by the
-    attention's first kernel. On the kernels the MoE layers run two to an iteration here (the tiny preset's three: a
-    pair in the loop, then the third in a loop of its own), each kernel reading its layer from the loop's counter."""
+    experts, greedy) on rms_norm_rows (the router's product with the post-attention norm) and then, on the
+    chosen-experts kernels, in their gate/up kernel, the down kernel adding the layer's output to the residual
+    (MoE.add_decoded; route_kernel and XLA's add otherwise), its norms on rms_norm_rows (kernels interpreted off
+    GPU); and with one token a step on those kernels, the post-attention norm adding o_proj's partial sums to the
+    residual itself and the input norm taken by the attention's first kernel. On the kernels the MoE layers run two
+    to an iteration here (the tiny preset's three: a pair in the loop, then the third in a loop of its own), each
+    kernel reading its layer from the loop's counter."""
     monkeypatch.setattr(gen, "DECODE_LAYERS_PER_ITERATION", 2)
     tiny = request.getfixturevalue(model)
     decode_kernels(experts, projections)
@@ -386,12 +388,15 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
     cache = dsv2_jax.init_cache(tiny.config, 2, 16, dtype=jnp.float32)
     cache, logits = gen.prefill(tiny, cache, prompts, chunk_size=4)
     # per traced layer (dense, MoE): q_a with kv_a, q_b, o_proj; the dense down_proj; attention, routing (tiny16's
-    # router product in the post-attention norm's kernel). The MoE layer is traced three times: twice in the first
-    # loop's body, once in the second's.
+    # router product in the post-attention norm's kernel, its routing and residual add in the experts' kernels). The
+    # MoE layer is traced three times: twice in the first loop's body, once in the second's.
     wide, moe = model == "tiny16", 3
+    routed = wide and experts == "chosen"
     assert tiny.config.num_moe_layers == 3
     for name, dense, per_moe in (("stacked_matvec", 4, 3), ("latent_attention", wide, wide),
-                                 ("latent_output", wide, wide), ("route", 0, wide), ("absorbed_query", wide, wide),
+                                 ("latent_output", wide, wide), ("route", 0, wide and not routed),
+                                 ("chosen_experts_gate_up_routing", 0, routed),
+                                 ("chosen_experts_down_residual", 0, routed), ("absorbed_query", wide, wide),
                                  ("rms_norm_rows", 2, 2)):
         kernels = pallas_calls(lambda c, t: gen.decode_forward(tiny, c, t)[1], cache, jnp.array([7, 250]), prefix=name)
         assert kernels == (dense + moe * per_moe if projections == "pallas" else 0), name

@@ -580,6 +580,51 @@ def test_route_kernel_matches_route(norm, scaling):
         route_kernel(TINY, jnp.asarray(partials[:, :, :8]), 1)
 
 
+@pytest.mark.parametrize("dtype,T", [("float32", 3), ("bfloat16", 1)])
+def test_routed_experts_mlp_equals_route_then_chosen_experts(dtype, T):
+    """routed_experts_mlp (decoding's MoE layer in two kernels: the routing taken in the gate/up kernel, the weighted
+    sum and the residual add in the down kernel, whose last program per column block sums it; interpreted off GPU)
+    against route_kernel, chosen_experts_mlp and the weighted sum and residual add in XLA: the same experts and
+    weights, scores and output to 1e-6 of the largest in float32 and within one bf16 rounding in bf16; 4 routed of
+    16 experts plus 2 shared (6 products per token, not a power of two), renormalised and scaled weights, one
+    layer of two-layer stacks; the counters come back as zeros. Bad partials or counters are errors."""
+    from dsv2_jax.grouped_matmul import arrival_counts, chosen_experts_mlp, routed_experts_mlp
+    from dsv2_jax.moe import greedy_routing, route_kernel
+
+    rng = np.random.default_rng(16)
+    D, I, E, K, L = 64, 32, 16, 4, 2
+    arr = lambda *s, scale=1.0: jnp.asarray(rng.normal(size=s) * scale, dtype)  # noqa: E731
+    gate, up = arr(L, E, D, I, scale=0.3), arr(L, E, D, I, scale=0.3)
+    down = arr(L, E, I, D, scale=0.3)
+    shared = (arr(L, D, 2 * I, scale=0.3), arr(L, D, 2 * I, scale=0.3), arr(L, 2 * I, D, scale=0.3))
+    x, residual = arr(T, D), arr(T, D)
+    partials = jnp.asarray(rng.normal(size=(4, T + 1, E)), jnp.float32)
+    for norm, scaling in ((True, 1.0), (False, 2.5)):
+        c = TINY.replace(n_routed_experts=E, num_experts_per_tok=K, topk_method="greedy", norm_topk_prob=norm,
+                         routed_scaling_factor=scaling)
+        with jax.default_matmul_precision("highest"):
+            h, counts, scores, weights, experts = routed_experts_mlp(
+                x, partials, residual, arrival_counts(T, D), gate, up, down, shared, jnp.int32(1),
+                routing=greedy_routing(c))
+            r = route_kernel(c, partials, T)
+            y = chosen_experts_mlp(x, r.experts, gate, up, down, shared, jnp.int32(1))
+        coef = jnp.concatenate([r.weights, jnp.ones((T, 2), jnp.float32)], axis=1)
+        want = residual + (y * coef[:, :, None]).sum(axis=1).astype(residual.dtype)
+        np.testing.assert_array_equal(np.asarray(experts), np.asarray(r.experts))
+        for got_, want_ in ((weights, r.weights), (scores, r.scores)):
+            np.testing.assert_allclose(np.asarray(got_), np.asarray(want_), rtol=0, atol=1e-6)
+        assert h.dtype == residual.dtype and np.asarray(counts).sum() == 0 and counts.shape == (T, D // 16)
+        got, want = np.asarray(h, np.float32), np.asarray(want, np.float32)
+        ulp = 1e-6 if dtype == "float32" else 2.0 ** -7
+        np.testing.assert_allclose(got, want, rtol=0, atol=ulp * np.abs(want).max())
+    with pytest.raises(ValueError, match="counts"):
+        routed_experts_mlp(x, partials, residual, jnp.zeros((T, 2), jnp.int32), gate, up, down, shared,
+                           jnp.int32(1), routing=greedy_routing(c))
+    with pytest.raises(ValueError, match="router partials"):
+        routed_experts_mlp(x, partials[:, :, :12], residual, arrival_counts(T, D), gate, up, down, shared,
+                           jnp.int32(1), routing=greedy_routing(c))
+
+
 def test_moe_router_on_stacked_matvec(decode_kernels):
     """With the router's stack in ExpertStacks (decoding with DSV2_DECODE_PROJECTIONS), the router's float32 logits
     come from stacked_matvec reading the stacked layer: the same routing and output as the module's own router."""
