@@ -262,7 +262,8 @@ class MLA(nnx.Module):
         (the spans combined and W_UV in one kernel) and o_proj on `stacked_matvec`. Returns [B, 1, D]; with sums,
         o_proj's `PartialSums` where it runs on that kernel."""
         spans = latent_attention_spans(q_lat, q_pe, cache.c_kv, cache.k_pe, cache.layer, cache.last,
-                                       scale=self.config.softmax_scale, layer_offset=cache.offset)
+                                       scale=self.config.softmax_scale, layer_offset=cache.offset,
+                                       **(ONE_ROW_TILES["latent_attention"] if q_lat.shape[0] == 1 else {}))
         if stacks is not None and tiles_fit(self.config.v_head_dim):
             out = latent_output(*spans, stacks.weights["v_b_proj"], stacks.layer, dtype=self.dtype)[:, None]
             return self._project("bqhv,hvd->bqd", out, "o_proj", stacks, sums)
@@ -295,7 +296,7 @@ class MLA(nnx.Module):
         q_lat, q_pe, c_kv, k_pe = absorbed_query(
             q_parts, parts, w["k_b_proj"], stacks.kv_a_norm, cos.reshape(B, -1), sin.reshape(B, -1), cache.c_kv,
             cache.k_pe, stacks.layer, cache.layer, cache.last, q_at=0, kv_at=first, eps=c.rms_norm_eps,
-            cache_offset=cache.offset)
+            cache_offset=cache.offset, **(ONE_ROW_TILES["absorbed_query"] if B == 1 else {}))
         return q_lat, q_pe, cache.replace(c_kv=c_kv, k_pe=k_pe)
 
     @jax.named_scope("mla")
@@ -407,6 +408,10 @@ def causal_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
 
 # ---------------------------------------------------------------------------------------------- decoding kernel
 LATENT_HEADS = TILE  # heads per program: the rows of one tensor-core tile
+# one row a step: more programs in these two latency-bound kernels, 32 spans of the cache (16 otherwise) and the
+# latent in blocks of 32 (64): with the router's 64-row blocks (layers.ONE_ROW_ROUTER_ROWS), V2-Lite's batch-1 step
+# ~1% faster (H200, bench/RESULTS.md §23)
+ONE_ROW_TILES = dict(latent_attention=dict(splits=32), absorbed_query=dict(block_c=32))
 
 
 def latent_attention_fits(config: ModelConfig, slots: int) -> bool:

@@ -121,6 +121,7 @@ def _rms_norm_rows_kernel(layer_ref, x_ref, w_ref, *refs, eps, router_block, add
 
 
 ROUTER_ROWS = 128  # rms_norm_rows with a router: the router's contraction rows per program
+ONE_ROW_ROUTER_ROWS = 64  # the same for one row: more programs (attention.ONE_ROW_TILES)
 
 
 def rms_norm_rows_takes_router(width: int, experts: int) -> bool:
@@ -135,16 +136,17 @@ def rms_norm_rows(x, weight, layer, router=None, added=None, *, eps: float, dtyp
     a kernel would be copied). D a power of two (`rms_norm_rows_fits`). interpret: Pallas's interpreter (default:
     off GPU).
     router: stacked router weights [L, D, E] (E a power of two): the same kernel then also returns the router's
-    float32 partial products [D / ROUTER_ROWS, T, E] of the T normalised rows (as rounded to dtype) with layer
-    `layer` of it, for `moe.route_kernel`, where a `stacked_matvec` would take one more kernel.
+    float32 partial products [D / ROUTER_ROWS (ONE_ROW_ROUTER_ROWS for one row), T, E] of the T normalised rows
+    (as rounded to dtype) with layer `layer` of it, for `moe.route_kernel`, where a `stacked_matvec` would take one
+    more kernel.
     added: float32 partial sums [S, R >= T, D] of something to add to x first (a product's unsummed partials,
     `grouped_matmul.stacked_partials`): the kernel normalises x + that sum (rounded to x's type, as `x + sum` would
     be in XLA, where it takes a kernel of its own) and also returns the sum, last.
     Returns the normalised rows, then the router's partials (with a router), then x + added (with added)."""
     D = x.shape[-1]
-    block = 0 if router is None else min(ROUTER_ROWS, D)
     rows = x.reshape(-1, D)
     T = rows.shape[0]
+    block = 0 if router is None else min(ROUTER_ROWS if T > 1 else ONE_ROW_ROUTER_ROWS, D)
     if (weight.ndim != 2 or weight.shape[1] != D or not rms_norm_rows_fits(D) or
             (router is not None and (router.ndim != 3 or router.shape[1] != D
                                      or not rms_norm_rows_takes_router(D, router.shape[2]))) or

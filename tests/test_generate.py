@@ -287,11 +287,11 @@ def test_rms_norm_rows_matches_rms_norm(dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_rms_norm_rows_with_router(dtype):
     """rms_norm_rows with a router (decoding's post-attention norm taking the router's product; interpreted off GPU):
-    the same normalised rows as without, and partial sums over 128-row blocks of the router (two here) whose sum is
-    the float32 product of those rows with the chosen layer's router: float32 within 1e-5 of the largest logit; bf16
-    within one bf16 rounding of each term (the interpreter's XLA may keep the normalised values unrounded). A
-    router whose experts are not a power of two is refused."""
-    from dsv2_jax.layers import ROUTER_ROWS, rms_norm_rows
+    the same normalised rows as without, and partial sums over 128-row blocks of the router (two here; 64-row blocks
+    for one row) whose sum is the float32 product of those rows with the chosen layer's router: float32 within 1e-5
+    of the largest logit; bf16 within one bf16 rounding of each term (the interpreter's XLA may keep the normalised
+    values unrounded). A router whose experts are not a power of two is refused."""
+    from dsv2_jax.layers import ONE_ROW_ROUTER_ROWS, ROUTER_ROWS, rms_norm_rows
 
     rng = np.random.default_rng(17)
     dt, D = jnp.dtype(dtype), 2 * ROUTER_ROWS
@@ -307,6 +307,11 @@ def test_rms_norm_rows_with_router(dtype):
     bound = (1e-5 * np.abs(want).max() if dtype == "float32"
              else 2 ** -8 * (np.abs(n64) @ np.abs(router[2].astype(np.float64))))
     assert np.all(np.abs(np.asarray(logits, np.float64).sum(axis=0) - want) <= bound)
+    # one row: blocks of ONE_ROW_ROUTER_ROWS (more programs), the same sum
+    _, one = rms_norm_rows(x[:1], w, jnp.int32(2), jnp.asarray(router), eps=1e-6, dtype=dt)
+    assert one.shape == (D // ONE_ROW_ROUTER_ROWS, 1, 16) and ONE_ROW_ROUTER_ROWS != ROUTER_ROWS
+    one_bound = bound[:1] if np.ndim(bound) else bound
+    assert np.all(np.abs(np.asarray(one, np.float64).sum(axis=0) - want[:1]) <= one_bound)
     with pytest.raises(ValueError, match="power of two of experts"):
         rms_norm_rows(x, w, 0, jnp.zeros((3, D, 12)), eps=1e-6, dtype=dt)
 
