@@ -86,7 +86,7 @@ def cache_bytes_per_token(cache: KVCache) -> int:
 DECODE_LAYERS_PER_ITERATION = 13
 # Decoding on the kernels, with the router's product in the post-attention norm's kernel: in steps of at most this many
 # tokens, a MoE layer's routing, experts and residual add take two kernels (MoE.add_decoded) instead of four
-# (route_kernel, the experts' two, XLA's add). V2-Lite, H200: batch 1 1.5-3% faster (236 kernels a step against 287),
+# (route_kernel, the experts' two, XLA's add). V2-Lite, H200: batch 1 1.3-3% faster (236 kernels a step against 287),
 # batch 2 2.5%; batch 4 the same, batch 8-16 0.7-2.5% slower, where every program of the gate/up kernel (16 × 66 at
 # batch 16) takes its token's routing itself (bench/RESULTS.md §23).
 DECODE_MOE_TWO_KERNEL_TOKENS = 2

@@ -652,6 +652,42 @@ def test_moe_router_on_stacked_matvec(decode_kernels):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+def test_moe_add_decoded_equals_residual_plus_the_layer(decode_kernels):
+    """MoE.add_decoded (a decoding step's routing, experts and residual add in two kernels; interpreted off GPU)
+    equals residual + MoE(x, decoding=True) on the chosen-experts kernels, both given the same router partials: with
+    the module's own weights and with one layer of two-layer stacks; the same routing; float32, 1e-6 of the
+    largest entry; the counters come back as zeros."""
+    from dsv2_jax.grouped_matmul import arrival_counts
+    from dsv2_jax.moe import ExpertStacks, MoE, adds_decoded
+    from flax import nnx
+
+    c = TINY.replace(n_routed_experts=16, moe_intermediate_size=128, topk_method="greedy")
+    moe = MoE(c, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(5))
+    for p, scale in ((moe.router, 20), (moe.gate_proj, 5), (moe.up_proj, 5), (moe.down_proj, 5)):
+        p[...] = p[...] * scale  # weights large enough that the routing and the experts matter
+    rng = np.random.default_rng(21)
+    D = c.hidden_size
+    x, residual = (jnp.asarray(rng.normal(size=(2, 1, D)), jnp.float32) for _ in range(2))
+    decode_kernels("chosen", "pallas")
+    assert adds_decoded(c, 2, D)
+    router, half, xt = moe.router[...], D // 2, x.reshape(2, D)
+    partials = jnp.stack([xt[:, :half] @ router[:half], xt[:, half:] @ router[half:]])  # [2, T, E] float32
+    two_layers = lambda p: jnp.stack([-p[...], p[...]])  # noqa: E731  (layer 1 is the module's)
+    s = moe.shared_experts
+    stacks = ExpertStacks(*map(two_layers, (moe.gate_proj, moe.up_proj, moe.down_proj)),
+                          tuple(map(two_layers, (s.gate_proj, s.up_proj, s.down_proj))), jnp.int32(1))
+    with jax.default_matmul_precision("highest"):
+        y, r_want = moe(x, decoding=True, router_partials=partials)
+        want = np.asarray(residual + y)
+        for w in (None, stacks):
+            got, counts, r_got = moe.add_decoded(x, residual, partials, arrival_counts(2, D), stacks=w)
+            np.testing.assert_array_equal(np.asarray(r_got.experts), np.asarray(r_want.experts))
+            np.testing.assert_allclose(np.asarray(r_got.weights), np.asarray(r_want.weights), rtol=0, atol=1e-6)
+            assert got.shape == residual.shape and not np.asarray(counts).any()
+            np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6 * np.abs(want).max())
+    assert np.abs(np.asarray(y)).max() > 0.1
+
+
 def test_moe_decoding_kernels_equal_the_sorted_path(decode_kernels):
     """MoE(x, decoding=True) on the chosen-experts kernels (forced; interpreted off GPU) equals the sorted dropless
     path with the shared experts (float32, 1e-5 relative), with the same routing; auto takes them only on GPU, and
