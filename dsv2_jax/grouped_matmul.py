@@ -516,6 +516,13 @@ def rms_normalised(x, scale, weight, dtype):
     return (x * scale).astype(dtype) * weight.astype(dtype)
 
 
+def added_as_xla_adds(x, total):
+    """Inside a kernel: x + a float32 sum, the sum rounded to x's type first and the two added as XLA adds two arrays
+    of that type (in float32, rounded back): the residual adds that kernels take over from XLA."""
+    f32 = jnp.float32
+    return (x.astype(f32) + total.astype(x.dtype).astype(f32)).astype(x.dtype)
+
+
 def matvecs(x_of, w_ofs, length: int, block_k: int, block_n: int):
     """x · w for each w in w_ofs, in one loop over the contraction: x_of(ks) [block_k] and w_of(ks) [block_k, block_n]
     for ks the pl.ds blocks of [0, length) -> one [block_n] float32 per w.
@@ -617,10 +624,10 @@ def _chosen_down_kernel(layer_ref, experts_ref, h_ref, down_ref, *rest, num_rout
     the sum rounded to the residual's type before the add, as `moe.chosen_experts` and the residual add round) and
     sets the counter back to zero. barriers: the CTA barriers around the arrival (not in Pallas's interpreter,
     which runs one program at a time)."""
-    inputs = 3 if combine else 0
-    shared = rest[:len(rest) - inputs - (3 if combine else 1)]
+    inputs, outputs = (3, 3) if combine else (0, 1)
+    shared = rest[:len(rest) - inputs - outputs]
     weights_ref, residual_ref, _ = rest[len(shared):len(shared) + inputs] if combine else (None,) * 3
-    y_ref, *combined = rest[len(shared) + inputs:]
+    y_ref, *combined = rest[len(rest) - outputs:]
     t, j, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer, ns = kernel_layer(layer_ref, at), pl.ds(n * block_n, block_n)
     h_of = lambda ks: h_ref[t, j, ks]  # noqa: E731
@@ -654,8 +661,7 @@ def _chosen_down_kernel(layer_ref, experts_ref, h_ref, down_ref, *rest, num_rout
                 y = plgpu.load(y_ref.at[t, jnp.int32(i), ns], volatile=True)
                 y = y * weights_ref[t, i] if i < num_routed else y
                 total = y if total is None else total + y
-            res = residual_ref[t, ns]
-            out_ref[t, ns] = (res.astype(jnp.float32) + total.astype(res.dtype).astype(jnp.float32)).astype(res.dtype)
+            out_ref[t, ns] = added_as_xla_adds(residual_ref[t, ns], total)
             counts_ref[t, n] = 0
 
 

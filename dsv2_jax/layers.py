@@ -11,8 +11,8 @@ from flax import nnx
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .grouped_matmul import (grouped_matmul_backend, interpreted, kernel_layer, layer_operand, power_of_two,
-                             rms_normalised, rms_scale, stacked_matvec, tiles_fit, warn_if_installed)
+from .grouped_matmul import (added_as_xla_adds, grouped_matmul_backend, interpreted, kernel_layer, layer_operand,
+                             power_of_two, rms_normalised, rms_scale, stacked_matvec, tiles_fit, warn_if_installed)
 from .sharding import constrain
 
 
@@ -99,7 +99,7 @@ def _rms_norm_rows_kernel(layer_ref, x_ref, w_ref, *refs, eps, router_block, add
         total = parts_ref[0][0, b, cols]
         for i in range(1, added):
             total += parts_ref[0][i, b, cols]
-        return (x.astype(f32) + total.astype(x.dtype).astype(f32)).astype(x.dtype).astype(f32)
+        return added_as_xla_adds(x, total).astype(f32)
 
     def normed(x, cols, scale):
         return rms_normalised(x, scale, w_ref[layer, cols], o_ref.dtype)
