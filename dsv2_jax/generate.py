@@ -187,7 +187,7 @@ def _run_layers(model, x, c_kv, k_pe, attend, decoding: bool = False):
                     y = layer.mlp(h_norm, decoding=decoding, router_partials=router_partials,
                                   stacks=layer_experts)[0]
                 else:
-                    y = layer.mlp(h_norm, down=None if dense_down is None else (dense_down, stack_index))
+                    y = layer.mlp(h_norm, stacks=None if dense_down is None else (None, None, dense_down, stack_index))
                 h = constrain(h + y, ("batch", "seq", "embed"))
             return h, constrain(c_kv, CACHE_AXES.c_kv), constrain(k_pe, CACHE_AXES.k_pe), counts
 

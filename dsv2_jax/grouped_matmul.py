@@ -799,7 +799,12 @@ MATVEC_TILES = dict(block_k=128, block_n=64, num_warps=4, num_stages=3, programs
 # product 4.3 -> 4.5 µs, the add 2.3 -> 1.7 µs). bench/RESULTS.md §11.
 PROJECTION_TILES = {("input", 1): dict(block_n=32, num_warps=2, programs=512),
                     ("o_proj", 1): dict(block_n=32, num_warps=2, programs=256)}
-MATVEC_MAX_TOKENS = TILE  # the token rows of one tensor-core tile
+# the most tokens of a step whose products run on stacked_matvec: every program takes all of them, in 16-row tiles
+MATVEC_MAX_TOKENS = 64
+# auto's steps of more than 16 tokens on stacked_matvec: from this many. There the layer's weights and cache are read
+# in place, where XLA's products and attention on the layer's slices copy each weight and the cache's layer first
+# (H200, V2-Lite: batch 64 14.31 -> 13.10 ms a step; batch 32 12.26 -> 12.47, so XLA's below; bench/RESULTS.md §24)
+MATVEC_MIN_MANY_TOKENS = 33
 MATVEC_BACKENDS = ("auto", "pallas", "xla")
 
 
@@ -819,22 +824,23 @@ def reread_decode_choices() -> None:
 def use_stacked_matvec(tokens: int) -> bool:
     """Whether a decoding step of `tokens` tokens runs its attention projections and router on `stacked_matvec`.
 
-    DSV2_DECODE_PROJECTIONS=auto (on GPU, up to MATVEC_MAX_TOKENS tokens) | pallas (forced; in the interpreter off
-    GPU) | xla (XLA's products on the layer's slices). Weights whose widths do not fit (`tiles_fit`) stay on XLA.
+    DSV2_DECODE_PROJECTIONS=auto (on GPU, up to 16 tokens and from MATVEC_MIN_MANY_TOKENS to MATVEC_MAX_TOKENS) |
+    pallas (forced, up to MATVEC_MAX_TOKENS; in the interpreter off GPU) | xla (XLA's products on the layer's
+    slices). Weights whose widths do not fit (`tiles_fit`) stay on XLA.
     """
     choice = _matvec_backend()
     if choice == "pallas" and tokens > MATVEC_MAX_TOKENS:
         raise ValueError(f"DSV2_DECODE_PROJECTIONS=pallas: {tokens} tokens per step, at most {MATVEC_MAX_TOKENS}")
     return choice == "pallas" or (choice == "auto" and jax.default_backend() == "gpu"
-                                  and tokens <= MATVEC_MAX_TOKENS)
+                                  and (tokens <= TILE or MATVEC_MIN_MANY_TOKENS <= tokens <= MATVEC_MAX_TOKENS))
 
 
 def _stacked_matvec_kernel(layer_ref, x_ref, *refs, rows, block_k, block_n, dtype, blocks, eps, at):
     """Program (n, s): columns n of x · w[layer] over the contraction rows [s·rows, (s+1)·rows), float32, the
-    operands in `dtype`, w the weight whose column blocks [blocks[i], blocks[i + 1]) hold n. One token: its row is
-    broadcast to the 16 rows of a tensor-core tile (as in `matvecs`). eps (one token, with the norm's stacked
-    weights first among refs): x's row is first normalised as `layers.rms_norm_rows` does, each program taking the
-    row's scale from the whole row."""
+    operands in `dtype`, w the weight whose column blocks [blocks[i], blocks[i + 1]) hold n, for all of x's rows (a
+    power of two of at least 16: Triton's blocks) at once. One token: its row is broadcast to the 16 rows of a
+    tensor-core tile (as in `matvecs`). eps (one token, with the norm's stacked weights first among refs): x's row
+    is first normalised as `layers.rms_norm_rows` does, each program taking the row's scale from the whole row."""
     norm_ref, *w_refs, o_ref = refs if eps is not None else (None, *refs)
     n, s = pl.program_id(0), pl.program_id(1)
     layer, ns = kernel_layer(layer_ref, at), pl.ds(n * block_n, block_n)
@@ -854,7 +860,8 @@ def _stacked_matvec_kernel(layer_ref, x_ref, *refs, rows, block_k, block_n, dtyp
             return acc + jnp.dot(x, w.astype(dtype), precision=dot_precision(dtype),
                                  preferred_element_type=jnp.float32)
 
-        acc = jax.lax.fori_loop(0, rows // block_k, body, jnp.zeros((TILE, block_n), jnp.float32))
+        acc = jax.lax.fori_loop(0, rows // block_k, body, jnp.zeros((max(x_ref.shape[0], TILE), block_n),
+                                                                    jnp.float32))
         if one:
             o_ref[s, 0, ns] = acc.max(axis=0)  # the 16 equal rows
         else:
@@ -868,8 +875,9 @@ def _stacked_matvec_kernel(layer_ref, x_ref, *refs, rows, block_k, block_n, dtyp
 
 
 def stacked_matvec(x, w, layer=None, *, dtype=None, **options):
-    """x [T, K] (T <= 16 tokens) times w [K, N], or times layer `layer` (an int32 scalar or a `LayerIndex`) of
-    w [L, K, N] read by the kernel itself (a slice handed to a kernel would first be copied whole): [T, N] float32.
+    """x [T, K] (T <= MATVEC_MAX_TOKENS tokens) times w [K, N], or times layer `layer` (an int32 scalar or a
+    `LayerIndex`) of w [L, K, N] read by the kernel itself (a slice handed to a kernel would first be copied whole):
+    [T, N] float32.
     w a tuple of such weights (one K): one kernel for all, a tuple of products.
 
     For decoding, where XLA turns such products into multiply-and-reduce fusions: `stacked_partials`' products
@@ -915,7 +923,7 @@ def stacked_partials(x, w, layer=None, norm=None, *, dtype=None, eps: float = 0.
     # the most parts of whole blocks that fit the programs (a power of two where K / block_k is one)
     splits = max((d for d in range(2, K // block_k + 1) if (K // block_k) % d == 0 and d * blocks[-1] <= programs),
                  default=1)
-    rows = 1 if T == 1 else MATVEC_MAX_TOKENS
+    rows = 1 if T == 1 else max(TILE, 1 << (T - 1).bit_length())  # a power of two of whole tensor-core tiles
     x = jnp.pad(x, ((0, rows - T), (0, 0)))
     layer, at = layer_operand(layer)
     return pl.pallas_call(

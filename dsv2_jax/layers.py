@@ -189,18 +189,24 @@ class MLP(nnx.Module):
         self.down_proj = param(rngs, (intermediate, hidden), ("mlp", "embed"), param_dtype, std)
 
     @jax.named_scope("mlp")
-    def __call__(self, x: jnp.ndarray, down: tuple | None = None) -> jnp.ndarray:
-        """x [..., hidden]. down: (the down_proj stack [L, intermediate, hidden] this module was sliced from, in
-        the compute dtype, and the layer's index), for a decoding step: the down product then runs on
-        `stacked_matvec`, reading the layer out of the stack (XLA pads V2-Lite's 10,944-row weight for its
-        split-K product every step)."""
+    def __call__(self, x: jnp.ndarray, stacks: tuple | None = None) -> jnp.ndarray:
+        """x [..., hidden]. stacks, for a decoding step: (gate, up, down, layer), the stacks [L, ...] this module
+        was sliced from, in the compute dtype (gate and up may be None), and the layer's index. Their products
+        then run on `stacked_matvec`, reading the layer out of the stacks, where XLA's products would copy the
+        layer's slice first (and pad V2-Lite's dense 10,944-row down_proj for its split-K product every step)."""
         x = x.astype(self.dtype)
-        gate = x @ cast(self.gate_proj, self.dtype)
-        up = x @ cast(self.up_proj, self.dtype)
+        gate_s, up_s, down_s, layer = stacks if stacks is not None else (None,) * 4
+        if gate_s is not None and up_s is not None and tiles_fit(*gate_s.shape[1:], up_s.shape[2]):
+            rows = x.reshape(-1, x.shape[-1])
+            gate, up = (y.astype(self.dtype).reshape(*x.shape[:-1], -1)
+                        for y in stacked_matvec(rows, (gate_s, up_s), layer))
+        else:
+            gate = x @ cast(self.gate_proj, self.dtype)
+            up = x @ cast(self.up_proj, self.dtype)
         h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        if down is not None and tiles_fit(*down[0].shape[1:]):
+        if down_s is not None and tiles_fit(*down_s.shape[1:]):
             rows = h.reshape(-1, h.shape[-1])
-            return stacked_matvec(rows, down[0], down[1]).astype(self.dtype).reshape(*h.shape[:-1], -1)
+            return stacked_matvec(rows, down_s, layer).astype(self.dtype).reshape(*h.shape[:-1], -1)
         return h @ cast(self.down_proj, self.dtype)
 
 

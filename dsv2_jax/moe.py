@@ -37,7 +37,8 @@ from jax.sharding import PartitionSpec as P
 from . import sharding
 from .config import ModelConfig
 from .grouped_matmul import (GreedyRouting, LayerIndex, chosen_experts_mlp, greedy_top_k, grouped_matmul, interpreted,
-                             power_of_two, routed_experts_mlp, stacked_partials, tiles_fit, use_chosen_experts)
+                             power_of_two, routed_experts_mlp, stacked_matvec, stacked_partials, tiles_fit,
+                             use_chosen_experts, use_stacked_matvec)
 from .layers import MLP, cast, param
 from .sharding import constrain
 
@@ -427,6 +428,12 @@ class MoE(nnx.Module):
         shared = None if s is None else tuple(cast(p, dt) for p in (s.gate_proj, s.up_proj, s.down_proj))
         return ExpertStacks(cast(self.gate_proj, dt), cast(self.up_proj, dt), cast(self.down_proj, dt), shared), False
 
+    def _stacks_in_place(self, stacks: ExpertStacks | None, tokens: int) -> bool:
+        """Whether a decoding step of `tokens` tokens on the sorted path takes its router's and shared experts'
+        products from `stacks` in place (`stacked_matvec`, grouped_matmul.use_stacked_matvec), where XLA's products
+        on this layer's slices would copy each weight first."""
+        return stacks is not None and use_stacked_matvec(tokens)
+
     @jax.named_scope("moe")
     def add_decoded(self, x: jnp.ndarray, residual: jnp.ndarray, router_partials: jnp.ndarray, counts: jax.Array,
                     stacks: ExpertStacks | None = None) -> tuple[jnp.ndarray, jax.Array, RouterOutput]:
@@ -487,7 +494,13 @@ class MoE(nnx.Module):
             gate, up, down = constrain(gate, GATE_UP_AXES), constrain(up, GATE_UP_AXES), constrain(down, DOWN_AXES)
             y, r = expert_parallel(self.config, mesh, xt, router, gate, up, down, capacity_factor)
         elif capacity_factor is None:
-            r = self.route(xt)
+            on_stacks = decoding and self._stacks_in_place(stacks, B * S)
+            if on_stacks and stacks.router is not None and tiles_fit(D, c.num_experts):
+                r = route(c, stacked_matvec(xt, stacks.router, stacks.layer, dtype=jnp.float32,
+                                            block_n=ROUTER_BLOCK_N))
+            else:
+                r = self.route(xt)
+            # the routed experts' slices go to the grouped matmul without a copy (XLA's dynamic-slice fusion)
             y = dropless_experts(xt, r, gate, up, down)
             r = r._replace(kept=jnp.ones(r.experts.shape, bool))
         else:
@@ -497,5 +510,9 @@ class MoE(nnx.Module):
             y, r = y.astype(dt), r._replace(kept=kept)
         y = constrain(y.reshape(B, S, D), ("batch", "seq", "embed"))
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            shared = None
+            if (decoding and mesh is None and self._stacks_in_place(stacks, B * S) and stacks.shared is not None
+                    and all(a.dtype == dt for a in stacks.shared)):  # the products in the compute dtype
+                shared = (*stacks.shared, stacks.layer)
+            y = y + self.shared_experts(x, stacks=shared)
         return y, r

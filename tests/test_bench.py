@@ -92,6 +92,19 @@ def test_gpu_clocks_samples_beside_the_block(tmp_path, monkeypatch):
     assert gpu == {} and report.gpu_text(gpu) == ""
 
 
+def test_copy_bandwidth_counts_a_loops_reads_and_writes(monkeypatch):
+    """bench/decode.copy_bandwidth_jax: each timed call runs COPY_LOOP copies, each reading and writing the array;
+    with a clock whose calls take 1, 2 and 4 s the rates are those bytes over each, median, slowest and fastest."""
+    import types
+
+    decode = load("decode")
+    ticks = iter([0.0, 1.0, 10.0, 12.0, 20.0, 24.0])  # three calls: 1 s, 2 s, 4 s
+    monkeypatch.setattr(decode, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    copy = decode.copy_bandwidth_jax(elements=1024, repeats=3)
+    moved = 2 * 4 * 1024 * decode.COPY_LOOP / 1e9  # GB a call
+    assert copy == {"copy_gb_s": moved / 2, "copy_gb_s_min": moved / 4, "copy_gb_s_max": moved / 1}
+
+
 def test_decode_compiles_each_batch_again(decode_kernels):
     """bench/decode.py --compiles 2: each batch compiled and timed twice in the process, one row each, on the tiny
     model (CPU). Every compilation is a real one: jax's caches are cleared in between and the persistent cache the

@@ -372,7 +372,8 @@ def test_latent_output_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("model,experts,projections", [("tiny", "sorted", "xla"), ("tiny", "sorted", "pallas"),
-                                                       ("tiny", "chosen", "pallas"), ("tiny16", "chosen", "pallas")])
+                                                       ("tiny", "chosen", "pallas"), ("tiny16", "sorted", "pallas"),
+                                                       ("tiny16", "chosen", "pallas")])
 def test_decode_steps_equal_full_forward(model, experts, projections, decode_kernels, request, monkeypatch):
     """Prefill, then absorbed decode steps of chosen tokens: logits equal the full (expanded) forward pass, with the
     decoding step's experts on the sorted grouped path or the chosen-experts kernels, and its attention projections
@@ -381,7 +382,9 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
     chosen-experts kernels, in their gate/up kernel, the down kernel adding the layer's output to the residual
     (MoE.add_decoded; route_kernel and XLA's add otherwise), its norms on rms_norm_rows (kernels interpreted off
     GPU); and with one token a step on those kernels, the post-attention norm adding o_proj's partial sums to the
-    residual itself and the input norm taken by the attention's first kernel. On the kernels the MoE layers run two
+    residual itself and the input norm taken by the attention's first kernel. On the sorted path with the
+    projections on stacked_matvec, the shared experts' products and (16 experts) the router's run there too. On the
+    kernels the MoE layers run two
     to an iteration here (the tiny preset's three: a pair in the loop, then the third in a loop of its own), each
     kernel reading its layer from the loop's counter."""
     monkeypatch.setattr(gen, "DECODE_LAYERS_PER_ITERATION", 2)
@@ -396,10 +399,10 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
     # router product in the post-attention norm's kernel, its routing and residual add in the experts' kernels). The
     # MoE layer is traced three times: twice in the first loop's body, once in the second's.
     wide, moe = model == "tiny16", 3
-    routed = wide and experts == "chosen"
+    routed, on_sorted = wide and experts == "chosen", experts == "sorted"
     assert tiny.config.num_moe_layers == 3
-    for name, dense, per_moe in (("stacked_matvec", 4, 3), ("latent_attention", wide, wide),
-                                 ("latent_output", wide, wide), ("route", 0, wide and not routed),
+    for name, dense, per_moe in (("stacked_matvec", 4, 3 + on_sorted * (2 + wide)), ("latent_attention", wide, wide),
+                                 ("latent_output", wide, wide), ("route", 0, wide and not routed and not on_sorted),
                                  ("chosen_experts_gate_up_routing", 0, routed),
                                  ("chosen_experts_down_residual", 0, routed), ("absorbed_query", wide, wide),
                                  ("rms_norm_rows", 2, 2)):
@@ -433,6 +436,31 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
         _, logits = gen.decode_step(tiny, cache, [extra[0][0]])
         want = full[0, len(prompts[0])]
         assert np.abs(np.asarray(logits[0]) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_decode_step_of_many_rows_on_the_kernels(tiny16, decode_kernels):
+    """A decoding step of 20 rows (more than one 16-row tile) with the projections on stacked_matvec: the layers'
+    attention projections, the latent kernels and, on the sorted experts' path, the router's and shared experts'
+    products read their layer out of the stacks, and the logits still equal the full forward pass (1e-5)."""
+    from dsv2_jax.grouped_matmul import MATVEC_MAX_TOKENS
+
+    decode_kernels("sorted", "pallas")
+    B = 20
+    assert 16 < B <= MATVEC_MAX_TOKENS
+    prompts = random_prompts(256, [3 + b % 4 for b in range(B)], seed=9)
+    extra = [int(t) for t in np.random.default_rng(9).integers(2, 256, B)]
+    full = full_forward_logits(tiny16, [p + [e] for p, e in zip(prompts, extra)])
+    cache = dsv2_jax.init_cache(tiny16.config, B, 16, dtype=jnp.float32)
+    cache, _ = gen.prefill(tiny16, cache, prompts, chunk_size=8)
+    # per MoE layer: q_a with kv_a, q_b, o_proj, the router, the shared experts' gate with up, and down
+    kernels = pallas_calls(lambda c, t: gen.decode_forward(tiny16, c, t)[1], cache, jnp.asarray(extra),
+                           prefix="stacked_matvec")
+    assert kernels == 4 + 6 * (tiny16.config.num_moe_layers > 0)  # the MoE layers traced once, in their loop
+    _, logits = gen.decode_step(tiny16, cache, extra)
+    for row in range(B):
+        want = full[row, len(prompts[row])]
+        err = np.abs(np.asarray(logits[row]) - want).max() / np.abs(want).max()
+        assert err <= 1e-5, (row, err)
 
 
 def test_one_row_decode_equals_full_forward(tiny):

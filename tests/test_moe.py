@@ -457,7 +457,8 @@ def test_chosen_experts_kernels_in_bf16(T):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_stacked_matvec_matches_numpy(dtype):
     """stacked_matvec (decoding's projections; interpreted off GPU) against a float64 numpy product of the chosen
-    layer: 1 to 16 tokens (one token on its own path), the contraction split in up to 8 parts or none (9 or 3
+    layer: 1 to 64 tokens (one token on its own path; more than 16 in several 16-row tiles, 37 padded to 64), the
+    contraction split in up to 8 parts or none (9 or 3
     parts for a contraction of 9 blocks), float32 inputs exact (1e-6), bf16 inputs (compiled on a GPU) within
     float32 accumulation (1e-5 of the largest entry), bf16 inputs multiplied in float32 (the router's way) exact,
     two weights in one kernel; too many rows are an error."""
@@ -466,8 +467,8 @@ def test_stacked_matvec_matches_numpy(dtype):
     rng = np.random.default_rng(12)
     L, K, N = 3, 512, 96
     w = jnp.asarray(rng.normal(size=(L, K, N)), dtype)
-    for T, programs, compute in ((1, 1, None), (1, 48, None), (5, 48, None), (MATVEC_MAX_TOKENS, 256, None),
-                                 (1, 48, jnp.float32), (3, 48, jnp.float32)):
+    for T, programs, compute in ((1, 1, None), (1, 48, None), (5, 48, None), (16, 256, None), (37, 48, None),
+                                 (MATVEC_MAX_TOKENS, 256, None), (1, 48, jnp.float32), (3, 48, jnp.float32)):
         x = jnp.asarray(rng.normal(size=(T, K)), dtype)
         want = np.asarray(x, np.float64) @ np.asarray(w[2], np.float64)
         got = np.asarray(stacked_matvec(x, w, jnp.int32(2), dtype=compute, block_k=64, block_n=32,
@@ -492,8 +493,25 @@ def test_stacked_matvec_matches_numpy(dtype):
         got = stacked_matvec(x, w3, jnp.int32(0), block_k=64, block_n=32, programs=48 // T)
         tol = 1e-6 if dtype == "float32" else 1e-5
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=tol * np.abs(want).max())
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        stacked_matvec(jnp.zeros((17, K), dtype), w, 0)
+    with pytest.raises(ValueError, match=f"at most {MATVEC_MAX_TOKENS} rows"):
+        stacked_matvec(jnp.zeros((MATVEC_MAX_TOKENS + 1, K), dtype), w, 0)
+
+
+def test_auto_projections_by_tokens(decode_kernels, monkeypatch):
+    """DSV2_DECODE_PROJECTIONS=auto on a GPU: steps of up to 16 tokens and of 33 to MATVEC_MAX_TOKENS take
+    stacked_matvec (between them XLA's products measured faster, bench/RESULTS.md §24); pallas takes it up to
+    MATVEC_MAX_TOKENS and refuses more; off GPU auto never does."""
+    from dsv2_jax import grouped_matmul as gm
+
+    decode_kernels("auto", "auto")
+    assert not any(gm.use_stacked_matvec(t) for t in (1, 64))
+    monkeypatch.setattr(gm.jax, "default_backend", lambda: "gpu")
+    taken = [t for t in range(1, 100) if gm.use_stacked_matvec(t)]
+    assert taken == list(range(1, 17)) + list(range(gm.MATVEC_MIN_MANY_TOKENS, gm.MATVEC_MAX_TOKENS + 1))
+    decode_kernels("auto", "pallas")
+    assert gm.use_stacked_matvec(20) and gm.use_stacked_matvec(gm.MATVEC_MAX_TOKENS)
+    with pytest.raises(ValueError, match="at most 64"):
+        gm.use_stacked_matvec(gm.MATVEC_MAX_TOKENS + 1)
 
 
 def test_decoding_kernels_read_a_layer_index():
