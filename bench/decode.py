@@ -60,7 +60,7 @@ def copy_bandwidth_jax(elements: int = 1 << 30, repeats: int = 10) -> dict:
     `repeats` calls of a jitted loop of COPY_LOOP copies each: the median call and the slowest and fastest.
 
     Copies timed one call each from the host spread 3,000-3,950 GB/s within one process on an H200, and their median
-    of five moved 14% between processes; a call of 20 copies in one loop came out within 1.5% (bench/RESULTS.md §24).
+    of five moved 14% between processes; a call of 20 copies in one loop came out within 2% (bench/RESULTS.md §24).
     """
     import jax
     import jax.numpy as jnp
