@@ -463,7 +463,10 @@ class MoE(nnx.Module):
         its chosen and shared experts then run on the `chosen_experts_mlp` kernels, without sorting, reading
         this layer's weights out of `stacks` when given (this module being one layer sliced from them; in the
         compute dtype), else this module's own; the router's product too where `stacks` carry the router, and then
-        the greedy routing itself on `route_kernel` (`routes_on_kernel`). router_partials: the router's float32
+        the greedy routing itself on `route_kernel` (`routes_on_kernel`). A decoding step on the sorted path takes
+        its router's product (where `stacks` carry the router) and its shared experts' products from `stacks` on
+        `stacked_matvec` instead, when its projections do (grouped_matmul.use_stacked_matvec): XLA's products on this
+        layer's slices would copy each weight first. router_partials: the router's float32
         partial products of x [S, >= B*S, E] computed already (`layers.rms_norm_rows` with the router), for those
         kernels' routing.
         """
