@@ -428,12 +428,6 @@ class MoE(nnx.Module):
         shared = None if s is None else tuple(cast(p, dt) for p in (s.gate_proj, s.up_proj, s.down_proj))
         return ExpertStacks(cast(self.gate_proj, dt), cast(self.up_proj, dt), cast(self.down_proj, dt), shared), False
 
-    def _stacks_in_place(self, stacks: ExpertStacks | None, tokens: int) -> bool:
-        """Whether a decoding step of `tokens` tokens on the sorted path takes its router's and shared experts'
-        products from `stacks` in place (`stacked_matvec`, grouped_matmul.use_stacked_matvec), where XLA's products
-        on this layer's slices would copy each weight first."""
-        return stacks is not None and use_stacked_matvec(tokens)
-
     @jax.named_scope("moe")
     def add_decoded(self, x: jnp.ndarray, residual: jnp.ndarray, router_partials: jnp.ndarray, counts: jax.Array,
                     stacks: ExpertStacks | None = None) -> tuple[jnp.ndarray, jax.Array, RouterOutput]:
@@ -478,6 +472,9 @@ class MoE(nnx.Module):
         gate, up, down = cast(self.gate_proj, dt), cast(self.up_proj, dt), cast(self.down_proj, dt)
         mesh = sharding.current_mesh()
         c = self.config
+        # a decoding step off the chosen-experts kernels whose projections read the stacks in place: its router's
+        # and shared experts' products too, where XLA's products on this layer's slices would copy each weight first
+        in_place = decoding and mesh is None and stacks is not None and use_stacked_matvec(B * S)
         if decoding and mesh is None and capacity_factor is None and steps_on_chosen_experts(c, B * S, D):
             if router_partials is not None or (stacks is not None and stacks.router is not None
                                                and tiles_fit(D, c.num_experts)):  # fp32 logits
@@ -497,8 +494,7 @@ class MoE(nnx.Module):
             gate, up, down = constrain(gate, GATE_UP_AXES), constrain(up, GATE_UP_AXES), constrain(down, DOWN_AXES)
             y, r = expert_parallel(self.config, mesh, xt, router, gate, up, down, capacity_factor)
         elif capacity_factor is None:
-            on_stacks = decoding and self._stacks_in_place(stacks, B * S)
-            if on_stacks and stacks.router is not None and tiles_fit(D, c.num_experts):
+            if in_place and stacks.router is not None and tiles_fit(D, c.num_experts):
                 r = route(c, stacked_matvec(xt, stacks.router, stacks.layer, dtype=jnp.float32,
                                             block_n=ROUTER_BLOCK_N))
             else:
@@ -514,8 +510,7 @@ class MoE(nnx.Module):
         y = constrain(y.reshape(B, S, D), ("batch", "seq", "embed"))
         if self.shared_experts is not None:
             shared = None
-            if (decoding and mesh is None and self._stacks_in_place(stacks, B * S) and stacks.shared is not None
-                    and all(a.dtype == dt for a in stacks.shared)):  # the products in the compute dtype
+            if in_place and stacks.shared is not None and all(a.dtype == dt for a in stacks.shared):  # compute dtype
                 shared = (*stacks.shared, stacks.layer)
             y = y + self.shared_experts(x, stacks=shared)
         return y, r
