@@ -261,11 +261,13 @@ class MLA(nnx.Module):
         row): `latent_attention_spans` over that layer of the whole cache, then with stacks `latent_output`
         (the spans combined and W_UV in one kernel) and o_proj on `stacked_matvec`. Returns [B, 1, D]; with sums,
         o_proj's `PartialSums` where it runs on that kernel."""
+        B, H = q_lat.shape[:2]
         spans = latent_attention_spans(q_lat, q_pe, cache.c_kv, cache.k_pe, cache.layer, cache.last,
                                        scale=self.config.softmax_scale, layer_offset=cache.offset,
-                                       **(ONE_ROW_TILES["latent_attention"] if q_lat.shape[0] == 1 else {}))
+                                       **latent_tiles("latent_attention", B, H))
         if stacks is not None and tiles_fit(self.config.v_head_dim):
-            out = latent_output(*spans, stacks.weights["v_b_proj"], stacks.layer, dtype=self.dtype)[:, None]
+            out = latent_output(*spans, stacks.weights["v_b_proj"], stacks.layer, dtype=self.dtype,
+                                **latent_tiles("latent_output", B, H))[:, None]
             return self._project("bqhv,hvd->bqd", out, "o_proj", stacks, sums)
         return self._latent_out(combine_spans(*spans).astype(self.dtype)[:, None], stacks)
 
@@ -296,7 +298,7 @@ class MLA(nnx.Module):
         q_lat, q_pe, c_kv, k_pe = absorbed_query(
             q_parts, parts, w["k_b_proj"], stacks.kv_a_norm, cos.reshape(B, -1), sin.reshape(B, -1), cache.c_kv,
             cache.k_pe, stacks.layer, cache.layer, cache.last, q_at=0, kv_at=first, eps=c.rms_norm_eps,
-            cache_offset=cache.offset, **(ONE_ROW_TILES["absorbed_query"] if B == 1 else {}))
+            cache_offset=cache.offset, **latent_tiles("absorbed_query", B, c.num_attention_heads))
         return q_lat, q_pe, cache.replace(c_kv=c_kv, k_pe=k_pe)
 
     @jax.named_scope("mla")
@@ -412,6 +414,23 @@ LATENT_HEADS = TILE  # heads per program: the rows of one tensor-core tile
 # latent in blocks of 32 (64): with the router's 64-row blocks (layers.ONE_ROW_ROUTER_ROWS), V2-Lite's batch-1 step
 # ~1% faster (H200, bench/RESULTS.md §23)
 ONE_ROW_TILES = dict(latent_attention=dict(splits=32), absorbed_query=dict(block_c=32))
+# several rows: absorbed_query and latent_output take 16 rows a program (one row a program read W_UK and W_UV once
+# per row: at batch 64 they took 1.8 and 0.8 of a 13.0 ms step), and latent_attention splits the cache into fewer
+# spans, about LATENT_SPAN_PROGRAMS programs in all (16 spans at most), so that it writes and latent_output reads
+# fewer spans' sums. H200, V2-Lite: batch 64 13.0-13.2 -> 10.9-11.2 ms a step (16 spans: 11.96 against 11.16 in one
+# process); batch 16 even (9.64 / 9.65); bench/RESULTS.md §25
+MANY_ROW_TILES = dict(absorbed_query=dict(rows=TILE), latent_output=dict(rows=TILE, block_k=64))
+LATENT_SPAN_PROGRAMS = 256
+
+
+def latent_tiles(kernel: str, batch: int, heads: int) -> dict:
+    """The tiles of a decoding step's latent kernel ("latent_attention", "absorbed_query", "latent_output") at
+    `batch` rows of `heads` heads."""
+    if batch == 1:
+        return ONE_ROW_TILES.get(kernel, {})
+    if kernel == "latent_attention":
+        return dict(splits=max(1, min(16, LATENT_SPAN_PROGRAMS // (batch * heads // LATENT_HEADS))))
+    return MANY_ROW_TILES.get(kernel, {})
 
 
 def latent_attention_fits(config: ModelConfig, slots: int) -> bool:
@@ -508,40 +527,82 @@ def latent_attention_spans(q_lat, q_pe, c_kv, k_pe, layer, last, *, scale: float
     return o, m, l
 
 
-def _latent_output_kernel(layer_ref, o_ref, m_ref, l_ref, w_ref, out_ref, *, block_k, block_n, at):
-    """Program (b, h, n): columns n of head h's combined attention output (row b) times W_UV[layer, :, h]."""
-    b, h, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def row_block(r, rows: int, batch: int):
+    """Inside a kernel: the rows of block r, the index of row r itself for one row (its blocks then drop the row
+    axis) or else pl.ds(r·rows, rows), and the mask of those rows that are in the batch of `batch` rows (None where
+    every block is whole)."""
+    if rows == 1:
+        return r, None
+    bs = pl.ds(r * rows, rows)
+    if batch % rows == 0:
+        return bs, None
+    return bs, r * rows + jax.lax.broadcasted_iota(jnp.int32, (rows,), 0) < batch
+
+
+def rows_masked(mask, shape):
+    """A row mask [rows] broadcast to a block of `shape` (rows first), or None."""
+    return None if mask is None else jnp.broadcast_to(mask.reshape((-1,) + (1,) * (len(shape) - 1)), shape)
+
+
+def _latent_output_kernel(layer_ref, o_ref, m_ref, l_ref, w_ref, out_ref, *, rows, block_k, block_n, at):
+    """Program (r, h, n): columns n of head h's combined attention output times W_UV[layer, :, h], for rows
+    r·rows .. (rows 1 or 16: one tensor-core tile; one row is broadcast to its 16 rows, rows past the batch are
+    masked)."""
+    r, h, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer, ns = kernel_layer(layer_ref, at), pl.ds(n * block_n, block_n)
-    spans, C = o_ref.shape[1], o_ref.shape[3]
-    maxima = [m_ref[b, s, h] for s in range(spans)]
+    B, spans, C = o_ref.shape[0], o_ref.shape[1], o_ref.shape[3]
+    bs, valid = row_block(r, rows, B)
+    per_row = (lambda v: v) if rows == 1 else (lambda v: v[:, None])  # a row's scalar against its block
+
+    def load(ref, index, other):  # rows past the batch read as `other`
+        if valid is None:
+            return ref[index]
+        index = tuple(jnp.int32(i) if isinstance(i, int) else i for i in index)  # (the masked load's indexer)
+        return plgpu.load(ref.at[index], mask=rows_masked(valid, ref.at[index].shape), other=other)
+
+    maxima = [load(m_ref, (bs, s, h), 0.0) for s in range(spans)]
     top = functools.reduce(jnp.maximum, maxima)
     shares = [jnp.exp(m - top) for m in maxima]
-    total = functools.reduce(jnp.add, [share * l_ref[b, s, h] for s, share in enumerate(shares)])
+    total = functools.reduce(jnp.add, [share * load(l_ref, (bs, s, h), 1.0) for s, share in enumerate(shares)])
 
     def o_of(ks):  # the combined output, rounded to the compute dtype as the XLA path rounds it
-        acc = functools.reduce(jnp.add, [share * o_ref[b, s, h, ks] for s, share in enumerate(shares)])
-        return (acc / total).astype(out_ref.dtype)
+        o = functools.reduce(jnp.add, [per_row(share) * load(o_ref, (bs, s, h, ks), 0.0)
+                                       for s, share in enumerate(shares)])
+        return (o / per_row(total)).astype(out_ref.dtype)
 
-    (y,) = matvecs(o_of, (lambda ks: w_ref[layer, ks, h, ns],), C, block_k, block_n)
-    out_ref[b, h, ns] = y.astype(out_ref.dtype)
+    w_of = lambda ks: w_ref[layer, ks, h, ns]  # noqa: E731
+    if rows == 1:
+        (y,) = matvecs(o_of, (w_of,), C, block_k, block_n)
+    else:
+        def body(i, acc):
+            ks = pl.ds(i * block_k, block_k)
+            x = o_of(ks)
+            return acc + jnp.dot(x, w_of(ks).astype(x.dtype), precision=dot_precision(x.dtype),
+                                 preferred_element_type=jnp.float32)
+
+        y = jax.lax.fori_loop(0, C // block_k, body, jnp.zeros((rows, block_n), jnp.float32))
+    plgpu.store(out_ref.at[bs, h, ns], y.astype(out_ref.dtype), mask=rows_masked(valid, y.shape))
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "block_k", "block_n", "num_warps", "num_stages", "interpret"))
-def latent_output(o, m, l, w_uv, layer, *, dtype, block_k: int = 256, block_n: int = 32, num_warps: int = 4,
-                  num_stages: int = 3, interpret: bool | None = None):
+@functools.partial(jax.jit, static_argnames=("dtype", "rows", "block_k", "block_n", "num_warps", "num_stages",
+                                             "interpret"))
+def latent_output(o, m, l, w_uv, layer, *, dtype, rows: int = 1, block_k: int = 256, block_n: int = 32,
+                  num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None):
     """The absorbed path after the attention, in one kernel: `combine_spans` of `latent_attention_spans`' output
     (rounded to dtype), times W_UV: layer `layer` of the v_b_proj stack w_uv [L, C, H, V], read by the kernel.
-    Returns [B, H, V] in dtype. Replaces XLA's combine, its rounding and the per-head product."""
+    Returns [B, H, V] in dtype. Replaces XLA's combine, its rounding and the per-head product.
+    rows: rows a program, 1 or 16 (one tensor-core tile: W_UV read once for 16 rows, not for each)."""
     B, S, H, C = o.shape
     V = w_uv.shape[3]
-    if w_uv.shape[1:3] != (C, H) or not tiles_fit(C, V):
-        raise ValueError(f"latent_output: spans {o.shape} against W_UV {w_uv.shape} (widths multiples of {TILE})")
+    if w_uv.shape[1:3] != (C, H) or not tiles_fit(C, V) or rows not in (1, TILE):
+        raise ValueError(f"latent_output: spans {o.shape} against W_UV {w_uv.shape} (widths multiples of {TILE}), "
+                         f"{rows} rows a program (1 or {TILE})")
     block_k, block_n = decode_block(block_k, C), decode_block(block_n, V)
     layer, at = layer_operand(layer)
     return pl.pallas_call(
-        functools.partial(_latent_output_kernel, block_k=block_k, block_n=block_n, at=at),
+        functools.partial(_latent_output_kernel, rows=rows, block_k=block_k, block_n=block_n, at=at),
         out_shape=jax.ShapeDtypeStruct((B, H, V), dtype),
-        grid=(B, H, V // block_n),
+        grid=(-(-B // rows), H, V // block_n),
         in_specs=[pl.no_block_spec] * 5,
         out_specs=pl.no_block_spec,
         name="latent_output",
@@ -559,23 +620,26 @@ def absorbed_query_fits(config: ModelConfig) -> bool:
 
 
 def _absorbed_query_kernel(weights_ref, layer_ref, pos_ref, q_ref, kv_ref, k_b_ref, norm_ref, cos_ref, sin_ref,
-                           c_in, k_in, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, *, q_at, kv_at, nope, block_c, eps,
+                           c_in, k_in, q_lat_ref, q_pe_ref, c_ref, k_pe_ref, *, rows, q_at, kv_at, nope, block_c, eps,
                            weights_at, cache_at):
-    """Program (b, h, j), h < H: latents j·block_c.. of head h's query with W_UK folded in (row b), j = 0 also its
-    roped q_pe; h = H: block j of the normalised latent (j = 0 also the roped k_pe) written into the cache at slot
-    pos[b]. (The latent's programs apart from the heads': no program waits on both.)"""
+    """Program (r, h, j), h < H: latents j·block_c.. of head h's query with W_UK folded in, for rows r·rows ..
+    (rows 1 or 16: one tensor-core tile; one row is broadcast to its 16 rows, rows past the batch are masked), j = 0
+    also their roped q_pe; h = H + i: block j of row r·rows + i's normalised latent (j = 0 also the roped k_pe)
+    written into the cache at slot pos[row]. (The latent's programs apart from the heads': no program waits on
+    both.)"""
     del c_in, k_in  # aliased to c_ref, k_pe_ref
-    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    weights, layer, pos = kernel_layer(weights_ref, weights_at), kernel_layer(layer_ref, cache_at), pos_ref[b]
+    r, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    weights, layer = kernel_layer(weights_ref, weights_at), kernel_layer(layer_ref, cache_at)
     dt, f32 = q_lat_ref.dtype, jnp.float32
-    heads, rope, latent = q_lat_ref.shape[1], q_pe_ref.shape[2], c_ref.shape[3]
+    B, heads, rope, latent = q_lat_ref.shape[0], q_lat_ref.shape[1], q_pe_ref.shape[2], c_ref.shape[3]
     half, cs = rope // 2, pl.ds(j * block_c, block_c)
+    bs, valid = row_block(r, rows, B)
 
-    def product(ref, start, size, stride=1):  # the partials summed and rounded to dt, as the XLA path rounds them
+    def product(ref, b, start, size, stride=1):  # the partials summed and rounded to dt, as the XLA path rounds them
         return ref[:, b, pl.ds(start, size, stride)].sum(axis=0).astype(dt).astype(f32)
 
-    def rotated(ref, start, out, index):  # RoPE on interleaved pairs, in float32
-        x0, x1 = product(ref, start, half, 2), product(ref, start + 1, half, 2)
+    def rotated(ref, b, start, out, index):  # RoPE on interleaved pairs of row b, in float32
+        x0, x1 = product(ref, b, start, half, 2), product(ref, b, start + 1, half, 2)
         cos, sin = cos_ref[b, :], sin_ref[b, :]
         out[index(pl.ds(0, half, 2))] = (x0 * cos - x1 * sin).astype(out.dtype)
         out[index(pl.ds(1, half, 2))] = (x0 * sin + x1 * cos).astype(out.dtype)
@@ -583,61 +647,75 @@ def _absorbed_query_kernel(weights_ref, layer_ref, pos_ref, q_ref, kv_ref, k_b_r
     @pl.when(h < heads)
     def _():
         start = q_at + h * (nope + rope)
-        q_nope = jnp.broadcast_to(product(q_ref, start, nope).astype(dt)[None, :], (TILE, nope))
+        q_nope = product(q_ref, bs, start, nope).astype(dt)  # [(rows,) nope]: the partials hold whole blocks
+        q_nope = jnp.broadcast_to(q_nope, (TILE, nope)) if rows == 1 else q_nope
         w_uk = k_b_ref[weights, cs, h, :]  # [block_c, nope]
         q_lat = jax.lax.dot_general(q_nope, w_uk.astype(dt), (((1,), (1,)), ((), ())),
                                     precision=dot_precision(dt), preferred_element_type=f32)
-        q_lat_ref[b, h, cs] = q_lat.max(axis=0).astype(dt)  # the 16 equal rows
+        q_lat = q_lat.max(axis=0) if rows == 1 else q_lat  # one row: the 16 equal rows
+        plgpu.store(q_lat_ref.at[bs, h, cs], q_lat.astype(dt), mask=rows_masked(valid, q_lat.shape))
 
         @pl.when(j == 0)
         def _():
-            rotated(q_ref, start + nope, q_pe_ref, lambda ds: (b, h, ds))
+            def row(i, carry):
+                b = r * rows + i
+                pl.when(b < B)(lambda: rotated(q_ref, b, start + nope, q_pe_ref, lambda ds: (b, h, ds)))
+                return carry
 
-    @pl.when(h == heads)
+            if rows == 1:
+                rotated(q_ref, r, start + nope, q_pe_ref, lambda ds: (r, h, ds))
+            else:
+                jax.lax.fori_loop(0, rows, row, 0)
+
+    @pl.when((h >= heads) if valid is None else (h >= heads) & (r * rows + h - heads < B))
     def _():
-        kv = product(kv_ref, kv_at, latent)
+        b = r * rows + h - heads
+        pos = pos_ref[b]
+        kv = product(kv_ref, b, kv_at, latent)
         scale = jax.lax.rsqrt((kv * kv).sum() / latent + eps)
-        c_ref[layer, b, pos, cs] = (product(kv_ref, kv_at + j * block_c, block_c) * scale).astype(dt) \
+        c_ref[layer, b, pos, cs] = (product(kv_ref, b, kv_at + j * block_c, block_c) * scale).astype(dt) \
             * norm_ref[weights, cs].astype(dt)
 
         @pl.when(j == 0)
         def _():
-            rotated(kv_ref, kv_at + latent, k_pe_ref, lambda ds: (layer, b, pos, ds))
+            rotated(kv_ref, b, kv_at + latent, k_pe_ref, lambda ds: (layer, b, pos, ds))
 
 
-@functools.partial(jax.jit, static_argnames=("q_at", "kv_at", "eps", "cache_offset", "block_c", "num_warps",
+@functools.partial(jax.jit, static_argnames=("q_at", "kv_at", "eps", "cache_offset", "rows", "block_c", "num_warps",
                                              "interpret"))
 def absorbed_query(q_parts, kv_parts, k_b, kv_norm, cos, sin, c_kv, k_pe, weights_layer, cache_layer, pos, *,
-                   q_at: int, kv_at: int, eps: float, cache_offset: int = 0, block_c: int = 64, num_warps: int = 2,
-                   interpret: bool | None = None):
+                   q_at: int, kv_at: int, eps: float, cache_offset: int = 0, rows: int = 1, block_c: int = 64,
+                   num_warps: int = 2, interpret: bool | None = None):
     """Decoding's attention inputs in one kernel, from the float32 partial products of `stacked_partials`:
     the query with W_UK folded in and the roped q_pe, and the normalised latent and roped k_pe of the new token
     written into the cache. Replaces XLA's partial sums, the latent's RMSNorm, both RoPEs, the W_UK product and
     the two cache updates of a step.
 
     q_parts [S, R, *] holds each row's query product (heads side by side, each [nope | rope]) at columns q_at..,
-    kv_parts [S', R, *] its kv_a product [latent | rope] at kv_at.. (R >= B rows; the two may be one array).
-    k_b [L', C, H, nope] and kv_norm [L', C]: the stacks, read at weights_layer; cos, sin [B, rope / 2] float32;
-    c_kv [L, B, T, C], k_pe [L, B, T, rope]: the cache (aliased: updated in place inside a jitted step) at layer
-    cache_layer + cache_offset (static; `LatentCache.offset`), slot pos[b].
+    kv_parts [S', R, *] its kv_a product [latent | rope] at kv_at.. (R >= B rows, a multiple of `rows`; the two may
+    be one array). k_b [L', C, H, nope] and kv_norm [L', C]: the stacks, read at weights_layer; cos, sin
+    [B, rope / 2] float32; c_kv [L, B, T, C], k_pe [L, B, T, rope]: the cache (aliased: updated in place inside a
+    jitted step) at layer cache_layer + cache_offset (static; `LatentCache.offset`), slot pos[b].
+    rows: rows a program of the query's heads, 1 or 16 (W_UK read once for 16 rows, not for each).
     Returns (q_lat [B, H, C], q_pe [B, H, rope] in the cache's dtype, c_kv, k_pe).
     """
     L, B, T, C = c_kv.shape
     H, nope, rope = k_b.shape[2], k_b.shape[3], k_pe.shape[3]
     if (k_b.shape[1] != C or kv_norm.shape[1:] != (C,) or cos.shape != (B, rope // 2) or pos.shape != (B,)
-            or q_parts.shape[1] < B or kv_parts.shape[1] < B):
+            or q_parts.shape[1] < -(-B // rows) * rows or kv_parts.shape[1] < B or rows not in (1, TILE)):
         raise ValueError(f"absorbed_query: W_UK {k_b.shape}, norm {kv_norm.shape}, cos {cos.shape}, positions "
-                         f"{pos.shape} against a cache {c_kv.shape} and partials {q_parts.shape}, {kv_parts.shape}")
+                         f"{pos.shape} against a cache {c_kv.shape} and partials {q_parts.shape}, {kv_parts.shape} "
+                         f"({rows} rows a program: 1 or {TILE}, the query's partials in whole blocks of them)")
     block_c = decode_block(block_c, C)
     dt = c_kv.dtype
     weights_layer, weights_at = layer_operand(weights_layer)
     cache_layer, cache_at = layer_operand(cache_layer, cache_offset)
     return pl.pallas_call(
-        functools.partial(_absorbed_query_kernel, q_at=q_at, kv_at=kv_at, nope=nope, block_c=block_c, eps=eps,
-                          weights_at=weights_at, cache_at=cache_at),
+        functools.partial(_absorbed_query_kernel, rows=rows, q_at=q_at, kv_at=kv_at, nope=nope, block_c=block_c,
+                          eps=eps, weights_at=weights_at, cache_at=cache_at),
         out_shape=[jax.ShapeDtypeStruct((B, H, C), dt), jax.ShapeDtypeStruct((B, H, rope), dt),
                    jax.ShapeDtypeStruct(c_kv.shape, dt), jax.ShapeDtypeStruct(k_pe.shape, k_pe.dtype)],
-        grid=(B, H + 1, C // block_c),
+        grid=(-(-B // rows), H + rows, C // block_c),
         in_specs=[pl.no_block_spec] * 11,
         out_specs=[pl.no_block_spec] * 4,
         input_output_aliases={9: 2, 10: 3},

@@ -799,12 +799,11 @@ MATVEC_TILES = dict(block_k=128, block_n=64, num_warps=4, num_stages=3, programs
 # product 4.3 -> 4.5 µs, the add 2.3 -> 1.7 µs). bench/RESULTS.md §11.
 PROJECTION_TILES = {("input", 1): dict(block_n=32, num_warps=2, programs=512),
                     ("o_proj", 1): dict(block_n=32, num_warps=2, programs=256)}
-# the most tokens of a step whose products run on stacked_matvec: every program takes all of them, in 16-row tiles
+# the most tokens of a step whose products run on stacked_matvec (auto's too): every program takes all of them, in
+# 16-row tiles. The layer's weights and cache are then read in place, where XLA's products and attention on the
+# layer's slices copy each weight and the cache's layer first (H200, V2-Lite, with the latent kernels' 16-row
+# programs: batch 32 12.34 -> 11.38 ms a step in one process; bench/RESULTS.md §24-25)
 MATVEC_MAX_TOKENS = 64
-# auto's steps of more than 16 tokens on stacked_matvec: from this many. There the layer's weights and cache are read
-# in place, where XLA's products and attention on the layer's slices copy each weight and the cache's layer first
-# (H200, V2-Lite: batch 64 14.31 -> 13.10 ms a step; batch 32 12.26 -> 12.47, so XLA's below; bench/RESULTS.md §24)
-MATVEC_MIN_MANY_TOKENS = 33
 MATVEC_BACKENDS = ("auto", "pallas", "xla")
 
 
@@ -824,15 +823,14 @@ def reread_decode_choices() -> None:
 def use_stacked_matvec(tokens: int) -> bool:
     """Whether a decoding step of `tokens` tokens runs its attention projections and router on `stacked_matvec`.
 
-    DSV2_DECODE_PROJECTIONS=auto (on GPU, up to 16 tokens and from MATVEC_MIN_MANY_TOKENS to MATVEC_MAX_TOKENS) |
-    pallas (forced, up to MATVEC_MAX_TOKENS; in the interpreter off GPU) | xla (XLA's products on the layer's
-    slices). Weights whose widths do not fit (`tiles_fit`) stay on XLA.
+    DSV2_DECODE_PROJECTIONS=auto (on GPU, up to MATVEC_MAX_TOKENS) | pallas (forced, up to MATVEC_MAX_TOKENS; in
+    the interpreter off GPU) | xla (XLA's products on the layer's slices). Weights whose widths do not fit
+    (`tiles_fit`) stay on XLA.
     """
     choice = _matvec_backend()
     if choice == "pallas" and tokens > MATVEC_MAX_TOKENS:
         raise ValueError(f"DSV2_DECODE_PROJECTIONS=pallas: {tokens} tokens per step, at most {MATVEC_MAX_TOKENS}")
-    return choice == "pallas" or (choice == "auto" and jax.default_backend() == "gpu"
-                                  and (tokens <= TILE or MATVEC_MIN_MANY_TOKENS <= tokens <= MATVEC_MAX_TOKENS))
+    return choice == "pallas" or (choice == "auto" and jax.default_backend() == "gpu" and tokens <= MATVEC_MAX_TOKENS)
 
 
 def _stacked_matvec_kernel(layer_ref, x_ref, *refs, rows, block_k, block_n, dtype, blocks, eps, at):

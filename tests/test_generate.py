@@ -216,8 +216,9 @@ def test_absorbed_inputs_equal_query_and_latent(q_lora_rank):
     absorbed_query for the partial sums, the latent's norm, both RoPEs, W_UK and the cache writes; interpreted off
     GPU) against the module's query, latent and W_UK einsum (float32, 1e-5 relative): layer 1 of the weight stacks,
     layer 2 of a 3-layer cache (for the one row as layer 1 plus a static offset of 1), three rows at different
-    slots and one row, and the one row unnormalised with the stacks' input norm (normalised by the first kernel);
-    the rest of the cache is untouched. Both query paths."""
+    slots (16 rows a program of the query's heads, those past the batch masked), 18 rows (two such blocks) and one
+    row, and the one row unnormalised with the stacks' input norm (normalised by the first kernel); the rest of the
+    cache is untouched. Both query paths."""
     from dsv2_jax.attention import LatentCache, ProjectionStacks
     from dsv2_jax.layers import rms_norm
 
@@ -233,7 +234,8 @@ def test_absorbed_inputs_equal_query_and_latent(q_lora_rank):
     weight = jnp.linspace(0.5, 1.5, config.hidden_size)  # layer 1's input norm, for the unnormalised row
     norm_stacks = stacks._replace(input_norm=jnp.stack([weight * 2, weight]))
     rng = np.random.default_rng(8)
-    for slots, normalise in (([5, 0, 15], False), ([9], False), ([9], True)):  # one row: the one-token products
+    many = [(3 * b) % 16 for b in range(18)]
+    for slots, normalise in (([5, 0, 15], False), (many, False), ([9], False), ([9], True)):  # one row: one token's
         B, pos = len(slots), jnp.array(slots, jnp.int32)
         x = jax.random.normal(jax.random.key(7), (B, 1, config.hidden_size))
         cos, sin = rope_cos_sin(config, pos[:, None])
@@ -349,26 +351,44 @@ def test_rms_norm_rows_adds_partials(dtype):
 def test_latent_output_matches_reference(dtype):
     """latent_output (the spans combined and W_UV of the chosen layer applied in one kernel; interpreted off GPU)
     against float64 numpy of combine_spans, the combined output rounded to the dtype as the XLA path rounds it:
-    3 spans of 2 rows x 32 heads, one span empty (m = -1e30, l = 0) as latent_attention leaves a span past a row's
-    last slot; float32 within 1e-6, bf16 within 1e-2 of the largest entry. Mismatched shapes are errors."""
+    3 spans of 32 heads, one span empty (m = -1e30, l = 0) as latent_attention leaves a span past a row's last
+    slot; 2 rows a program each, and 16 rows a program at 2, 18 (a second block of rows, rows past the batch
+    masked) and 32 rows; float32 within 1e-6, bf16 within 1e-2 of the largest entry. Mismatched shapes are
+    errors."""
     from dsv2_jax.attention import combine_spans, latent_output
 
     rng = np.random.default_rng(15)
-    L, B, S, H, C, V = 3, 2, 3, 32, 64, 48
-    o = jnp.asarray(rng.normal(size=(B, S, H, C)), jnp.float32)
-    m = jnp.asarray(rng.normal(size=(B, S, H)), jnp.float32).at[1, 2].set(-1e30)
-    l = jnp.asarray(rng.uniform(0.5, 3.0, size=(B, S, H)), jnp.float32).at[1, 2].set(0.0)
-    o = o.at[1, 2].set(0.0)
-    w = jnp.asarray(rng.normal(size=(L, C, H, V)) / 8, dtype)
-    got = np.asarray(latent_output(o, m, l, w, jnp.int32(2), dtype=jnp.dtype(dtype), block_k=32, block_n=16),
-                     np.float64)
+    L, S, H, C, V = 3, 3, 32, 64, 48
     f = lambda a: np.asarray(a, np.float64)  # noqa: E731
-    o_lat = f(combine_spans(o, m, l).astype(dtype))
-    want = np.einsum("bhc,chv->bhv", o_lat, f(w[2]))
-    tol = 1e-6 if dtype == "float32" else 1e-2
-    np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+    for B, rows in ((2, 1), (2, 16), (18, 16), (32, 16)):
+        o = jnp.asarray(rng.normal(size=(B, S, H, C)), jnp.float32)
+        m = jnp.asarray(rng.normal(size=(B, S, H)), jnp.float32).at[1, 2].set(-1e30)
+        l = jnp.asarray(rng.uniform(0.5, 3.0, size=(B, S, H)), jnp.float32).at[1, 2].set(0.0)
+        o = o.at[1, 2].set(0.0)
+        w = jnp.asarray(rng.normal(size=(L, C, H, V)) / 8, dtype)
+        got = np.asarray(latent_output(o, m, l, w, jnp.int32(2), dtype=jnp.dtype(dtype), rows=rows, block_k=32,
+                                       block_n=16), np.float64)
+        want = np.einsum("bhc,chv->bhv", f(combine_spans(o, m, l).astype(dtype)), f(w[2]))
+        tol = 1e-6 if dtype == "float32" else 1e-2
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max(), err_msg=f"{B} rows, {rows}")
     with pytest.raises(ValueError, match="W_UV"):
         latent_output(o, m, l, w[:, :, :16], 0, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="rows a program"):
+        latent_output(o, m, l, w, 0, dtype=jnp.float32, rows=8)
+
+
+def test_latent_tiles_by_rows():
+    """The latent kernels' tiles: one row keeps ONE_ROW_TILES; several rows take 16 rows a program in absorbed_query
+    and latent_output, and latent_attention about LATENT_SPAN_PROGRAMS programs over the spans (1 to 16 spans)."""
+    from dsv2_jax import attention as at
+
+    assert at.latent_tiles("latent_attention", 1, 16) == at.ONE_ROW_TILES["latent_attention"]
+    assert at.latent_tiles("latent_output", 1, 16) == {}
+    for kernel in ("absorbed_query", "latent_output"):
+        assert at.latent_tiles(kernel, 2, 16)["rows"] == at.latent_tiles(kernel, 64, 128)["rows"] == 16
+    spans = {(b, h): at.latent_tiles("latent_attention", b, h)["splits"] for b, h in ((2, 16), (64, 16), (64, 128))}
+    assert spans == {(2, 16): 16, (64, 16): at.LATENT_SPAN_PROGRAMS // 64, (64, 128): 1}
 
 
 @pytest.mark.parametrize("model,experts,projections", [("tiny", "sorted", "xla"), ("tiny", "sorted", "pallas"),

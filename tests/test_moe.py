@@ -498,16 +498,15 @@ def test_stacked_matvec_matches_numpy(dtype):
 
 
 def test_auto_projections_by_tokens(decode_kernels, monkeypatch):
-    """DSV2_DECODE_PROJECTIONS=auto on a GPU: steps of up to 16 tokens and of 33 to MATVEC_MAX_TOKENS take
-    stacked_matvec (between them XLA's products measured faster, bench/RESULTS.md §24); pallas takes it up to
-    MATVEC_MAX_TOKENS and refuses more; off GPU auto never does."""
+    """DSV2_DECODE_PROJECTIONS=auto on a GPU: steps of up to MATVEC_MAX_TOKENS tokens take stacked_matvec, more
+    XLA's products; pallas takes it up to MATVEC_MAX_TOKENS and refuses more; off GPU auto never does."""
     from dsv2_jax import grouped_matmul as gm
 
     decode_kernels("auto", "auto")
     assert not any(gm.use_stacked_matvec(t) for t in (1, 64))
     monkeypatch.setattr(gm.jax, "default_backend", lambda: "gpu")
     taken = [t for t in range(1, 100) if gm.use_stacked_matvec(t)]
-    assert taken == list(range(1, 17)) + list(range(gm.MATVEC_MIN_MANY_TOKENS, gm.MATVEC_MAX_TOKENS + 1))
+    assert taken == list(range(1, gm.MATVEC_MAX_TOKENS + 1))
     decode_kernels("auto", "pallas")
     assert gm.use_stacked_matvec(20) and gm.use_stacked_matvec(gm.MATVEC_MAX_TOKENS)
     with pytest.raises(ValueError, match="at most 64"):
