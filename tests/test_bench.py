@@ -108,8 +108,8 @@ def test_copy_bandwidth_counts_a_loops_reads_and_writes(monkeypatch):
 def test_decode_compiles_each_batch_again(decode_kernels):
     """bench/decode.py --compiles 2: each batch compiled and timed twice in the process, one row each, on the tiny
     model (CPU). Every compilation is a real one: jax's caches are cleared in between and the persistent cache the
-    tests run with (conftest) is off meanwhile (no hits), then on again. --layers-per-iteration and
-    --moe-two-kernel-tokens: a row per setting."""
+    tests run with (conftest) is off meanwhile (no hits), then on again. --layers-per-iteration,
+    --moe-two-kernel-tokens and --latent-row-tiles: a row per setting."""
     import jax
     from dsv2_jax import ModelConfig
 
@@ -137,6 +137,12 @@ def test_decode_compiles_each_batch_again(decode_kernels):
     rows = list(load("decode").run_jax(config, [1], 8, 2, moe_two_kernel_tokens=(0, 1)))
     assert [setting["moe_two_kernel_tokens"] for setting, *_ in rows] == [0, 1]
     assert gen.DECODE_MOE_TWO_KERNEL_TOKENS == default
+    # --latent-row-tiles the same way, the module's tiles back afterwards
+    from dsv2_jax import attention
+    default = attention.MANY_ROW_TILES, attention.LATENT_SPAN_PROGRAMS
+    rows = list(load("decode").run_jax(config, [2], 8, 2, latent_row_tiles=("off", "on")))
+    assert [setting["latent_row_tiles"] for setting, *_ in rows] == ["off", "on"]
+    assert (attention.MANY_ROW_TILES, attention.LATENT_SPAN_PROGRAMS) == default
 
 
 def test_attention_bench_checks_kernels_against_the_reference():
