@@ -235,7 +235,8 @@ def test_absorbed_inputs_equal_query_and_latent(q_lora_rank):
     norm_stacks = stacks._replace(input_norm=jnp.stack([weight * 2, weight]))
     rng = np.random.default_rng(8)
     many = [(3 * b) % 16 for b in range(18)]
-    for slots, normalise in (([5, 0, 15], False), (many, False), ([9], False), ([9], True)):  # one row: one token's
+    # one row: the one-token products
+    for slots, normalise in (([5, 0, 15], False), (many, False), ([9], False), ([9], True)):
         B, pos = len(slots), jnp.array(slots, jnp.int32)
         x = jax.random.normal(jax.random.key(7), (B, 1, config.hidden_size))
         cos, sin = rope_cos_sin(config, pos[:, None])
@@ -352,7 +353,7 @@ def test_latent_output_matches_reference(dtype):
     """latent_output (the spans combined and W_UV of the chosen layer applied in one kernel; interpreted off GPU)
     against float64 numpy of combine_spans, the combined output rounded to the dtype as the XLA path rounds it:
     3 spans of 32 heads, one span empty (m = -1e30, l = 0) as latent_attention leaves a span past a row's last
-    slot; 2 rows a program each, and 16 rows a program at 2, 18 (a second block of rows, rows past the batch
+    slot; 2 rows one row a program, and 16 rows a program at 2, 18 (a second block of rows, rows past the batch
     masked) and 32 rows; float32 within 1e-6, bf16 within 1e-2 of the largest entry. Mismatched shapes are
     errors."""
     from dsv2_jax.attention import combine_spans, latent_output
