@@ -112,7 +112,8 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kern
             gen.DECODE_LAYERS_PER_ITERATION = default_per if per is None else per
             gen.DECODE_MOE_TWO_KERNEL_TOKENS = default_two if two is None else two
             # off: a program per row in absorbed_query and latent_output, and 16 spans of the cache (the most)
-            attention.MANY_ROW_TILES, attention.LATENT_SPAN_PROGRAMS = ({}, 1 << 30) if tiles == "off" else default_tiles
+            off = ({}, 1 << 30)
+            attention.MANY_ROW_TILES, attention.LATENT_SPAN_PROGRAMS = off if tiles == "off" else default_tiles
             tiles = "off" if tiles == "off" else "on"
             experts, projections = setting.split(":")
             os.environ["DSV2_DECODE_EXPERTS"], os.environ["DSV2_DECODE_PROJECTIONS"] = experts, projections

@@ -414,20 +414,23 @@ LATENT_HEADS = TILE  # heads per program: the rows of one tensor-core tile
 # latent in blocks of 32 (64): with the router's 64-row blocks (layers.ONE_ROW_ROUTER_ROWS), V2-Lite's batch-1 step
 # ~1% faster (H200, bench/RESULTS.md §23)
 ONE_ROW_TILES = dict(latent_attention=dict(splits=32), absorbed_query=dict(block_c=32))
-# several rows: absorbed_query and latent_output take 16 rows a program (one row a program read W_UK and W_UV once
+# 16 rows or more: absorbed_query and latent_output take 16 rows a program (one row a program read W_UK and W_UV once
 # per row: at batch 64 they took 1.8 and 0.8 of a 13.0 ms step), and latent_attention splits the cache into fewer
 # spans, about LATENT_SPAN_PROGRAMS programs in all (16 spans at most), so that it writes and latent_output reads
 # fewer spans' sums. H200, V2-Lite: batch 64 13.0-13.2 -> 10.9-11.2 ms a step (16 spans: 11.96 against 11.16 in one
-# process); batch 16 even (9.64 / 9.65); bench/RESULTS.md §25
+# process); batch 16 even (9.64 / 9.65), so 2-15 rows (not measured) keep a program per row; bench/RESULTS.md §25
 MANY_ROW_TILES = dict(absorbed_query=dict(rows=TILE), latent_output=dict(rows=TILE, block_k=64))
 LATENT_SPAN_PROGRAMS = 256
 
 
 def latent_tiles(kernel: str, batch: int, heads: int) -> dict:
     """The tiles of a decoding step's latent kernel ("latent_attention", "absorbed_query", "latent_output") at
-    `batch` rows of `heads` heads."""
+    `batch` rows of `heads` heads: ONE_ROW_TILES, the kernels' defaults (a program per row, 16 spans) below 16 rows,
+    MANY_ROW_TILES from 16."""
     if batch == 1:
         return ONE_ROW_TILES.get(kernel, {})
+    if batch < TILE:
+        return {}
     if kernel == "latent_attention":
         return dict(splits=max(1, min(16, LATENT_SPAN_PROGRAMS // (batch * heads // LATENT_HEADS))))
     return MANY_ROW_TILES.get(kernel, {})

@@ -216,9 +216,9 @@ def test_absorbed_inputs_equal_query_and_latent(q_lora_rank):
     absorbed_query for the partial sums, the latent's norm, both RoPEs, W_UK and the cache writes; interpreted off
     GPU) against the module's query, latent and W_UK einsum (float32, 1e-5 relative): layer 1 of the weight stacks,
     layer 2 of a 3-layer cache (for the one row as layer 1 plus a static offset of 1), three rows at different
-    slots (16 rows a program of the query's heads, those past the batch masked), 18 rows (two such blocks) and one
-    row, and the one row unnormalised with the stacks' input norm (normalised by the first kernel); the rest of the
-    cache is untouched. Both query paths."""
+    slots, 18 rows (16 rows a program of the query's heads: two blocks, the second's rows past the batch masked)
+    and one row, and the one row unnormalised with the stacks' input norm (normalised by the first kernel); the rest
+    of the cache is untouched. Both query paths."""
     from dsv2_jax.attention import LatentCache, ProjectionStacks
     from dsv2_jax.layers import rms_norm
 
@@ -380,16 +380,19 @@ def test_latent_output_matches_reference(dtype):
 
 
 def test_latent_tiles_by_rows():
-    """The latent kernels' tiles: one row keeps ONE_ROW_TILES; several rows take 16 rows a program in absorbed_query
-    and latent_output, and latent_attention about LATENT_SPAN_PROGRAMS programs over the spans (1 to 16 spans)."""
+    """The latent kernels' tiles: one row keeps ONE_ROW_TILES, 2-15 rows the kernels' defaults (a program per row);
+    from 16 rows absorbed_query and latent_output take 16 rows a program, and latent_attention about
+    LATENT_SPAN_PROGRAMS programs over the spans (1 to 16 spans)."""
     from dsv2_jax import attention as at
 
     assert at.latent_tiles("latent_attention", 1, 16) == at.ONE_ROW_TILES["latent_attention"]
     assert at.latent_tiles("latent_output", 1, 16) == {}
+    for kernel in ("absorbed_query", "latent_output", "latent_attention"):
+        assert at.latent_tiles(kernel, 15, 128) == {}
     for kernel in ("absorbed_query", "latent_output"):
-        assert at.latent_tiles(kernel, 2, 16)["rows"] == at.latent_tiles(kernel, 64, 128)["rows"] == 16
-    spans = {(b, h): at.latent_tiles("latent_attention", b, h)["splits"] for b, h in ((2, 16), (64, 16), (64, 128))}
-    assert spans == {(2, 16): 16, (64, 16): at.LATENT_SPAN_PROGRAMS // 64, (64, 128): 1}
+        assert at.latent_tiles(kernel, 16, 16)["rows"] == at.latent_tiles(kernel, 64, 128)["rows"] == 16
+    spans = {(b, h): at.latent_tiles("latent_attention", b, h)["splits"] for b, h in ((16, 16), (64, 16), (64, 128))}
+    assert spans == {(16, 16): 16, (64, 16): at.LATENT_SPAN_PROGRAMS // 64, (64, 128): 1}
 
 
 @pytest.mark.parametrize("model,experts,projections", [("tiny", "sorted", "xla"), ("tiny", "sorted", "pallas"),
