@@ -425,8 +425,8 @@ LATENT_SPAN_PROGRAMS = 256
 
 def latent_tiles(kernel: str, batch: int, heads: int) -> dict:
     """The tiles of a decoding step's latent kernel ("latent_attention", "absorbed_query", "latent_output") at
-    `batch` rows of `heads` heads: ONE_ROW_TILES, the kernels' defaults (a program per row, 16 spans) below 16 rows,
-    MANY_ROW_TILES from 16."""
+    `batch` rows of `heads` heads: ONE_ROW_TILES at one row, the kernels' defaults (a program per row, 16 spans) up
+    to 15 rows, from 16 MANY_ROW_TILES and spans for about LATENT_SPAN_PROGRAMS programs."""
     if batch == 1:
         return ONE_ROW_TILES.get(kernel, {})
     if batch < TILE:
