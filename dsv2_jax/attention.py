@@ -573,17 +573,7 @@ def _latent_output_kernel(layer_ref, o_ref, m_ref, l_ref, w_ref, out_ref, *, row
                                        for s, share in enumerate(shares)])
         return (o / per_row(total)).astype(out_ref.dtype)
 
-    w_of = lambda ks: w_ref[layer, ks, h, ns]  # noqa: E731
-    if rows == 1:
-        (y,) = matvecs(o_of, (w_of,), C, block_k, block_n)
-    else:
-        def body(i, acc):
-            ks = pl.ds(i * block_k, block_k)
-            x = o_of(ks)
-            return acc + jnp.dot(x, w_of(ks).astype(x.dtype), precision=dot_precision(x.dtype),
-                                 preferred_element_type=jnp.float32)
-
-        y = jax.lax.fori_loop(0, C // block_k, body, jnp.zeros((rows, block_n), jnp.float32))
+    (y,) = matvecs(o_of, (lambda ks: w_ref[layer, ks, h, ns],), C, block_k, block_n, rows)
     plgpu.store(out_ref.at[bs, h, ns], y.astype(out_ref.dtype), mask=rows_masked(valid, y.shape))
 
 
@@ -660,15 +650,16 @@ def _absorbed_query_kernel(weights_ref, layer_ref, pos_ref, q_ref, kv_ref, k_b_r
 
         @pl.when(j == 0)
         def _():
-            def row(i, carry):
+            if rows == 1:
+                rotated(q_ref, r, start + nope, q_pe_ref, lambda ds: (r, h, ds))
+                return
+
+            def row(i, carry):  # each row of the block that is in the batch
                 b = r * rows + i
                 pl.when(b < B)(lambda: rotated(q_ref, b, start + nope, q_pe_ref, lambda ds: (b, h, ds)))
                 return carry
 
-            if rows == 1:
-                rotated(q_ref, r, start + nope, q_pe_ref, lambda ds: (r, h, ds))
-            else:
-                jax.lax.fori_loop(0, rows, row, 0)
+            jax.lax.fori_loop(0, rows, row, 0)
 
     @pl.when((h >= heads) if valid is None else (h >= heads) & (r * rows + h - heads < B))
     def _():

@@ -523,22 +523,24 @@ def added_as_xla_adds(x, total):
     return (x.astype(f32) + total.astype(x.dtype).astype(f32)).astype(x.dtype)
 
 
-def matvecs(x_of, w_ofs, length: int, block_k: int, block_n: int):
-    """x · w for each w in w_ofs, in one loop over the contraction: x_of(ks) [block_k] and w_of(ks) [block_k, block_n]
-    for ks the pl.ds blocks of [0, length) -> one [block_n] float32 per w.
+def matvecs(x_of, w_ofs, length: int, block_k: int, block_n: int, rows: int = 1):
+    """x · w for each w in w_ofs, in one loop over the contraction: x_of(ks) [block_k] (or [16, block_k] with
+    rows=16) and w_of(ks) [block_k, block_n] for ks the pl.ds blocks of [0, length) -> one [block_n] (or
+    [16, block_n]) float32 per w.
 
-    On tensor cores: x is broadcast to the 16 rows a dot needs and the rows' max (all equal) is the product; the
-    weight tiles then stream through shared memory, which Triton's pipeliner overlaps (measured on an H100: 88 vs
-    114 µs per V2-Lite MoE layer with the multiply-and-reduce form)."""
+    On tensor cores: one row is broadcast to the 16 rows a dot needs and the rows' max (all equal) is the product;
+    the weight tiles then stream through shared memory, which Triton's pipeliner overlaps (measured on an H100: 88
+    vs 114 µs per V2-Lite MoE layer with the multiply-and-reduce form)."""
     def body(i, accs):
         ks = pl.ds(i * block_k, block_k)
         x = x_of(ks)
-        rows = jnp.broadcast_to(x[None, :], (TILE, block_k))
-        return tuple(acc + jnp.dot(rows, w_of(ks).astype(x.dtype), precision=dot_precision(x.dtype),
+        tile = jnp.broadcast_to(x[None, :], (TILE, block_k)) if rows == 1 else x
+        return tuple(acc + jnp.dot(tile, w_of(ks).astype(x.dtype), precision=dot_precision(x.dtype),
                                    preferred_element_type=jnp.float32) for acc, w_of in zip(accs, w_ofs))
 
     zeros = tuple(jnp.zeros((TILE, block_n), jnp.float32) for _ in w_ofs)
-    return tuple(acc.max(axis=0) for acc in jax.lax.fori_loop(0, length // block_k, body, zeros))
+    accs = jax.lax.fori_loop(0, length // block_k, body, zeros)
+    return tuple(acc.max(axis=0) for acc in accs) if rows == 1 else accs
 
 
 class GreedyRouting(NamedTuple):
