@@ -794,6 +794,10 @@ def _experts_kernels(x, experts, K: int, gate, up, down, shared, layer, *, routi
 
 # programs: one token's products split further (measured on an H100, V2-Lite: q_proj 7.1 -> 6.3 µs, o_proj 5.2 -> 4.8)
 MATVEC_TILES = dict(block_k=128, block_n=64, num_warps=4, num_stages=3, programs=256, one_token_programs=1024)
+# steps of 33-64 tokens (every program multiplies 64 rows): a deeper pipeline over fewer programs. H200, V2-Lite, 64
+# tokens, a MoE layer's input, o_proj and shared experts' products: 60.8 -> 55.9 µs (`bench/decode_projections.py
+# --tokens 64 --sweep`, bench/RESULTS.md §26; 2-32 tokens not swept)
+MATVEC_64_ROW_TILES = dict(num_stages=4, programs=128)
 # a decoding step's projection products by (product, tokens), where their tiles differ from MATVEC_TILES. One
 # token: narrower programs over longer contraction spans, so that fewer float32 partial sums follow. "input" (q_proj
 # or q_a_proj with kv_a_proj, one kernel): absorbed_query adds 4 instead of 16 (H200, V2-Lite, per MoE layer: the
@@ -807,6 +811,18 @@ PROJECTION_TILES = {("input", 1): dict(block_n=32, num_warps=2, programs=512),
 # programs: batch 32 12.34 -> 11.38 ms a step in one process; bench/RESULTS.md §24-25)
 MATVEC_MAX_TOKENS = 64
 MATVEC_BACKENDS = ("auto", "pallas", "xla")
+
+
+def matvec_tiles(tokens: int) -> dict:
+    """`stacked_partials`' default tiles (block_k, block_n, num_warps, num_stages, programs) for `tokens` rows:
+    MATVEC_TILES, with one_token_programs for one token and MATVEC_64_ROW_TILES' from 33 (PROJECTION_TILES may
+    refine them per product)."""
+    tiles = {k: v for k, v in MATVEC_TILES.items() if k != "one_token_programs"}
+    if tokens == 1:
+        tiles["programs"] = MATVEC_TILES["one_token_programs"]
+    elif tokens > 32:
+        tiles.update(MATVEC_64_ROW_TILES)
+    return tiles
 
 
 @functools.cache
@@ -895,14 +911,13 @@ def stacked_matvec(x, w, layer=None, *, dtype=None, **options):
 @functools.partial(jax.jit, static_argnames=("dtype", "eps", "block_k", "block_n", "num_warps", "num_stages",
                                              "programs", "interpret"))
 def stacked_partials(x, w, layer=None, norm=None, *, dtype=None, eps: float = 0.0,
-                     block_k: int = MATVEC_TILES["block_k"], block_n: int = MATVEC_TILES["block_n"],
-                     num_warps: int = MATVEC_TILES["num_warps"], num_stages: int = MATVEC_TILES["num_stages"],
-                     programs: int | None = None, interpret: bool | None = None):
+                     block_k: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None, programs: int | None = None, interpret: bool | None = None):
     """`stacked_matvec`'s kernel, returning its partial sums [S, R, N1 + N2 + ...] float32 (the products' columns
     side by side, in the order of the weights w (one, or a tuple); R >= T rows, the tokens first), for a kernel
     that adds them itself. Programs of block_n columns each split the contraction into S = up to `programs` /
-    (N / block_n) parts of whole blocks of block_k (default MATVEC_TILES' programs, more for one token; S is a
-    power of two where K / block_k is).
+    (N / block_n) parts of whole blocks of block_k (S is a power of two where K / block_k is). Tiles left None
+    are `matvec_tiles(T)`'s.
     norm (one token): stacked RMSNorm weights [L, K] of which x's row is first normalised, with eps, in `dtype`
     (default x's) as `layers.rms_norm_rows` normalises it, so that a decoding layer's input norm takes no kernel of
     its own."""
@@ -917,9 +932,11 @@ def stacked_partials(x, w, layer=None, norm=None, *, dtype=None, eps: float = 0.
         raise ValueError(f"stacked_matvec: x {x.shape} (at most {MATVEC_MAX_TOKENS} rows; one with a norm) against "
                          f"w {[a.shape for a in ws]} and norm weights {None if norm is None else norm.shape} "
                          f"([L, {K}])")
-    block_k, block_n = decode_block(block_k, K), decode_block(block_n, *widths)
+    given = dict(block_k=block_k, block_n=block_n, num_warps=num_warps, num_stages=num_stages, programs=programs)
+    tiles = {**matvec_tiles(T), **{k: v for k, v in given.items() if v is not None}}
+    block_k, block_n = decode_block(tiles["block_k"], K), decode_block(tiles["block_n"], *widths)
     blocks = tuple(itertools.accumulate((n // block_n for n in widths), initial=0))
-    programs = programs or MATVEC_TILES["one_token_programs" if T == 1 else "programs"]
+    programs = tiles["programs"]
     # the most parts of whole blocks that fit the programs (a power of two where K / block_k is one)
     splits = max((d for d in range(2, K // block_k + 1) if (K // block_k) % d == 0 and d * blocks[-1] <= programs),
                  default=1)
@@ -934,6 +951,6 @@ def stacked_partials(x, w, layer=None, norm=None, *, dtype=None, eps: float = 0.
         in_specs=[pl.no_block_spec] * (2 + (norm is not None) + len(ws)),
         out_specs=pl.no_block_spec,
         name="stacked_matvec",
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"]),
         interpret=interpreted(interpret),
     )(layer, x, *(() if norm is None else (norm,)), *ws)

@@ -497,6 +497,18 @@ def test_stacked_matvec_matches_numpy(dtype):
         stacked_matvec(jnp.zeros((MATVEC_MAX_TOKENS + 1, K), dtype), w, 0)
 
 
+def test_stacked_partials_default_tiles_by_tokens():
+    """stacked_partials' default tiles by rows: 128 × 64 blocks, the contraction of 64 blocks split for 1024 programs
+    over the 8 column blocks at one token (64 parts), 256 at 2-32 tokens (32) and 128 at 33-64 (16); the rows
+    padded to 16, 32 or 64."""
+    from dsv2_jax.grouped_matmul import stacked_partials
+
+    w = jax.ShapeDtypeStruct((2, 64 * 128, 8 * 64), jnp.bfloat16)
+    for T, parts, rows in ((1, 64, 1), (3, 32, 16), (32, 32, 32), (33, 16, 64), (64, 16, 64)):
+        x = jax.ShapeDtypeStruct((T, 64 * 128), jnp.bfloat16)
+        assert jax.eval_shape(lambda x, w: stacked_partials(x, w, 1), x, w).shape == (parts, rows, 512), T
+
+
 def test_auto_projections_by_tokens(decode_kernels, monkeypatch):
     """DSV2_DECODE_PROJECTIONS=auto on a GPU: steps of up to MATVEC_MAX_TOKENS tokens take stacked_matvec, more
     XLA's products; pallas takes it up to MATVEC_MAX_TOKENS and refuses more; off GPU auto never does."""
