@@ -6,9 +6,12 @@ read per second. On a GPU:
 
     python bench/decode_projections.py --tokens 1 4            # the tiles the decoding step runs
     python bench/decode_projections.py --tokens 1 --sweep      # every config of SWEEP, per product
+    python bench/decode_projections.py --tokens 64 --sweep     # every config of MANY_TOKEN_SWEEP, per product
 
 Products, as a decoding step runs them: "input" (q_proj, or q_a_proj on the low-rank query path, with kv_a_proj:
-one kernel over both), "q_b" (q_b_proj, low-rank path only) and "o_proj".
+one kernel over both), "q_b" (q_b_proj, low-rank path only), "o_proj", and the MoE layers' shared experts where the
+step runs them on the stacks (more than one token a step): "shared_gate_up" (gate_proj with up_proj, one kernel) and
+"shared_down".
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from bench.report import emit  # noqa: E402
 
 SWEEP = dict(block_k=(128, 256), block_n=(32, 64, 128), num_warps=(2, 4), num_stages=(2, 3, 4),
              programs=(512, 1024, 2048))
+# more than one token: each program multiplies all rows (16-64) by its weight tiles, so wider tiles and more warps
+MANY_TOKEN_SWEEP = dict(block_k=(64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(2, 4),
+                        programs=(128, 256, 512))
 
 
 def products(config) -> dict[str, tuple[int, tuple[int, ...]]]:
@@ -38,17 +44,21 @@ def products(config) -> dict[str, tuple[int, tuple[int, ...]]]:
     if c.q_lora_rank is not None:
         out["q_b"] = (c.q_lora_rank, (width,))
     out["o_proj"] = (c.num_attention_heads * c.v_head_dim, (c.hidden_size,))
+    if c.n_shared_experts:
+        shared = c.n_shared_experts * c.moe_intermediate_size
+        out["shared_gate_up"] = (c.hidden_size, (shared, shared))
+        out["shared_down"] = (shared, (c.hidden_size,))
     return out
 
 
 def configs(sweep: bool, product: str, tokens: int) -> list[dict]:
-    """The tile configs to run: the decoding step's own first (MATVEC_TILES, with its program count for this many
-    tokens, then PROJECTION_TILES' for this product and tokens)."""
-    from dsv2_jax.grouped_matmul import MATVEC_TILES, PROJECTION_TILES
-    default = {k: MATVEC_TILES[k] for k in ("block_k", "block_n", "num_warps", "num_stages")}
-    default["programs"] = MATVEC_TILES["one_token_programs" if tokens == 1 else "programs"]
-    default.update(PROJECTION_TILES.get((product, tokens), {}))
-    rest = [dict(zip(SWEEP, values)) for values in itertools.product(*SWEEP.values())] if sweep else []
+    """The tile configs to run: the decoding step's own first (`matvec_tiles(tokens)`, then PROJECTION_TILES' for
+    this product and tokens), then with sweep SWEEP's (one token) or
+    MANY_TOKEN_SWEEP's."""
+    from dsv2_jax.grouped_matmul import PROJECTION_TILES, matvec_tiles
+    default = {**matvec_tiles(tokens), **PROJECTION_TILES.get((product, tokens), {})}
+    grid = SWEEP if tokens == 1 else MANY_TOKEN_SWEEP
+    rest = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if sweep else []
     return [default] + [c for c in rest if c != default]
 
 
@@ -57,7 +67,7 @@ def main(argv=None):
     parser.add_argument("--preset", default="deepseek-v2-lite", help="model widths")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4], help="tokens per step (decoding batch)")
     parser.add_argument("--layers", type=int, default=None, help="layers of weights (default: the model's)")
-    parser.add_argument("--products", nargs="+", default=None, help="a subset of: input q_b o_proj")
+    parser.add_argument("--products", nargs="+", default=None, help="a subset of: input q_b o_proj shared_gate_up shared_down")
     parser.add_argument("--repeats", type=int, default=10, help="passes over the layers per timed dispatch")
     parser.add_argument("--dispatches", type=int, default=10)
     parser.add_argument("--sweep", action="store_true", help="every config in SWEEP after the default")

@@ -193,21 +193,27 @@ def test_decode_projections_sweep_checks_each_config():
     """bench/decode_projections.py on the tiny model (CPU, the kernels in Pallas's interpreter): every product of the
     decoding step at its default tiles, then a sweep's first configs, each product equal to a float32 product of the
     same bf16 operands (float32 accumulation: ~1e-7)."""
-    from dsv2_jax.grouped_matmul import MATVEC_TILES, PROJECTION_TILES
+    from dsv2_jax.grouped_matmul import PROJECTION_TILES, matvec_tiles
 
     bench = load("decode_projections")
     common = ["--preset", "tiny", "--layers", "2", "--repeats", "1", "--dispatches", "1"]
     rows = bench.main(common + ["--tokens", "1", "3"])
-    assert [(r["product"], r["tokens"]) for r in rows] == [(p, t) for p in ("input", "q_b", "o_proj") for t in (1, 3)]
-    assert [r["N"] for r in rows[::2]] == [[64, 48], [192], [128]]  # q_a with kv_a (32 + 16), q_b (4 × 48), o_proj
-    # the tiles the decoding step runs: PROJECTION_TILES' for one token's input and o_proj products, else MATVEC_TILES
+    names = ("input", "q_b", "o_proj", "shared_gate_up", "shared_down")
+    assert [(r["product"], r["tokens"]) for r in rows] == [(p, t) for p in names for t in (1, 3)]
+    # q_a (64) with kv_a (32 + 16), q_b (4 × 48), o_proj, the shared expert's gate with up (64 + 64) and down
+    assert [r["N"] for r in rows[::2]] == [[64, 48], [192], [128], [64, 64], [128]]
+    assert [r["K"] for r in rows[::2]] == [128, 64, 128, 128, 64]
+    # the tiles the decoding step runs: PROJECTION_TILES' for one token's input and o_proj products, else the
+    # default tiles of one token or of more
     for r in rows:
-        want = {**MATVEC_TILES, "programs": MATVEC_TILES["one_token_programs" if r["tokens"] == 1 else "programs"],
-                **PROJECTION_TILES.get((r["product"], r["tokens"]), {})}
+        want = {**matvec_tiles(r["tokens"]), **PROJECTION_TILES.get((r["product"], r["tokens"]), {})}
         assert all(r[k] == want[k] for k in ("block_k", "block_n", "num_warps", "num_stages", "programs")), r
-    swept = bench.main(common + ["--tokens", "1", "--products", "o_proj", "--sweep", "--limit", "2"])
+    swept = bench.main(common + ["--tokens", "1", "3", "--products", "o_proj", "--sweep", "--limit", "2"])
     tiles = lambda r: [r[k] for k in ("block_k", "block_n", "num_warps", "num_stages", "programs")]  # noqa: E731
-    assert tiles(swept[0]) == tiles(rows[4]) and tiles(swept[1]) != tiles(swept[0])
+    assert [tiles(r) for r in swept[::2]] == [tiles(rows[4]), tiles(rows[5])]  # the defaults first
+    # then the grid of one token, or of more (MANY_TOKEN_SWEEP's first config)
+    assert tiles(swept[1]) == [v[0] for v in bench.SWEEP.values()]
+    assert tiles(swept[3]) == [v[0] for v in bench.MANY_TOKEN_SWEEP.values()]
     for r in rows + swept:
         assert "failed" not in r, r
         assert r["rel_err"] < 1e-5 and r["us_per_layer"] > 0, r
