@@ -53,8 +53,7 @@ def products(config) -> dict[str, tuple[int, tuple[int, ...]]]:
 
 def configs(sweep: bool, product: str, tokens: int) -> list[dict]:
     """The tile configs to run: the decoding step's own first (`matvec_tiles(tokens)`, then PROJECTION_TILES' for
-    this product and tokens), then with sweep SWEEP's (one token) or
-    MANY_TOKEN_SWEEP's."""
+    this product and tokens), then with sweep SWEEP's (one token) or MANY_TOKEN_SWEEP's."""
     from dsv2_jax.grouped_matmul import PROJECTION_TILES, matvec_tiles
     default = {**matvec_tiles(tokens), **PROJECTION_TILES.get((product, tokens), {})}
     grid = SWEEP if tokens == 1 else MANY_TOKEN_SWEEP
@@ -67,10 +66,12 @@ def main(argv=None):
     parser.add_argument("--preset", default="deepseek-v2-lite", help="model widths")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4], help="tokens per step (decoding batch)")
     parser.add_argument("--layers", type=int, default=None, help="layers of weights (default: the model's)")
-    parser.add_argument("--products", nargs="+", default=None, help="a subset of: input q_b o_proj shared_gate_up shared_down")
+    parser.add_argument("--products", nargs="+", default=None,
+                        help="a subset of: input q_b o_proj shared_gate_up shared_down")
     parser.add_argument("--repeats", type=int, default=10, help="passes over the layers per timed dispatch")
     parser.add_argument("--dispatches", type=int, default=10)
-    parser.add_argument("--sweep", action="store_true", help="every config in SWEEP after the default")
+    parser.add_argument("--sweep", action="store_true",
+                        help="every config in SWEEP (one token) or MANY_TOKEN_SWEEP after the default")
     parser.add_argument("--limit", type=int, default=None, help="at most this many configs per product")
     parser.add_argument("--out", default=None, help="append a JSON line per result here")
     args = parser.parse_args(argv)

@@ -798,7 +798,7 @@ MATVEC_TILES = dict(block_k=128, block_n=64, num_warps=4, num_stages=3, programs
 # tokens, a MoE layer's input, o_proj and shared experts' products: 60.8 -> 55.9 µs (`bench/decode_projections.py
 # --tokens 64 --sweep`, bench/RESULTS.md §26; 2-32 tokens not swept)
 MATVEC_64_ROW_TILES = dict(num_stages=4, programs=128)
-# a decoding step's projection products by (product, tokens), where their tiles differ from MATVEC_TILES. One
+# a decoding step's projection products by (product, tokens), where their tiles differ from matvec_tiles'. One
 # token: narrower programs over longer contraction spans, so that fewer float32 partial sums follow. "input" (q_proj
 # or q_a_proj with kv_a_proj, one kernel): absorbed_query adds 4 instead of 16 (H200, V2-Lite, per MoE layer: the
 # products 6.3 -> 6.0 µs, absorbed_query 4.0 -> 3.7 µs); "o_proj": XLA adds 4 instead of 16 with the residual (the
