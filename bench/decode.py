@@ -18,6 +18,8 @@ preallocates GPU memory):
                                                     # a MoE layer's routing, experts and residual add in 2 kernels or 4
     python bench/decode.py --impl jax   --batches 16 64 --latent-row-tiles on off
                                                     # the latent kernels: 16 rows a program, or one row
+    python bench/decode.py --impl jax   --batches 32 64 --matvec-64-row-tiles on off
+                                                    # stacked_matvec's tiles of 33-64 tokens, or of 2-32
 
 The batch-1 step on an H200 differs by up to ~6% between compilations of the same program, in one process as
 between processes (bench/RESULTS.md §9): compare changes over several compilations (`--compiles`).
@@ -84,7 +86,7 @@ PROFILE_TOKENS = 32  # --profile: the tokens of the traced generate call
 
 def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kernels=("auto:auto",),
             profile_dir=None, compiles: int = 1, layers_per_iteration=(None,), moe_two_kernel_tokens=(None,),
-            latent_row_tiles=(None,)):
+            latent_row_tiles=(None,), matvec_64_row_tiles=(None,)):
     import jax
     import jax.numpy as jnp
 
@@ -106,15 +108,20 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kern
     reset_cache()
     default_per, default_two = gen.DECODE_LAYERS_PER_ITERATION, gen.DECODE_MOE_TWO_KERNEL_TOKENS
     default_tiles = attention.MANY_ROW_TILES, attention.LATENT_SPAN_PROGRAMS
+    default_64 = grouped_matmul.MATVEC_64_ROW_TILES
     try:  # the settings side by side, on one model
-        for setting, per, two, tiles in itertools.product(decode_kernels, layers_per_iteration, moe_two_kernel_tokens,
-                                                          latent_row_tiles):
+        for setting, per, two, tiles, tiles_64 in itertools.product(decode_kernels, layers_per_iteration,
+                                                                    moe_two_kernel_tokens, latent_row_tiles,
+                                                                    matvec_64_row_tiles):
             gen.DECODE_LAYERS_PER_ITERATION = default_per if per is None else per
             gen.DECODE_MOE_TWO_KERNEL_TOKENS = default_two if two is None else two
             # off: a program per row in absorbed_query and latent_output, and 16 spans of the cache (the most)
             off = ({}, 1 << 30)
             attention.MANY_ROW_TILES, attention.LATENT_SPAN_PROGRAMS = off if tiles == "off" else default_tiles
             tiles = "off" if tiles == "off" else "on"
+            # off: steps of 33-64 tokens take the tiles of 2-32
+            grouped_matmul.MATVEC_64_ROW_TILES = {} if tiles_64 == "off" else default_64
+            tiles_64 = "off" if tiles_64 == "off" else "on"
             experts, projections = setting.split(":")
             os.environ["DSV2_DECODE_EXPERTS"], os.environ["DSV2_DECODE_PROJECTIONS"] = experts, projections
             grouped_matmul.reread_decode_choices()
@@ -136,6 +143,7 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kern
                     setting = dict(decode_experts=experts, decode_projections=projections,
                                    layers_per_iteration=gen.DECODE_LAYERS_PER_ITERATION,
                                    moe_two_kernel_tokens=gen.DECODE_MOE_TWO_KERNEL_TOKENS, latent_row_tiles=tiles,
+                                   matvec_64_row_tiles=tiles_64,
                                    compile=compile_index,
                                    first_call_s=first_call_s, **gpu)
                     yield (setting, b, min(t["prefill_s"] for t in runs), min(t["decode_s"] for t in runs),
@@ -144,18 +152,19 @@ def run_jax(config, batches, prompt_len, new_tokens, mesh_text=None, decode_kern
                     from bench.trace_summary import summarize
                     trace_dir = os.path.join(profile_dir,
                                              f"{experts}_{projections}_l{gen.DECODE_LAYERS_PER_ITERATION}"
-                                             f"_m{gen.DECODE_MOE_TWO_KERNEL_TOKENS}_t{tiles}_b{b}")
+                                             f"_m{gen.DECODE_MOE_TWO_KERNEL_TOKENS}_t{tiles}_r{tiles_64}_b{b}")
                     dsv2_jax.generate(model, prompts, PROFILE_TOKENS, mesh=mesh)  # compile this length's buckets
                     with jax.profiler.trace(trace_dir):
                         dsv2_jax.generate(model, prompts, PROFILE_TOKENS, mesh=mesh)
                     print(f"\n{experts}:{projections}, {gen.DECODE_LAYERS_PER_ITERATION} layers an iteration, "
                           f"MoE in two kernels up to {gen.DECODE_MOE_TWO_KERNEL_TOKENS} tokens, latent row tiles "
-                          f"{tiles}, batch {b}, "
+                          f"{tiles}, 64-row tiles {tiles_64}, batch {b}, "
                           "decode loop:")
                     summarize(trace_dir, top=40, steps=PROFILE_TOKENS, module="decode_loop")
     finally:
         gen.DECODE_LAYERS_PER_ITERATION, gen.DECODE_MOE_TWO_KERNEL_TOKENS = default_per, default_two
         attention.MANY_ROW_TILES, attention.LATENT_SPAN_PROGRAMS = default_tiles
+        grouped_matmul.MATVEC_64_ROW_TILES = default_64
         jax.config.update("jax_enable_compilation_cache", cache)
         reset_cache()
     del model, jax
@@ -225,6 +234,10 @@ def main():
                         help="jax only: steps of several rows with absorbed_query and latent_output taking 16 rows a "
                              "program and latent_attention's spans sized by its programs (on, the default: "
                              "attention.MANY_ROW_TILES) or a program per row and 16 spans (off), one after another")
+    parser.add_argument("--matvec-64-row-tiles", nargs="+", default=[None], choices=["on", "off"],
+                        help="jax only: steps of 33-64 tokens with stacked_matvec's tiles for 64 rows (on, the "
+                             "default: grouped_matmul.MATVEC_64_ROW_TILES) or those of 2-32 tokens (off), one after "
+                             "another")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.compiles < 1:
@@ -249,7 +262,8 @@ def main():
                                    profile_dir=args.profile, compiles=args.compiles,
                                    layers_per_iteration=args.layers_per_iteration,
                                    moe_two_kernel_tokens=args.moe_two_kernel_tokens,
-                                   latent_row_tiles=args.latent_row_tiles)
+                                   latent_row_tiles=args.latent_row_tiles,
+                                   matvec_64_row_tiles=args.matvec_64_row_tiles)
     cache_per_token = 2 * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
     for setting, b, prefill_s, decode_s, steps in runner(config, args.batches, args.prompt, args.new_tokens):
         step_s = decode_s / max(steps, 1)

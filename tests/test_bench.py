@@ -109,7 +109,7 @@ def test_decode_compiles_each_batch_again(decode_kernels):
     """bench/decode.py --compiles 2: each batch compiled and timed twice in the process, one row each, on the tiny
     model (CPU). Every compilation is a real one: jax's caches are cleared in between and the persistent cache the
     tests run with (conftest) is off meanwhile (no hits), then on again. --layers-per-iteration,
-    --moe-two-kernel-tokens and --latent-row-tiles: a row per setting."""
+    --moe-two-kernel-tokens, --latent-row-tiles and --matvec-64-row-tiles: a row per setting."""
     import jax
     from dsv2_jax import ModelConfig
 
@@ -143,6 +143,15 @@ def test_decode_compiles_each_batch_again(decode_kernels):
     rows = list(load("decode").run_jax(config, [2], 8, 2, latent_row_tiles=("off", "on")))
     assert [setting["latent_row_tiles"] for setting, *_ in rows] == ["off", "on"]
     assert (attention.MANY_ROW_TILES, attention.LATENT_SPAN_PROGRAMS) == default
+    # --matvec-64-row-tiles: while a setting's row is out, 64 rows get the tiles of 2-32 (off) or their own (on)
+    from dsv2_jax import grouped_matmul
+    default = grouped_matmul.MATVEC_64_ROW_TILES
+    runs = load("decode").run_jax(config, [2], 8, 2, matvec_64_row_tiles=("off", "on"))
+    for want in ("off", "on"):
+        setting, *_ = next(runs)
+        assert setting["matvec_64_row_tiles"] == want
+        assert (grouped_matmul.matvec_tiles(64) == grouped_matmul.matvec_tiles(32)) == (want == "off")
+    assert list(runs) == [] and grouped_matmul.MATVEC_64_ROW_TILES is default
 
 
 def test_attention_bench_checks_kernels_against_the_reference():
