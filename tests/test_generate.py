@@ -234,8 +234,8 @@ def test_absorbed_inputs_equal_query_and_latent(q_lora_rank):
     weight = jnp.linspace(0.5, 1.5, config.hidden_size)  # layer 1's input norm, for the unnormalised row
     norm_stacks = stacks._replace(input_norm=jnp.stack([weight * 2, weight]))
     rng = np.random.default_rng(8)
-    many = [(3 * b) % 16 for b in range(18)]
-    # one row: the one-token products
+    many = [(3 * b) % 16 for b in range(18)]  # 18 rows: two blocks of 16 rows a program, the second masked
+    # three rows, 18 rows, then one row (the one-token products), once unnormalised
     for slots, normalise in (([5, 0, 15], False), (many, False), ([9], False), ([9], True)):
         B, pos = len(slots), jnp.array(slots, jnp.int32)
         x = jax.random.normal(jax.random.key(7), (B, 1, config.hidden_size))
