@@ -559,11 +559,10 @@ def greedy_top_k(logits, routing: GreedyRouting):
     scores = e / e.sum()
     ids = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 0)
     rest, experts, chosen = scores, [], []
-    for _ in range(routing.top_k):
-        best = rest.max()
-        expert = jnp.min(jnp.where(rest == best, ids, scores.shape[0]))
+    for _ in range(routing.top_k):  # argmax: one (value, index) reduction, the lowest index among equal values
+        expert = jnp.argmax(rest).astype(jnp.int32)
         experts.append(expert)
-        chosen.append(best)
+        chosen.append(rest.max())
         rest = jnp.where(ids == expert, -1.0, rest)  # scores are >= 0
     total = functools.reduce(jnp.add, chosen) + 1e-20
     return scores, experts, [w / total if routing.norm else w * routing.scaling for w in chosen]

@@ -615,8 +615,8 @@ def test_routed_experts_mlp_equals_route_then_chosen_experts(dtype, T):
     sum and the residual add in the down kernel, whose last program per column block sums it; interpreted off GPU)
     against route_kernel, chosen_experts_mlp and the weighted sum and residual add in XLA: the same experts and
     weights, scores and output to 1e-6 of the largest in float32 and within one bf16 rounding in bf16; 4 routed of
-    16 experts plus 2 shared (6 products per token, not a power of two), renormalised and scaled weights, one
-    layer of two-layer stacks; the counters come back as zeros. Bad partials or counters are errors."""
+    16 experts plus 2 shared (6 products per token, not a power of two; two experts tied), renormalised and scaled
+    weights, one layer of two-layer stacks; the counters come back as zeros. Bad partials or counters are errors."""
     from dsv2_jax.grouped_matmul import arrival_counts, chosen_experts_mlp, routed_experts_mlp
     from dsv2_jax.moe import greedy_routing, route_kernel
 
@@ -627,7 +627,9 @@ def test_routed_experts_mlp_equals_route_then_chosen_experts(dtype, T):
     down = arr(L, E, I, D, scale=0.3)
     shared = (arr(L, D, 2 * I, scale=0.3), arr(L, D, 2 * I, scale=0.3), arr(L, 2 * I, D, scale=0.3))
     x, residual = arr(T, D), arr(T, D)
-    partials = jnp.asarray(rng.normal(size=(4, T + 1, E)), jnp.float32)
+    partials = rng.normal(size=(4, T + 1, E)).astype(np.float32)
+    partials[:, 0, [3, 7]] = partials[:, 0, [3]] + 4.0  # token 0: experts 3 and 7 tie for the top (3 first)
+    partials = jnp.asarray(partials)
     for norm, scaling in ((True, 1.0), (False, 2.5)):
         c = TINY.replace(n_routed_experts=E, num_experts_per_tok=K, topk_method="greedy", norm_topk_prob=norm,
                          routed_scaling_factor=scaling)
@@ -640,6 +642,7 @@ def test_routed_experts_mlp_equals_route_then_chosen_experts(dtype, T):
         coef = jnp.concatenate([r.weights, jnp.ones((T, 2), jnp.float32)], axis=1)
         want = residual + (y * coef[:, :, None]).sum(axis=1).astype(residual.dtype)
         np.testing.assert_array_equal(np.asarray(experts), np.asarray(r.experts))
+        assert list(np.asarray(experts[0, :2])) == [3, 7]
         for got_, want_ in ((weights, r.weights), (scores, r.scores)):
             np.testing.assert_allclose(np.asarray(got_), np.asarray(want_), rtol=0, atol=1e-6)
         assert h.dtype == residual.dtype and np.asarray(counts).sum() == 0 and counts.shape == (T, D // 16)
