@@ -226,3 +226,23 @@ def test_decode_projections_sweep_checks_each_config():
     for r in rows + swept:
         assert "failed" not in r, r
         assert r["rel_err"] < 1e-5 and r["us_per_layer"] > 0, r
+
+
+def test_decode_experts_routed_checks_the_kernels():
+    """bench/decode_experts.py --routed on the tiny model (CPU, the kernels in Pallas's interpreter; its routing
+    made greedy, as V2-Lite's): routed_experts_mlp over two layers against XLA's routing, the sorted path and XLA's
+    residual add, the default tiles and a sweep's first config of each kernel. The forms round differently (the
+    kernels sum the experts in float32 and round once, XLA rounds the routed sum and then adds the shared expert):
+    within 1e-2 relative, where a token losing its top expert moves the output by 32-37%."""
+    bench = load("decode_experts")
+    common = ["--preset", "tiny", "--layers", "2", "--repeats", "1", "--dispatches", "1", "--routed"]
+    rows = bench.main(common + ["--tokens", "1", "2"])
+    assert [(r["tokens"], r["path"]) for r in rows] == [
+        (t, p) for t in (1, 2) for p in ("routed, XLA", "routed, kernels (default tiles)")]
+    swept = bench.main(common + ["--tokens", "1", "--sweep", "--limit", "1"])
+    assert [(r["path"], r["tiles"]) for r in swept] == [
+        (f"routed, {k} tiles", tuple(v[0] for v in bench.SWEEP.values())) for k in ("gate_up", "down")]
+    for r in rows + swept:
+        assert "error" not in r and r["us_per_layer"] > 0, r
+        assert r["rel_err_vs_sorted"] < 1e-2, r
+    assert rows[0]["rel_err_vs_sorted"] == 0  # the reference against itself
