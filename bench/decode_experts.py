@@ -141,7 +141,7 @@ def main(argv=None):
             return jax.lax.fori_loop(0, args.repeats, lambda r, out: out + f(*a), jnp.zeros((T, D), jnp.float32))
         return jax.jit(run)
 
-    def per_layer_us(f, *a, n=args.dispatches):  # the fastest of n dispatches (the slower ones saw clocks ramp or host delays)
+    def per_layer_us(f, *a, n=args.dispatches):  # the fastest of n (slower ones: clock ramps, host delays)
         f(*a).block_until_ready()
         times = []
         for _ in range(n):
