@@ -80,11 +80,13 @@ def main(argv=None):
         coef = jnp.concatenate([w, jnp.ones((w.shape[0], S), w.dtype)], 1)
         return jnp.einsum("tjd,tj->td", y, coef)
 
+    def sorted_layer(x, routing, g, u, d, sg, su, sd):  # the routed experts on the sorted path, plus the shared
+        return dropless_experts(x, routing, g, u, d) + (jax.nn.silu(x @ sg) * (x @ su)) @ sd
+
     def sorted_path(x, experts, w, ws):
         def body(out, xs):
-            (g, u, d, sg, su, sd), e, wt = xs
-            y = dropless_experts(x, RouterOutput(wt, e, None), g, u, d)
-            return out + (y + (jax.nn.silu(x @ sg) * (x @ su)) @ sd).astype(jnp.float32), None
+            layer_ws, e, wt = xs
+            return out + sorted_layer(x, RouterOutput(wt, e, None), *layer_ws).astype(jnp.float32), None
         return jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (ws, experts, w))[0]
 
     def both(tiles):  # (block_k, block_n) for both kernels, their other settings as decode_tiles has them
@@ -131,9 +133,9 @@ def main(argv=None):
 
     def routed_reference(x, partials, residual, ws):  # XLA's routing, the sorted path, XLA's residual add
         def body(residual, xs):
-            (g, u, d, sg, su, sd), p = xs
-            y = dropless_experts(x, route(c, p.sum(axis=0)[:x.shape[0]]), g, u, d)
-            return residual + (y + (jax.nn.silu(x @ sg) * (x @ su)) @ sd).astype(residual.dtype), None
+            layer_ws, p = xs
+            return residual + sorted_layer(x, route(c, p.sum(axis=0)[:x.shape[0]]), *layer_ws).astype(
+                residual.dtype), None
         return jax.lax.scan(body, residual, (ws, partials))[0].astype(jnp.float32)
 
     def repeated(f):  # the layers `args.repeats` times in one dispatch, so that host overhead is amortised
