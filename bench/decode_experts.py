@@ -180,8 +180,9 @@ def main(argv=None):
         if args.routed:
             partials = jnp.asarray(rng.normal(size=(L, D // ONE_ROW_ROUTER_ROWS, T, E)) * 0.5, jnp.float32)
             inputs = (x, partials, jnp.zeros((T, D), bf), weights)  # the residual: the layers' sum, nothing else
-            want = jax.jit(routed_reference)(*inputs)
-            rows = [("routed, XLA", None, jax.jit(routed_reference))]
+            reference = jax.jit(routed_reference)
+            want = reference(*inputs)
+            rows = [("routed, XLA", None, reference)]
             if args.sweep:
                 rows = sweep_rows("routed", routed_stacked)
             else:
@@ -200,12 +201,13 @@ def main(argv=None):
                     both_us, 2), kernels_after_read_us=round(both_us - reads, 2), kernels_alone_us=[
                     round(a, 2) for a in alone])), flush=True)
             continue
-        want = jax.jit(sorted_path)(x, experts, w, weights)
+        reference = jax.jit(sorted_path)
+        want = reference(x, experts, w, weights)
         rows = []
         if args.sweep:
             rows = sweep_rows("chosen", chosen_stacked)
         else:
-            rows.append(("sorted", None, jax.jit(sorted_path)))
+            rows.append(("sorted", None, reference))
             for tiles in TILES:
                 rows.append(("chosen, stacks", tiles, jax.jit(lambda *a, t=both(tiles): chosen_stacked(*a, t))))
             rows.append(("chosen, scan slices", TILES[0], jax.jit(lambda *a: chosen_sliced(*a, both(TILES[0])))))
