@@ -246,3 +246,29 @@ def test_decode_experts_routed_checks_the_kernels():
         assert "error" not in r and r["us_per_layer"] > 0, r
         assert r["rel_err_vs_sorted"] < 1e-2, r
     assert rows[0]["rel_err_vs_sorted"] == 0  # the reference against itself
+
+
+def test_mosaic_kernels_medians_of_device_kernels(tmp_path):
+    """bench/mosaic_kernels.kernel_medians: calls and median µs by kernel name, device kernels only."""
+    import gzip
+    import json
+
+    kernel_medians = load("mosaic_kernels").kernel_medians
+    events = [dict(ph="M", pid=2, name="process_name", args=dict(name="/device:GPU:0")),
+              *(dict(ph="X", pid=2, name="gate_up", ts=t, dur=d) for t, d in ((0, 3), (5, 1), (9, 2))),
+              dict(ph="X", pid=2, name="down", ts=12, dur=4), dict(ph="X", pid=1, name="launch", ts=0, dur=7)]
+    with gzip.open(tmp_path / "t.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert kernel_medians(str(tmp_path)) == {"down": [1, 4], "gate_up": [3, 2]}
+
+
+def test_mosaic_kernels_experts_pair_in_the_interpreter():
+    """bench/mosaic_kernels.py experts --cpu: the Mosaic GPU chosen-experts pair (token as row 0 of a 64-row tile,
+    wgmma, TMA pipelines) in Mosaic GPU's interpreter at small widths, against chosen_experts_mlp (Pallas,
+    interpreted): the same roundings, so within 1e-6 relative on both layers (1.0e-7 measured)."""
+    import pytest
+
+    pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")  # the interpreter's private module
+    rows = load("mosaic_kernels").main(["experts", "--cpu"])
+    assert [r["check"] for r in rows] == ["layer 0", "layer 1"]
+    assert all(r["row_form_rel_err_vs_chosen_experts_mlp"] < 1e-6 for r in rows), rows
