@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import glob
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -59,7 +59,7 @@ def kernel_medians(trace_dir: str) -> dict:
 def profiled(name, f, *args):
     """Compile and run f(*args) once, then profile 3 runs: prints the kernels' medians."""
     jax.block_until_ready(f(*args))
-    trace_dir = f"/tmp/mosaic_kernels_{len(glob.glob('/tmp/mosaic_kernels_*'))}"
+    trace_dir = tempfile.mkdtemp(prefix="mosaic_kernels_")
     with jax.profiler.trace(trace_dir):
         for _ in range(3):
             jax.block_until_ready(f(*args))
