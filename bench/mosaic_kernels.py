@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: E402
 
 from bench.trace_summary import _device_pids, _load  # noqa: E402
+from dsv2_jax.grouped_matmul import layer_operand  # noqa: E402
 
 bf, f32 = jnp.bfloat16, jnp.float32
 L, BK, REPS = 12, 128, 3
@@ -78,6 +79,11 @@ def layer_loop(f):
 
 def rel_err(got, want):
     return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+
+
+def token_tile(x, rows):
+    """x [1, D]: a [rows, D] tile with the token as row 0, the other rows zero (wgmma's 64 or 8 rows)."""
+    return jnp.zeros((rows, x.shape[-1]), x.dtype).at[0].set(x[0])
 
 
 # ---- the chosen experts of one token --------------------------------------------------------------------------
@@ -172,16 +178,16 @@ def _experts_down(h, experts, dn, sdn, layer, *, bn=64, steps=4, bk=BK):
 def mosaic_experts_mlp(x, experts, gate, up, dn, shared, layer, tiles=(64, 4, 64, 4), **kw):
     """The row-form pair: chosen_experts_mlp(x, experts[None], gate, up, dn, shared, layer)[0], [J, D] float32.
     tiles: gate/up's column block and pipeline stages, then down's."""
-    x64 = jnp.zeros((64, x.shape[-1]), x.dtype).at[0].set(x[0])
-    h = _experts_gate_up(x64, experts, gate, up, shared[0], shared[1], layer, transposed=False, bn=tiles[0],
-                         steps=tiles[1], **kw)
+    h = _experts_gate_up(token_tile(x, 64), experts, gate, up, shared[0], shared[1], layer, transposed=False,
+                         bn=tiles[0], steps=tiles[1], **kw)
     return _experts_down(h, experts, dn, shared[2], layer, bn=tiles[2], steps=tiles[3], **kw)
 
 
 def transposed_gate_up(x, experts, gate, up, shared, layer, **kw):
     """The W^T @ x^T gate/up: [J, I] bf16 (the down kernel of this form is not written)."""
-    x8 = jnp.zeros((8, x.shape[-1]), x.dtype).at[0].set(x[0])
-    return _experts_gate_up(x8, experts, gate, up, shared[0], shared[1], layer, transposed=True, **kw)[:, ::8].T
+    h_t = _experts_gate_up(token_tile(x, 8), experts, gate, up, shared[0], shared[1], layer, transposed=True,
+                           **kw)
+    return h_t[:, ::8].T
 
 
 def experts(cpu: bool) -> list:
@@ -204,11 +210,12 @@ def experts(cpu: bool) -> list:
         got = mosaic_experts_mlp(x, chosen[lay], gate, up, dn, shared, lay, bk=64 if cpu else BK)
         row = dict(check=f"layer {lay}", row_form_rel_err_vs_chosen_experts_mlp=rel_err(got, want))
         if not cpu:  # the interpreter has no rule for transposed refs
-            xf, g_w, u_w = x[0].astype(f32), gate[lay, chosen[lay]], up[lay, chosen[lay]]
-            g = jnp.concatenate([jnp.einsum("d,edi->ei", xf, g_w.astype(f32)),
-                                 (xf @ shared[0][lay].astype(f32)).reshape(S, I)]).astype(bf).astype(f32)
-            u = jnp.concatenate([jnp.einsum("d,edi->ei", xf, u_w.astype(f32)),
-                                 (xf @ shared[1][lay].astype(f32)).reshape(S, I)]).astype(bf).astype(f32)
+            xf = x[0].astype(f32)
+
+            def product(routed, shared_w):  # [J, I]: routed experts, then shared, rounded to bf16 as the kernel
+                return jnp.concatenate([jnp.einsum("d,edi->ei", xf, routed[lay, chosen[lay]].astype(f32)),
+                                        (xf @ shared_w[lay].astype(f32)).reshape(S, I)]).astype(bf).astype(f32)
+            g, u = product(gate, shared[0]), product(up, shared[1])
             h_want = (jax.nn.silu(g) * u).astype(bf).astype(f32)
             h_got = transposed_gate_up(x, chosen[lay], gate, up, shared, lay).astype(f32)
             row["transposed_gate_up_rel_err_vs_float32"] = rel_err(h_got, h_want)
@@ -319,7 +326,7 @@ def chain_persistent(x1, ws, lay, *, prefetch=True, barrier=True):
                 for p in range(4):
                     plgpu.semaphore_wait(sem.at[p], G, memory_scope="gpu")
     return plgpu.kernel(body, out_type=_chain_outs(), grid=(G,), grid_names=("g",), compiler_params=WG,
-                        scratch_types=_chain_scratch())(jnp.asarray(lay, jnp.int32).reshape(1), x1, *ws)[-1]
+                        scratch_types=_chain_scratch())(layer_operand(lay)[0], x1, *ws)[-1]
 
 
 def chain_separate(x1, ws, lay):
@@ -336,7 +343,7 @@ def chain_separate(x1, ws, lay):
             compute(p)
         body.__name__ = f"phase{p + 1}"
         x = plgpu.kernel(body, out_type=_chain_outs()[p], grid=(ACTIVE[p],), grid_names=("g",), compiler_params=WG,
-                         scratch_types=_chain_scratch())(jnp.asarray(lay, jnp.int32).reshape(1), x, ws[p])
+                         scratch_types=_chain_scratch())(layer_operand(lay)[0], x, ws[p])
     return x
 
 
@@ -355,7 +362,7 @@ def chain():
         print(json.dumps(dict(chain=f"skipped: {ACTIVE[0]} programs need as many SMs, the GPU has {sms}")))
         return
     ws = [jax.random.normal(jax.random.key(p), (L, ACTIVE[p] * NP[p], BK, 64), bf) / 16 for p in range(5)]
-    x1 = jnp.zeros((64, XC[0]), bf).at[0].set(jax.random.normal(jax.random.key(9), (XC[0],), bf))
+    x1 = token_tile(jax.random.normal(jax.random.key(9), (1, XC[0]), bf), 64)
     mb = sum(a * n for a, n in zip(ACTIVE, NP)) * BK * 64 * 2 / 1e6
     print(json.dumps(dict(weights_mb_a_layer=round(mb, 1))), flush=True)
     forms = {"5 kernels": chain_separate,
@@ -405,9 +412,8 @@ def mosaic_matvec(x, ws, layer, *, parts, stages=4, bn=64, name="mosaic_matvec")
             plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[s, pl.ds(n * bn, bn)])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     kernel.__name__ = name
-    x8 = jnp.zeros((8, K), x.dtype).at[0].set(x[0])
     out = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((parts, N, 8), f32), grid=(NB * parts,),
-                       grid_names=("g",), compiler_params=WG)(jnp.asarray(layer, jnp.int32).reshape(1), x8, *ws)
+                       grid_names=("g",), compiler_params=WG)(layer_operand(layer)[0], token_tile(x, 8), *ws)
     y, ends = out[:, :, 0].sum(0), np.cumsum([0] + [w.shape[-1] for w in ws])
     return tuple(y[a:b] for a, b in zip(ends, ends[1:]))
 
