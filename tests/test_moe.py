@@ -515,6 +515,7 @@ def test_auto_projections_by_tokens(decode_kernels, monkeypatch):
     from dsv2_jax import grouped_matmul as gm
 
     decode_kernels("auto", "auto")
+    monkeypatch.setattr(gm.jax, "default_backend", lambda: "cpu")  # the same on either backend the test runs on
     assert not any(gm.use_stacked_matvec(t) for t in (1, 64))
     monkeypatch.setattr(gm.jax, "default_backend", lambda: "gpu")
     taken = [t for t in range(1, 100) if gm.use_stacked_matvec(t)]
