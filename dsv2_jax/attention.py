@@ -319,7 +319,37 @@ def tokamax_attention(q, k, v, mask, causal: bool, scale: float):
 
     A `DocumentMask` goes to tokamax's Mosaic GPU kernel as each query's first key (its `Mask(k_start=...)`, causal),
     so no mask array is built or read. Where that kernel refuses (e.g. off Hopper) or does not import (another
-    tokamax version), the documents go to `tokamax.dot_product_attention` as a mask array, as any bool mask does."""
+    tokamax version), the documents go to `tokamax.dot_product_attention` as a mask array, as any bool mask does.
+    Sequences that are not whole blocks of the kernels' rows are padded to them (`padded_to_blocks`)."""
+    return padded_to_blocks(_tokamax_attention, q, k, v, mask, causal, scale)
+
+
+# tokamax 0.0.17's Mosaic GPU backward kernels load the softmax statistics and key starts in blocks of 64 rows from
+# arrays padded only to a multiple of 8, so past a shorter sequence's end they read other memory (a 16-token row's
+# gradients came out NaN once on an H200), and its mask-array path refuses rows that are not multiples of 16 bytes
+# (a 100-token sequence). Whole blocks of its largest tile (128 keys in the forward) avoid both (bench/RESULTS.md §33).
+SEQ_BLOCK = 128
+
+
+def padded_to_blocks(kernel, q, k, v, mask, causal: bool, scale: float, block: int = SEQ_BLOCK):
+    """`kernel(q, k, v, mask, causal, scale)` with self-attention's sequence padded by zero rows to a multiple of
+    `block`, each padded query its own one-token document (it sees only its own key, so no row is all masked and
+    the causal hint still holds), and the padded rows of the output dropped. Nothing real attends to a padded key,
+    so the output and the gradients of the real rows are those of the unpadded call."""
+    S, pad = q.shape[1], -q.shape[1] % block
+    if not pad or k.shape[1] != S:
+        return kernel(q, k, v, mask, causal, scale)
+    q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+    if isinstance(mask, DocumentMask):
+        own = jnp.broadcast_to(jnp.arange(S, S + pad, dtype=mask.starts.dtype), (mask.starts.shape[0], pad))
+        mask = DocumentMask(jnp.concatenate([mask.starts, own], 1))
+    else:
+        i = jnp.arange(S + pad)
+        mask = jnp.pad(mask, ((0, 0), (0, pad), (0, pad))) | ((i[:, None] == i) & (i[:, None] >= S))
+    return kernel(q, k, v, mask, causal, scale)[:, :S]
+
+
+def _tokamax_attention(q, k, v, mask, causal: bool, scale: float):
     import tokamax
     if isinstance(mask, DocumentMask):
         if (ranges := _tokamax_key_ranges()) is not None:
