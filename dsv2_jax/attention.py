@@ -333,16 +333,17 @@ SEQ_BLOCK = 128
 
 def padded_to_blocks(kernel, q, k, v, mask, causal: bool, scale: float, block: int = SEQ_BLOCK):
     """`kernel(q, k, v, mask, causal, scale)` with self-attention's sequence padded by zero rows to a multiple of
-    `block`, each padded query its own one-token document (it sees only its own key, so no row is all masked and
-    the causal hint still holds), and the padded rows of the output dropped. Nothing real attends to a padded key,
-    so the output and the gradients of the real rows are those of the unpadded call."""
+    `block` and the padded rows of the output dropped. Nothing real attends to a padded key (the mask is causal), so
+    the output and the gradients of the real rows are those of the unpadded call. A padded query sees every key up
+    to its own with document ranges (start 0, so rows of one document keep the causal-only backward of
+    `_key_ranges_vjp`), only its own key with a mask array; either way no row is all masked. Its output is dropped,
+    so its cotangent is zero and it adds nothing to the keys' and values' gradients."""
     S, pad = q.shape[1], -q.shape[1] % block
     if not pad or k.shape[1] != S:
         return kernel(q, k, v, mask, causal, scale)
     q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
     if isinstance(mask, DocumentMask):
-        own = jnp.broadcast_to(jnp.arange(S, S + pad, dtype=mask.starts.dtype), (mask.starts.shape[0], pad))
-        mask = DocumentMask(jnp.concatenate([mask.starts, own], 1))
+        mask = DocumentMask(jnp.pad(mask.starts, ((0, 0), (0, pad))))
     else:
         i = jnp.arange(S + pad)
         mask = jnp.pad(mask, ((0, 0), (0, pad), (0, pad))) | ((i[:, None] == i) & (i[:, None] >= S))

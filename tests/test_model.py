@@ -302,31 +302,36 @@ def _attention_reference(q, k, v, mask, scale):
 
 def test_padded_to_blocks_keeps_the_output_and_gradients():
     """A flash kernel's sequence padded to whole blocks (attention.padded_to_blocks) gives the unpadded output and
-    gradients of q, k and v (fp32, 1e-6), with document ranges (padding tokens among them) and with a mask array;
-    the kernel sees whole blocks; whole-block sequences go through untouched."""
+    gradients of q, k and v (fp32, 1e-6), with document ranges (padding tokens among them, rows of one document)
+    and with a mask array; the kernel sees whole blocks, and rows of one document stay all-zero starts (the
+    causal-only backward); whole-block sequences go through untouched."""
     from dsv2_jax.attention import DocumentMask, padded_to_blocks
     B, S, H, scale = 2, 13, 2, 0.3
     q, k, v, g = (jax.random.normal(key, (B, S, H, d), jnp.float32)
                   for key, d in zip(jax.random.split(jax.random.key(1), 4), (6, 6, 4, 4)))
     documents = DocumentMask.of(jnp.asarray([[1] * 5 + [2] * 6 + [0] * 2, [3] * S]))
-    lengths = []
+    one_document = DocumentMask.of(jnp.ones((B, S), jnp.int32))
+    lengths, starts = [], []
 
     def kernel(q, k, v, mask, causal, scale):
         assert causal
         lengths.append(q.shape[1])
+        if isinstance(mask, DocumentMask):
+            starts.append(mask.starts)
         return _attention_reference(q, k, v, mask, scale)
 
     def grads(attend, mask):
         out, pullback = jax.vjp(lambda q, k, v: attend(q, k, v, mask), q, k, v)
         return out, *pullback(g)
 
-    for mask in (documents, documents.as_array()):
+    for mask in (documents, documents.as_array(), one_document):
         want = grads(lambda q, k, v, m: _attention_reference(q, k, v, m, scale), mask)
         got = grads(lambda q, k, v, m: padded_to_blocks(kernel, q, k, v, m, True, scale, block=8), mask)
         for a, b in zip(got, want):
             assert a.shape == b.shape
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max())
-    assert lengths == [16, 16]
+    assert lengths == [16, 16, 16]
+    assert starts[-1].shape == (B, 16) and not np.asarray(starts[-1]).any()
     padded_to_blocks(kernel, q, k, v, documents, True, scale, block=S)
     assert lengths[-1] == S
 
@@ -334,7 +339,8 @@ def test_padded_to_blocks_keeps_the_output_and_gradients():
 def test_tokamax_attention_on_short_sequences():
     """On a GPU with tokamax: sequences shorter than, or not a whole number of, the kernels' blocks (one row of 16
     tokens, two of 100) give finite gradients within bf16 rounding of a float32 reference, with document ranges and
-    with a mask array. tokamax's backward kernels read past such a sequence's end (attention.padded_to_blocks)."""
+    with a mask array, and with rows of one document (the causal-only backward). tokamax's backward kernels read
+    past such a sequence's end (attention.padded_to_blocks)."""
     import pytest
     pytest.importorskip("tokamax")
     if jax.default_backend() != "gpu":
@@ -347,15 +353,15 @@ def test_tokamax_attention_on_short_sequences():
         segments = np.ones((B, S), np.int32)
         segments[:, S // 2:] = 2
         segments[-1, 3 * S // 4:] = 0
-        documents = DocumentMask.of(jnp.asarray(segments))
-        out, pullback = jax.vjp(lambda q, k, v: _attention_reference(q, k, v, documents, scale), q, k, v)
-        want = (out, *pullback(g.astype(jnp.float32)))
-        for mask in (documents, documents.as_array()):
-            out, pullback = jax.vjp(lambda q, k, v: tokamax_attention(q, k, v, mask, True, scale), q, k, v)
-            for a, b in zip((out, *pullback(g)), want):
-                a, b = np.asarray(a, np.float32), np.asarray(b)
-                assert np.isfinite(a).all(), (B, S)
-                assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2, (B, S)
+        for documents in (DocumentMask.of(jnp.asarray(segments)), DocumentMask.of(jnp.ones((B, S), jnp.int32))):
+            out, pullback = jax.vjp(lambda q, k, v: _attention_reference(q, k, v, documents, scale), q, k, v)
+            want = (out, *pullback(g.astype(jnp.float32)))
+            for mask in (documents, documents.as_array()):
+                out, pullback = jax.vjp(lambda q, k, v: tokamax_attention(q, k, v, mask, True, scale), q, k, v)
+                for a, b in zip((out, *pullback(g)), want):
+                    a, b = np.asarray(a, np.float32), np.asarray(b)
+                    assert np.isfinite(a).all(), (B, S)
+                    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2, (B, S)
 
 
 def test_tokamax_takes_document_ranges():
