@@ -326,8 +326,10 @@ def tokamax_attention(q, k, v, mask, causal: bool, scale: float):
 
 # tokamax 0.0.17's Mosaic GPU backward kernels load the softmax statistics and key starts in blocks of 64 rows from
 # arrays padded only to a multiple of 8, so past a shorter sequence's end they read other memory (a 16-token row's
-# gradients came out NaN once on an H200), and its mask-array path refuses rows that are not multiples of 16 bytes
-# (a 100-token sequence). Whole blocks of its largest tile (128 keys in the forward) avoid both (bench/RESULTS.md §33).
+# gradients came out NaN once on an H200), and its mask-array path refused a 100-token sequence (rows that are not
+# multiples of 16 bytes). Whole blocks of its largest tile (128 keys in the forward) avoid both (bench/RESULTS.md
+# §33). Its forward pads the keys and a mask's rows to whole blocks itself and ends them at the real length, so
+# prefill's chunks over a cache window of any length (cross-attention, no backward) are left as they are (§35).
 SEQ_BLOCK = 128
 
 

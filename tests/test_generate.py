@@ -528,6 +528,23 @@ def test_chunked_prefill_equals_one_shot(tiny):
             assert np.abs(np.asarray(got) - want).max() <= 1e-5 * np.abs(want).max()
 
 
+def test_bf16_prefill_in_a_cache_of_any_length(tiny):
+    """bf16 chunked prefill whose key window is not a whole number of a flash kernel's blocks (chunks of 32 queries
+    over a cache of 100 slots; on a GPU, tokamax's kernel, which pads the keys itself) gives the last logits of
+    the same bf16 model's full forward pass within 1% of their norm (0.2% on CPU), for prompts of 70 and 45
+    tokens."""
+    prompts = random_prompts(256, (70, 45), seed=3)
+    bf16 = nnx.merge(nnx.graphdef(dsv2_jax.abstract_model(tiny.config, dtype=jnp.bfloat16)), nnx.state(tiny))
+    full = full_forward_logits(bf16, prompts)
+    cache = dsv2_jax.init_cache(tiny.config, 2, 100)
+    cache, logits = gen.prefill(bf16, cache, prompts, chunk_size=32)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [70, 45])
+    for row, p in enumerate(prompts):
+        got, want = np.asarray(logits[row], np.float32), full[row, len(p) - 1]
+        assert np.isfinite(got).all()
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2, row
+
+
 # ---------------------------------------------------------------------------------------------- the cache
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_cache_holds_only_the_latent(dtype):

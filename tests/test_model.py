@@ -340,7 +340,8 @@ def test_tokamax_attention_on_short_sequences():
     """On a GPU with tokamax: sequences shorter than, or not a whole number of, the kernels' blocks (one row of 16
     tokens, two of 100) give finite gradients within bf16 rounding of a float32 reference, with document ranges and
     with a mask array, and with rows of one document (the causal-only backward). tokamax's backward kernels read
-    past such a sequence's end (attention.padded_to_blocks)."""
+    past such a sequence's end (attention.padded_to_blocks). Prefill's shape, 32 queries over a window of 100 keys
+    with a mask array, goes unpadded (its forward pads the keys itself) and gives the reference's output."""
     import pytest
     pytest.importorskip("tokamax")
     if jax.default_backend() != "gpu":
@@ -362,6 +363,13 @@ def test_tokamax_attention_on_short_sequences():
                     a, b = np.asarray(a, np.float32), np.asarray(b)
                     assert np.isfinite(a).all(), (B, S)
                     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2, (B, S)
+    slots = 64 + jnp.arange(32)  # a prefill chunk's queries at slots 64..95; k, v: the last rows above (100 keys)
+    mask = (jnp.arange(100) <= slots[:, None])[None]
+    q = jax.random.normal(jax.random.key(7), (2, 32, 4, 192), jnp.bfloat16)
+    want = _attention_reference(q, k, v, mask, scale)
+    got = np.asarray(tokamax_attention(q, k, v, mask, False, scale), np.float32)
+    assert np.isfinite(got).all()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
 
 
 def test_tokamax_takes_document_ranges():
