@@ -363,9 +363,10 @@ def test_tokamax_attention_on_short_sequences():
                     a, b = np.asarray(a, np.float32), np.asarray(b)
                     assert np.isfinite(a).all(), (B, S)
                     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2, (B, S)
-    slots = 64 + jnp.arange(32)  # a prefill chunk's queries at slots 64..95; k, v: the last rows above (100 keys)
+    slots = 64 + jnp.arange(32)  # a prefill chunk's queries at slots 64..95 over a window of 100 keys
     mask = (jnp.arange(100) <= slots[:, None])[None]
-    q = jax.random.normal(jax.random.key(7), (2, 32, 4, 192), jnp.bfloat16)
+    q, k, v = (jax.random.normal(key, (2, n, 4, d), jnp.bfloat16)
+               for key, n, d in zip(jax.random.split(jax.random.key(7), 3), (32, 100, 100), (192, 192, 128)))
     want = _attention_reference(q, k, v, mask, scale)
     got = np.asarray(tokamax_attention(q, k, v, mask, False, scale), np.float32)
     assert np.isfinite(got).all()
