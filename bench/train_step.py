@@ -9,6 +9,7 @@ tokens/s, TFLOP/s and MFU for each. FLOPs per token: 6 × activated non-embeddin
     python bench/train_step.py --batch 12 --remat save_dots --no-scan --loss-chunk 4096   # the loss in one chunk
     python bench/train_step.py --batch 12 --remat save_dots --no-scan --logits-dtype bfloat16   # transformers' logits
     python bench/train_step.py --batch 2 --mesh expert=8 --skip-torch     # N GPUs: --batch rows per batch shard
+    python bench/train_step.py --batch 12 --remat save_dots --no-scan --xla-defaults off   # without train.py's XLA flags
 """
 
 from __future__ import annotations
@@ -162,12 +163,16 @@ def main():
     parser.add_argument("--autotune", action="store_true", help="tokamax: autotune the kernels first (GPU)")
     parser.add_argument("--profile", default=None, metavar="DIR", help="trace two steps here and print where the "
                         "device time goes (bench/trace_summary.py)")
+    parser.add_argument("--xla-defaults", default="on", choices=["on", "off"], help="dsv2_jax: add train.py's XLA "
+                        "flags (training.TRAINING_XLA_FLAGS) to XLA_FLAGS, as train.py does; off: XLA_FLAGS as given")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--skip-jax", action="store_true")
     parser.add_argument("--out", default=None, help="append a JSON line per result here")
     args = parser.parse_args()
 
-    from dsv2_jax.training import flops_per_token
+    from dsv2_jax.training import add_training_xla_flags, flops_per_token
+    if args.xla_defaults == "on":
+        add_training_xla_flags()  # before JAX starts its backend
     config = bench_config(args.layers, args.preset)
     fpt = flops_per_token(config, args.seq)
     from dsv2_jax.sharding import parse_mesh
@@ -202,8 +207,10 @@ def main():
                + (" unrolled" if args.no_scan else "")
                + (f" loss_chunk={args.loss_chunk}" if args.loss_chunk else "")
                + (f" logits={args.logits_dtype}" if args.logits_dtype != "float32" else "")
-               + (f" mesh={args.mesh} cf={args.capacity_factor}" if mesh_sizes else ""), seconds, rows,
-               {"loss": loss, "peak_gib": peak, **gpu, **kernel_backends()})  # which kernels ran
+               + (f" mesh={args.mesh} cf={args.capacity_factor}" if mesh_sizes else "")
+               + (" xla_defaults=off" if args.xla_defaults == "off" else ""), seconds, rows,
+               {"loss": loss, "peak_gib": peak, **gpu, **kernel_backends(),  # which kernels ran
+                "xla_flags": os.environ.get("XLA_FLAGS", "")})
     print(f"\nFLOPs/token {fpt:.4g}")
     for r in results:
         print(f"{r['impl']:45s} {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:10.0f} tok/s  "

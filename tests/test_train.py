@@ -309,6 +309,24 @@ def test_clip_by_global_norm_matches_optax():
         assert float(optax.global_norm(got)) == pytest.approx(min(norm, max_norm), rel=1e-6)
 
 
+def test_training_xla_flags_keep_the_users_choice_and_xla_accepts_them():
+    from dsv2_jax.training import TRAINING_XLA_FLAGS, add_training_xla_flags
+    env = {}
+    assert add_training_xla_flags(env).split() == list(TRAINING_XLA_FLAGS) == env["XLA_FLAGS"].split()
+    assert add_training_xla_flags(env).split() == list(TRAINING_XLA_FLAGS)  # twice: nothing doubled
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert add_training_xla_flags(env).split() == ["--xla_force_host_platform_device_count=2", *TRAINING_XLA_FLAGS]
+    for users in ("--xla_gpu_enable_triton_gemm=true", "-xla_gpu_enable_triton_gemm=false"):
+        env = {"XLA_FLAGS": f"--xla_dump_to=/tmp/x {users}"}
+        assert add_training_xla_flags(env) == f"--xla_dump_to=/tmp/x {users}"
+    # XLA aborts on a flag it does not know: a fresh process with the flags must compile and run
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    add_training_xla_flags(env)
+    code = "import jax, jax.numpy as jnp; print(float(jax.jit(lambda x: (x @ x).sum())(jnp.ones((4, 4)))))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "64.0", out.stderr[-2000:]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     from dsv2_jax.training import NonFiniteLoss
     recipe = small_recipe("steps=20", "checkpoint_every=1", "optimizer.lr=1e30", "optimizer.warmup_steps=0",
