@@ -9,7 +9,7 @@ tokens/s, TFLOP/s and MFU for each. FLOPs per token: 6 × activated non-embeddin
     python bench/train_step.py --batch 12 --remat save_dots --no-scan --loss-chunk 4096   # the loss in one chunk
     python bench/train_step.py --batch 12 --remat save_dots --no-scan --logits-dtype bfloat16   # transformers' logits
     python bench/train_step.py --batch 2 --mesh expert=8 --skip-torch     # N GPUs: --batch rows per batch shard
-    python bench/train_step.py --batch 12 --remat save_dots --no-scan --xla-defaults off   # without train.py's XLA flags
+    python bench/train_step.py --batch 12 --remat save_dots --no-scan --xla-defaults off   # XLA_FLAGS as given
 """
 
 from __future__ import annotations
