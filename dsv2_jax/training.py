@@ -43,10 +43,13 @@ def add_training_xla_flags(environ=None) -> str:
     """Appends each of TRAINING_XLA_FLAGS to XLA_FLAGS unless XLA_FLAGS sets that flag already (the user's value
     wins, e.g. `--xla_gpu_enable_triton_gemm=true`), and returns the new XLA_FLAGS. XLA reads XLA_FLAGS once, when
     JAX starts its first backend, so call this before anything touches a device; train.py does, first thing."""
+    def name(flag):  # "--xla_x=1", "-xla_x" -> "xla_x"
+        return flag.lstrip("-").split("=")[0]
+
     environ = os.environ if environ is None else environ
     flags = environ.get("XLA_FLAGS", "").split()
-    named = {f.lstrip("-").split("=")[0] for f in flags}
-    flags += [f for f in TRAINING_XLA_FLAGS if f.lstrip("-").split("=")[0] not in named]
+    named = {name(f) for f in flags}
+    flags += [f for f in TRAINING_XLA_FLAGS if name(f) not in named]
     environ["XLA_FLAGS"] = " ".join(flags)
     return environ["XLA_FLAGS"]
 
