@@ -1,7 +1,7 @@
 """Grouped-matmul kernels on the GPU: times tokamax's Hopper ragged-dot kernels over a list of tile configs and
 dsv2_jax's Pallas kernels (dsv2_jax.grouped_matmul) for the expert matmuls of a training step (forward, and both
-backward products), checks each against a float32 product, next to a dense matmul of the same FLOPs, and prints the
-best of each.
+backward products), and for the weight gradient jax's Mosaic GPU kernel as grouped_matmul calls it ("mosaic"); checks
+each against a float32 product, next to a dense matmul of the same FLOPs, and prints the best of each.
 
     python bench/grouped_matmul.py [--tokens 8192] [--preset deepseek-v2-lite] [--quick] [--pallas-sweep]
 
@@ -142,6 +142,7 @@ def main():
                                    grid_minor_dim=MatmulDimension.M, grid_tile_width=1)
                             for bm, bn, bk, st, p in ((128, 128, 64, 4, True), (64, 128, 128, 3, False))]
     configs.append("pallas")  # dsv2_jax's Pallas kernels with the tiles grouped_matmul uses
+    configs.append("mosaic")  # the weight gradient on jax's Mosaic GPU kernel, as grouped_matmul runs it with tokamax
     print(f"{len(configs)} configs", flush=True)
     best = {}
     for name, (lhs, rhs, dims, flops) in cases.items():
@@ -150,7 +151,12 @@ def main():
         results, heuristic = [], "failed"
         sweep = [("pallas", tiles) for tiles in pallas_sweep(kind)] if args.pallas_sweep else []
         for cfg in configs + sweep:
-            if cfg == "pallas":
+            if cfg == "mosaic":
+                if kind != "drhs":
+                    continue
+                from dsv2_jax import grouped_matmul as gm
+                f = jax.jit(gm._mosaic_weight_gradient)
+            elif cfg == "pallas":
                 f = pallas_product(kind)
             elif isinstance(cfg, tuple):
                 f = pallas_product(kind, cfg[1])

@@ -11,17 +11,18 @@ Backends, one picked per call (DSV2_GROUPED_MATMUL=auto|pallas|tokamax|ragged_do
   `weight_gradient` for the weight gradient, joined by a custom VJP;
 - `tokamax`: tokamax's Mosaic Hopper kernels for the forward and input gradient with tiles tuned on an H100 (from
   4,096 rows the input gradient runs on `_transposed_rhs_product`, the same kernel design reading the weights as
-  they lie, where tokamax's op transposes them first), this module's `weight_gradient` for the weight gradient
-  (tokamax's own was 2-8% wrong with its default tiles);
+  they lie, where tokamax's op transposes them first), and for the weight gradient from 2,048 rows an expert jax's
+  Mosaic GPU `transposed_ragged_dot` (jax.experimental.pallas.ops.gpu), below that or where that is missing this
+  module's Pallas `weight_gradient` (tokamax's own was 2-8% wrong with its default tiles);
 - `ragged_dot`: jax.lax.ragged_dot (CPU; float32 everywhere, which the bf16 kernels would compute at lower precision).
 `auto` is ragged_dot off GPU and, on GPU, tokamax where it imports (else pallas), except inside `outputs_saved()`
 (scanned layers under the save_dots remat policy, which keeps the experts' outputs for the backward pass): there the
-differentiated products run on the Pallas kernels. Inside a `lax.scan` the recomputation in the backward pass keeps
-tokamax's kernels even when their outputs are kept (they are `plgpu.kernel`s, effectful; measured: the same kernels
-run under save_dots as under full remat), while the Pallas kernels' recomputation is dropped (bench/RESULTS.md §1:
-94.5 → 90.5 ms per training step). With the layers unrolled (`forward(scan=False)`) JAX drops tokamax's recomputed
-kernels too, and the model stays on tokamax there (RESULTS §15: 6% faster than Pallas at 295k rows, ~2-3 GiB less
-peak memory). Undifferentiated calls (prefill, decoding) run on tokamax in every case.
+forward and input gradient of differentiated calls run on the Pallas kernels. Inside a `lax.scan` the recomputation
+in the backward pass keeps tokamax's kernels even when their outputs are kept (they are `plgpu.kernel`s, effectful;
+measured: the same kernels run under save_dots as under full remat), while the Pallas kernels' recomputation is
+dropped (bench/RESULTS.md §1: 94.5 → 90.5 ms per training step). With the layers unrolled (`forward(scan=False)`)
+JAX drops tokamax's recomputed kernels too, and the model stays on tokamax there (RESULTS §15: 6% faster than Pallas
+at 295k rows, ~2-3 GiB less peak memory). Undifferentiated calls (prefill, decoding) run on tokamax in every case.
 The GPU kernels take bf16/f16 operands of one dtype whose widths are whole 128-column tiles (all DeepSeek-V2 models);
 anything else goes to ragged_dot.
 
@@ -36,6 +37,7 @@ import contextlib
 import contextvars
 import functools
 import importlib.util
+import inspect
 import itertools
 import os
 import warnings
@@ -269,12 +271,16 @@ def _forward_tiles(M: int) -> dict:
     return _kernel_args(SMALL_FORWARD_TILES if M <= 64 else FORWARD_TILES)
 
 
-def _with_vjp(product, differentiated=None):
+def _pallas_weight_gradient(lhs, dout, group_sizes):
+    return weight_gradient(lhs, dout, group_sizes, **_kernel_args(WEIGHT_GRADIENT_TILES))
+
+
+def _with_vjp(product, differentiated=None, product_weight_gradient=_pallas_weight_gradient):
     """The grouped matmul as a custom VJP over `product(lhs, rhs, group_sizes, transpose_rhs)` (the forward and the
     input gradient; `differentiated` in their place where given, when the call is differentiated) and
-    `weight_gradient`. Its residuals are its inputs, so a remat policy that keeps its output (model.remat_policy's
-    save_dots) does not run the forward product again in the backward pass, where JAX can drop the kernel (the Pallas
-    kernels; not tokamax's, see the module docstring)."""
+    `product_weight_gradient(lhs, dout, group_sizes)`. Its residuals are its inputs, so a remat policy that keeps its
+    output (model.remat_policy's save_dots) does not run the forward product again in the backward pass, where JAX
+    can drop the kernel (the Pallas kernels; not tokamax's, see the module docstring)."""
     differentiated = differentiated or product
 
     @jax.custom_vjp
@@ -287,7 +293,7 @@ def _with_vjp(product, differentiated=None):
     def bwd(res, dout):
         lhs, rhs, group_sizes = res
         dlhs = differentiated(dout, rhs, group_sizes, True)
-        drhs = weight_gradient(lhs, dout, group_sizes, **_kernel_args(WEIGHT_GRADIENT_TILES))
+        drhs = product_weight_gradient(lhs, dout, group_sizes)
         return dlhs, drhs.astype(rhs.dtype), None
 
     matmul.defvjp(fwd, bwd)
@@ -412,8 +418,52 @@ def _transposed_rhs_product(lhs, rhs, group_sizes, config):
     )(lhs, rhs, info.group_id, info.start_within_block, info.actual_size, info.block_start)
 
 
-_tokamax_grouped_matmul = _with_vjp(_tokamax_product)
-_tokamax_pallas_grouped_matmul = _with_vjp(_tokamax_product, _pallas_product)  # auto under outputs_saved()
+# jax's Mosaic GPU weight-gradient kernel (Hopper): 128×128 output tiles, 64 rows a step, 4 stages. At batch 12's
+# size (294,912 rows over 64 experts, V2-Lite widths) 2.76 / 2.86 ms (gate/up, down) against the Pallas kernel's
+# ~3.1-3.3 ms (a dense product of down's FLOPs: 2.82 ms); from ~2,048 rows an expert it is the faster one, below that
+# the Pallas kernel (768 rows an expert, batch 2: 0.78 / 0.95 ms against 0.71 / 0.73; bench/RESULTS.md §37).
+MOSAIC_WEIGHT_GRADIENT_TILES = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
+MOSAIC_WEIGHT_GRADIENT_MIN_ROWS = 2048  # rows per group (on average) from which tokamax's backend takes it
+
+
+@functools.cache
+def _mosaic_transposed_ragged_dot():
+    """jax.experimental.pallas.ops.gpu's `transposed_ragged_dot` (Mosaic GPU, Hopper), or None where that module is
+    missing or takes other arguments than this module passes (an older or newer jax)."""
+    try:
+        from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+
+        op = transposed_ragged_dot_mgpu.transposed_ragged_dot
+        if not {"group_sizes", *MOSAIC_WEIGHT_GRADIENT_TILES} <= set(inspect.signature(op).parameters):
+            return None
+    except Exception:  # the module is experimental: absent, renamed, or failing to import here
+        return None
+    return op
+
+
+def _mosaic_weight_gradient(lhs, dout, group_sizes):
+    """The weight gradient on jax's Mosaic GPU kernel where it imports and the widths are whole tiles, else on the
+    Pallas kernel. The Mosaic kernel reads whole blocks of rows and zeroes the other groups' rows by multiplying
+    them by 0, so a non-finite value in one group's rows also reaches its neighbours' gradients (the Pallas kernel's
+    masked loads skip them); it takes a multiple of 8 rows, so others are padded with zero rows of no group."""
+    op, tiles = _mosaic_transposed_ragged_dot(), MOSAIC_WEIGHT_GRADIENT_TILES
+    if op is None or lhs.shape[1] % tiles["block_m"] or dout.shape[1] % tiles["block_n"]:
+        return _pallas_weight_gradient(lhs, dout, group_sizes)
+    pad = ((0, -lhs.shape[0] % 8), (0, 0))
+    return op(jnp.pad(lhs, pad), jnp.pad(dout.astype(lhs.dtype), pad), group_sizes=group_sizes, **tiles)
+
+
+def _tokamax_weight_gradient(lhs, dout, group_sizes):
+    """The weight gradient beside tokamax's kernels: jax's Mosaic kernel from MOSAIC_WEIGHT_GRADIENT_MIN_ROWS rows a
+    group on average, the Pallas kernel below (its short per-group loops pay less per tile)."""
+    if lhs.shape[0] >= MOSAIC_WEIGHT_GRADIENT_MIN_ROWS * group_sizes.shape[0]:
+        return _mosaic_weight_gradient(lhs, dout, group_sizes)
+    return _pallas_weight_gradient(lhs, dout, group_sizes)
+
+
+_tokamax_grouped_matmul = _with_vjp(_tokamax_product, product_weight_gradient=_tokamax_weight_gradient)
+_tokamax_pallas_grouped_matmul = _with_vjp(_tokamax_product, _pallas_product,  # auto under outputs_saved()
+                                           product_weight_gradient=_tokamax_weight_gradient)
 
 
 # ---------------------------------------------------------------------------------------------------------------

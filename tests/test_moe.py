@@ -139,15 +139,18 @@ def _grouped_products(f, x, w, dy):
     return (y, *vjp(dy))
 
 
-@pytest.mark.parametrize("path", ["grouped_matmul", "outputs_saved", "pallas"])
+@pytest.mark.parametrize("path", ["grouped_matmul", "outputs_saved", "pallas", "mosaic"])
 @pytest.mark.parametrize("sizes", GROUPED_SIZES)
 def test_grouped_matmul_bf16_products_match_fp32(sizes, path):
     """All three products of the grouped matmul (output, input gradient, weight gradient) in bf16 against the
-    float32 products of the same bf16 values: within bf16 rounding, 1e-2 relative (Frobenius) error. On a GPU these
-    run the kernels `grouped_matmul` picks there (tokamax's forward kernels with the Pallas weight gradient, or the
-    Pallas kernels; under `outputs_saved`, tokamax undifferentiated and Pallas differentiated) and, for path
-    "pallas", the Pallas kernels themselves (interpreted on CPU); a weight-gradient
-    kernel that is a few percent off, as tokamax's default tiles were, fails here."""
+    float32 products of the same bf16 values: within bf16 rounding, 1e-2 relative (Frobenius) error, and each
+    group's weight gradient within 1e-2 of its own norm (exact zeros for an empty group), so that a wrong small group
+    cannot hide in a large one's norm. On a GPU these run the kernels `grouped_matmul` picks there (tokamax's forward
+    kernels with the Pallas weight gradient at these few rows a group, or the Pallas kernels; under `outputs_saved`,
+    tokamax undifferentiated and Pallas differentiated), for path "pallas" the Pallas kernels themselves (interpreted
+    on CPU), and for path "mosaic" (GPU with tokamax only) tokamax's kernels with jax's Mosaic weight gradient, which
+    they take from 2,048 rows a group; a weight-gradient kernel that is a few percent off, as tokamax's default tiles
+    were, fails here."""
     rng = np.random.default_rng(5)
     M, K, N = sum(sizes), 256, 128
     bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
@@ -155,7 +158,10 @@ def test_grouped_matmul_bf16_products_match_fp32(sizes, path):
     gs = jnp.asarray(sizes, jnp.int32)
     from dsv2_jax import grouped_matmul as gm
 
-    f = gm._pallas_grouped_matmul if path == "pallas" else gm.grouped_matmul
+    f = {"pallas": gm._pallas_grouped_matmul, "mosaic": gm._with_vjp(
+        gm._tokamax_product, product_weight_gradient=gm._mosaic_weight_gradient)}.get(path, gm.grouped_matmul)
+    if path == "mosaic" and (jax.default_backend() != "gpu" or gm._tokamax_ragged_dots() is None):
+        pytest.skip("tokamax's and jax's Mosaic GPU kernels run on Hopper GPUs only")
     with gm.outputs_saved() if path == "outputs_saved" else contextlib.nullcontext():  # GPU: tokamax + Pallas
         got = jax.jit(lambda *a: _grouped_products(lambda x, w: f(x, w, gs), *a))(x, w, dy)
     want = jax.jit(lambda *a: _grouped_products(
@@ -165,6 +171,11 @@ def test_grouped_matmul_bf16_products_match_fp32(sizes, path):
         g, r = np.asarray(g, np.float32), np.asarray(r)
         err = np.linalg.norm(g - r) / np.linalg.norm(r)
         assert err < 1e-2, (name, err)
+    for group, (n, g, r) in enumerate(zip(sizes, np.asarray(got[2], np.float32), np.asarray(want[2]))):
+        if n == 0:
+            assert not g.any(), ("empty group's weight gradient", group)
+        else:
+            assert np.linalg.norm(g - r) < 1e-2 * np.linalg.norm(r), ("weight gradient", group, n)
 
 
 @pytest.mark.parametrize("sizes,extra_rows", [(GROUPED_SIZES[0], 0), (GROUPED_SIZES[1], 37), (GROUPED_SIZES[3], 3),
@@ -272,6 +283,46 @@ def test_grouped_matmul_backend_choice(monkeypatch):
         monkeypatch.setenv("DSV2_GROUPED_MATMUL", "tokamax")
         with pytest.raises(ValueError, match="does not import here"):
             choose()
+
+
+def test_mosaic_weight_gradient_pads_rows_and_falls_back(monkeypatch):
+    """_mosaic_weight_gradient's choice, with a stand-in for jax's Mosaic GPU kernel (GPU-only; its results are
+    checked on a GPU by test_grouped_matmul_bf16_products_match_fp32): rows padded with zeros to a multiple of 8 and
+    the output gradient cast to the rows' dtype; widths that are not whole tiles, or no such kernel in this jax, go
+    to the Pallas kernel, and so do fewer than MOSAIC_WEIGHT_GRADIENT_MIN_ROWS rows a group beside tokamax. Where
+    jax ships the kernel's module, its signature is the one this library calls."""
+    from dsv2_jax import grouped_matmul as gm
+
+    if importlib.util.find_spec("jax.experimental.pallas.ops.gpu.transposed_ragged_dot_mgpu") is not None:
+        assert gm._mosaic_transposed_ragged_dot.__wrapped__() is not None
+    calls = []
+
+    def op(lhs, rhs, *, group_sizes, **tiles):
+        calls.append((lhs.shape, rhs.dtype, np.asarray(lhs[-1]), tiles))
+        return jnp.zeros((group_sizes.shape[0], lhs.shape[1], rhs.shape[1]), lhs.dtype)
+
+    def pallas(lhs, dout, group_sizes):
+        calls.append(("pallas", lhs.shape))
+        return jnp.zeros((group_sizes.shape[0], lhs.shape[1], dout.shape[1]), lhs.dtype)
+
+    monkeypatch.setattr(gm, "_pallas_weight_gradient", pallas)
+    gs = jnp.asarray([3, 0, 10], jnp.int32)
+    x, dy = jnp.ones((13, 256), jnp.bfloat16), jnp.ones((13, 128), jnp.float32)
+    monkeypatch.setattr(gm, "_mosaic_transposed_ragged_dot", lambda: op)
+    assert gm._mosaic_weight_gradient(x, dy, gs).shape == (3, 256, 128)
+    (shape, dtype, last_row, tiles), = calls
+    assert shape == (16, 256) and dtype == jnp.bfloat16 and not last_row.any()
+    assert tiles == gm.MOSAIC_WEIGHT_GRADIENT_TILES
+    calls.clear()
+    gm._tokamax_weight_gradient(x, dy, gs)  # 13 rows over 3 groups: below MOSAIC_WEIGHT_GRADIENT_MIN_ROWS a group
+    many = 3 * gm.MOSAIC_WEIGHT_GRADIENT_MIN_ROWS
+    gm._tokamax_weight_gradient(jnp.ones((many, 256), jnp.bfloat16), jnp.ones((many, 128), jnp.bfloat16), gs)
+    assert [c[0] for c in calls] == ["pallas", (many, 256)]
+    calls.clear()
+    gm._mosaic_weight_gradient(jnp.ones((13, 192), jnp.bfloat16), dy, gs)  # 192 columns: not whole tiles
+    monkeypatch.setattr(gm, "_mosaic_transposed_ragged_dot", lambda: None)
+    gm._mosaic_weight_gradient(x, dy, gs)
+    assert calls == [("pallas", (13, 192)), ("pallas", (13, 256))]
 
 
 def test_tokamax_products_take_the_transposed_kernel_for_large_input_gradients(monkeypatch):
