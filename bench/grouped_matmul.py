@@ -142,7 +142,7 @@ def main():
                                    grid_minor_dim=MatmulDimension.M, grid_tile_width=1)
                             for bm, bn, bk, st, p in ((128, 128, 64, 4, True), (64, 128, 128, 3, False))]
     configs.append("pallas")  # dsv2_jax's Pallas kernels with the tiles grouped_matmul uses
-    configs.append("mosaic")  # the weight gradient on jax's Mosaic GPU kernel, as grouped_matmul runs it with tokamax
+    configs.append("mosaic")  # the weight gradient on jax's Mosaic GPU kernel (tokamax's backend: from 2,048 rows)
     print(f"{len(configs)} configs", flush=True)
     best = {}
     for name, (lhs, rhs, dims, flops) in cases.items():
