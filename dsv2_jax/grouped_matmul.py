@@ -455,7 +455,7 @@ def _mosaic_weight_gradient(lhs, dout, group_sizes):
 
 def _tokamax_weight_gradient(lhs, dout, group_sizes):
     """The weight gradient beside tokamax's kernels: jax's Mosaic kernel from MOSAIC_WEIGHT_GRADIENT_MIN_ROWS rows a
-    group on average, the Pallas kernel below (its short per-group loops pay less per tile)."""
+    group on average, the Pallas kernel below, where it measured faster (bench/RESULTS.md §37)."""
     if lhs.shape[0] >= MOSAIC_WEIGHT_GRADIENT_MIN_ROWS * group_sizes.shape[0]:
         return _mosaic_weight_gradient(lhs, dout, group_sizes)
     return _pallas_weight_gradient(lhs, dout, group_sizes)
