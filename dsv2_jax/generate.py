@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from typing import Callable, NamedTuple, Sequence
 
@@ -29,7 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .attention import LatentCache, PartialSums, ProjectionStacks, latent_attention_fits
 from .config import ModelConfig
-from .grouped_matmul import LayerIndex, arrival_counts, tiles_fit, use_stacked_matvec
+from .grouped_matmul import (LayerIndex, arrival_counts, stacked_matvec, stacked_partials, tiles_fit,
+                             use_stacked_matvec)
 from .layers import rms_norm_rows, rms_norm_rows_fits, rms_norm_rows_takes_router
 from .model import layer_runs, split_layers
 from .moe import ExpertStacks, adds_decoded, steps_on_chosen_experts
@@ -288,7 +290,43 @@ def decode_forward(model, cache: KVCache, tokens):
 
     x = constrain(model.embed_tokens(tokens[:, None]), ("batch", "seq", "embed"))
     x, c_kv, k_pe = _run_layers(model, x, cache.c_kv, cache.k_pe, attend, decoding=True)
-    return KVCache(c_kv, k_pe, pos + 1), model.head(x)[:, 0]
+    return KVCache(c_kv, k_pe, pos + 1), decode_head(model, x)
+
+
+def xla_gemm_fusions_off(environ=None) -> bool:
+    """Whether XLA_FLAGS turns XLA's Triton GEMM fusions off (`--xla_gpu_enable_triton_gemm=false` or `=0`, as
+    `training.TRAINING_XLA_FLAGS` does; the flag's last setting counts)."""
+    on = True
+    for flag in (os.environ if environ is None else environ).get("XLA_FLAGS", "").split():
+        name, _, value = flag.lstrip("-").partition("=")
+        if name == "xla_gpu_enable_triton_gemm":
+            on = value.lower() not in ("false", "0")
+    return not on
+
+
+def decode_head(model, x):
+    """Logits [B, V] float32 of a decoding step's residual x [B, 1, D]: `model.head`, except for one token on one
+    device with the projections on `stacked_matvec` (use_stacked_matvec) while XLA_FLAGS turns XLA's Triton GEMM
+    fusions off (`xla_gemm_fusions_off`): there the final norm and the head's product take one `stacked_partials`
+    kernel (the norm in XLA first where the width is not a power of two), which reads the head as it is stored.
+
+    XLA runs the product of a bf16 row by the bf16 head into float32 as a Triton GEMM fusion. Without those fusions
+    it converts the whole head to float32 every step and multiplies on cuBLAS (H200, V2-Lite's 0.42 GB head: 105 µs
+    as a fusion, 525 µs without, this kernel 106 µs either way; a batch-1 step 2.53 ms without the fusions, 2.10 ms
+    with this kernel, 1.97 ms with XLA's defaults). With the fusions on, XLA's product stays: with the kernel in
+    its place the step took 0.07 ms longer, idle at the step's start (bench/RESULTS.md §38). A tied head (the
+    embedding transposed) or one stored in another type than the compute type stays on XLA."""
+    B, _, D = x.shape
+    head, norm = model.lm_head, model.norm
+    on_kernel = (B == 1 and current_mesh() is None and use_stacked_matvec(1) and xla_gemm_fusions_off()
+                 and head is not None and head[...].dtype == model.dtype == norm.dtype
+                 and tiles_fit(D, head[...].shape[1]))
+    if not on_kernel:
+        return model.head(x)[:, 0]
+    if rms_norm_rows_fits(D):
+        return stacked_partials(x[:, 0], head[...], None, norm.weight[...], eps=norm.eps,
+                                dtype=norm.dtype).sum(axis=0)
+    return stacked_matvec(norm(x[:, 0]), head[...])
 
 
 # ---------------------------------------------------------------------------------------------- sampling

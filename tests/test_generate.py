@@ -462,6 +462,59 @@ def test_decode_steps_equal_full_forward(model, experts, projections, decode_ker
         assert np.abs(np.asarray(logits[0]) - want).max() <= 1e-5 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("dtype,param_dtype,hidden", [(jnp.float32, jnp.float32, 128), (jnp.bfloat16, jnp.bfloat16, 128),
+                                                      (jnp.float32, jnp.float32, 96), (jnp.bfloat16, jnp.float32, 128)])
+def test_one_token_head_on_the_kernel(dtype, param_dtype, hidden, decode_kernels, monkeypatch):
+    """decode_head: one token with the projections on stacked_matvec, where XLA_FLAGS turns XLA's GEMM fusions
+    off, takes the final norm and the head's product in one stacked_partials kernel (the norm in XLA first at a
+    width of 96, not a power of two). Its logits equal model.head's: float32 within 1e-6, bf16 within 1e-5 of a
+    float64 product of the same rounded operands (the normalised row and the head in bf16). With the fusions on,
+    two tokens, XLA's projections, or a head stored in float32 under bf16 compute, XLA's product stays."""
+    from dsv2_jax.layers import rms_norm
+
+    config = ModelConfig.from_preset("tiny").replace(hidden_size=hidden)
+    graphdef, state = nnx.split(dsv2_jax.abstract_model(config, dtype=dtype, param_dtype=param_dtype))
+    rng = np.random.default_rng(3)
+    for _, var in nnx.to_flat_state(state):
+        low, high = (0.6, 1.4) if var.get_metadata()["axes"][-1] == "norm" else (-0.3, 0.3)
+        var.set_value(jnp.asarray(rng.uniform(low, high, var.shape), var.dtype))
+    model = nnx.merge(graphdef, state)
+    x = jnp.asarray(rng.normal(0.0, 2.0, (2, 1, hidden)), dtype)
+    on_kernel = param_dtype == dtype
+
+    def kernels(x):
+        return pallas_calls(lambda x: gen.decode_head(model, x), x, prefix="stacked_matvec")
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false")
+    decode_kernels("auto", "xla")
+    assert kernels(x[:1]) == 0
+    decode_kernels("auto", "pallas")
+    assert kernels(x) == 0 and kernels(x[:1]) == on_kernel
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_triton_gemm=true")
+    assert kernels(x[:1]) == 0
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=0")
+    assert kernels(x[:1]) == on_kernel
+    got = np.asarray(gen.decode_head(model, x[:1]), np.float64)
+    assert got.shape == (1, config.vocab_size)
+    if dtype == jnp.float32:
+        want = np.asarray(model.head(x[:1])[:, 0], np.float64)
+    else:  # the operands as both products round them, multiplied in float64
+        normed = rms_norm(x[:1, 0], model.norm.weight[...], model.norm.eps, dtype)
+        want = np.asarray(normed, np.float64) @ np.asarray(model.head_weight(), np.float64)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-5
+    assert np.abs(got - want).max() <= tol * np.abs(want).max()
+
+
+def test_xla_gemm_fusions_off_reads_the_flags_last_setting():
+    off = gen.xla_gemm_fusions_off
+    assert not off({}) and not off({"XLA_FLAGS": "--xla_gpu_autotune_level=0"})
+    assert off({"XLA_FLAGS": "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false"})
+    assert off({"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=FALSE"}) and off({"XLA_FLAGS": "-xla_gpu_enable_triton_gemm=0"})
+    assert not off({"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_triton_gemm"})
+    assert not off({"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_triton_gemm=true"})
+    assert not off({"XLA_FLAGS": "--xla_gpu_enable_triton_gemm_any=false"})
+
+
 def test_decode_step_of_many_rows_on_the_kernels(tiny16, decode_kernels):
     """A decoding step of 20 rows (more than one 16-row tile) with the projections on stacked_matvec: the layers'
     attention projections, the latent kernels and, on the sorted experts' path, the router's and shared experts'
