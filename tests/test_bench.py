@@ -228,6 +228,22 @@ def test_decode_projections_sweep_checks_each_config():
         assert r["rel_err"] < 1e-5 and r["us_per_layer"] > 0, r
 
 
+def test_decode_head_checks_each_form():
+    """bench/decode_head.py on the tiny model (CPU, the kernels in Pallas's interpreter): XLA's head at every row
+    count, the kernel up to MATVEC_MAX_TOKENS rows, the kernel with the norm inside at one row, each against a
+    float64 product of the same rounded operands."""
+    from dsv2_jax.grouped_matmul import MATVEC_MAX_TOKENS
+
+    rows = load("decode_head").main(["--preset", "tiny", "--tokens", "1", "3", str(MATVEC_MAX_TOKENS + 1),
+                                     "--calls", "1", "--dispatches", "1"])
+    assert [(r["tokens"], r["form"]) for r in rows] == [
+        (1, "xla"), (1, "kernel"), (1, "kernel+norm"), (3, "xla"), (3, "kernel"), (MATVEC_MAX_TOKENS + 1, "xla")]
+    for r in rows:
+        assert (r["D"], r["V"]) == (128, 512) and r["us"] > 0, r
+        # XLA's one-row bf16 product on CPU rounds more (1.3e-3 here; 4.4e-6 on an H200)
+        assert r["rel_err"] < (5e-3 if (r["form"], r["tokens"]) == ("xla", 1) else 1e-5), r
+
+
 def test_decode_experts_routed_checks_the_kernels():
     """bench/decode_experts.py --routed on the tiny model (CPU, the kernels in Pallas's interpreter; its routing
     made greedy, as V2-Lite's): routed_experts_mlp over two layers against XLA's routing, the sorted path and XLA's
