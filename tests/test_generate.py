@@ -33,24 +33,24 @@ def random_prompts(vocab, lengths=PROMPT_LENGTHS, seed=0):
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny preset with weights large enough that every part matters (fp32)."""
-    return random_fp32_model(ModelConfig.from_preset("tiny"))
+    return random_model(ModelConfig.from_preset("tiny"))
 
 
 @pytest.fixture(scope="module")
 def tiny16():
     """The tiny preset with 16 heads (decoding's latent_attention kernel takes heads in groups of 16) and 16 experts
     routed greedily (its router runs on stacked_matvec and route_kernel)."""
-    return random_fp32_model(ModelConfig.from_preset("tiny").replace(
+    return random_model(ModelConfig.from_preset("tiny").replace(
         num_attention_heads=16, num_key_value_heads=16, n_routed_experts=16, topk_method="greedy", norm_topk_prob=True))
 
 
-def random_fp32_model(config):
-    graphdef, state = nnx.split(dsv2_jax.abstract_model(config))
+def random_model(config, dtype=jnp.float32, param_dtype=jnp.float32):
+    graphdef, state = nnx.split(dsv2_jax.abstract_model(config, dtype=dtype, param_dtype=param_dtype))
     rng = np.random.default_rng(0)
     for _, var in nnx.to_flat_state(state):  # numpy draws: no compile, no op-by-op initialisation
         norm = var.get_metadata()["axes"][-1] == "norm"
         value = rng.uniform(0.6, 1.4, var.shape) if norm else rng.normal(0.0, 0.15, var.shape)
-        var.set_value(jax.device_put(value.astype(np.float32), jax.devices()[0]))  # committed, as dsv2_jax.load
+        var.set_value(jax.device_put(jnp.asarray(value, var.dtype), jax.devices()[0]))  # committed, as dsv2_jax.load
     return nnx.merge(graphdef, state)
 
 
@@ -473,13 +473,8 @@ def test_one_token_head_on_the_kernel(dtype, param_dtype, hidden, decode_kernels
     from dsv2_jax.layers import rms_norm
 
     config = ModelConfig.from_preset("tiny").replace(hidden_size=hidden)
-    graphdef, state = nnx.split(dsv2_jax.abstract_model(config, dtype=dtype, param_dtype=param_dtype))
-    rng = np.random.default_rng(3)
-    for _, var in nnx.to_flat_state(state):
-        low, high = (0.6, 1.4) if var.get_metadata()["axes"][-1] == "norm" else (-0.3, 0.3)
-        var.set_value(jnp.asarray(rng.uniform(low, high, var.shape), var.dtype))
-    model = nnx.merge(graphdef, state)
-    x = jnp.asarray(rng.normal(0.0, 2.0, (2, 1, hidden)), dtype)
+    model = random_model(config, dtype, param_dtype)
+    x = jnp.asarray(np.random.default_rng(3).normal(0.0, 2.0, (2, 1, hidden)), dtype)
     on_kernel = param_dtype == dtype
 
     def kernels(x):
