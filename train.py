@@ -56,6 +56,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from dsv2_jax.training import add_training_xla_flags
-    add_training_xla_flags()  # before JAX starts a backend; a flag already in XLA_FLAGS keeps its value
     sys.exit(main())

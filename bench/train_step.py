@@ -53,7 +53,8 @@ def median_step_seconds(run, steps: int, sync) -> tuple[float, dict]:
 
 def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat: str, mesh_sizes: dict,
               capacity_factor: float | None, autotune: bool = False, profile_dir: str | None = None,
-              scan_layers: bool = True, loss_chunk: int | None = None, logits_dtype: str = "float32"):
+              scan_layers: bool = True, loss_chunk: int | None = None, logits_dtype: str = "float32",
+              compiler_options: dict | None = None):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -73,7 +74,7 @@ def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat:
     chunk = {} if loss_chunk is None else {"loss_chunk": loss_chunk}  # else StepSettings' default
     settings = StepSettings(remat, capacity_factor, (0.001, 0.0, 0.0), groups, 1, scan_layers=scan_layers,
                             logits_dtype=logits_dtype, **chunk)
-    step, _ = jit_steps(graphdef, optimizer, settings, mesh, params, opt_state)
+    step, _ = jit_steps(graphdef, optimizer, settings, mesh, params, opt_state, compiler_options)
     rng = np.random.default_rng(0)
     rows = batch * shards
     data = to_global({"tokens": rng.integers(0, config.vocab_size, (1, rows, seq)).astype(np.int32),
@@ -84,7 +85,7 @@ def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat:
     if autotune:  # tokamax: search kernel configs for every tokamax op of the step, then use them
         import tokamax
         tuned = tokamax.autotune(step.lower(params, opt_state, data), timeout=60.0, progress_bar=False)
-        step, _ = jit_steps(graphdef, optimizer, settings, mesh, params, opt_state)
+        step, _ = jit_steps(graphdef, optimizer, settings, mesh, params, opt_state, compiler_options)
 
     def run():
         box["p"], box["o"], box["m"] = step(box["p"], box["o"], data)
@@ -163,16 +164,16 @@ def main():
     parser.add_argument("--autotune", action="store_true", help="tokamax: autotune the kernels first (GPU)")
     parser.add_argument("--profile", default=None, metavar="DIR", help="trace two steps here and print where the "
                         "device time goes (bench/trace_summary.py)")
-    parser.add_argument("--xla-defaults", default="on", choices=["on", "off"], help="dsv2_jax: add train.py's XLA "
-                        "flags (training.TRAINING_XLA_FLAGS) to XLA_FLAGS, as train.py does; off: XLA_FLAGS as given")
+    parser.add_argument("--xla-defaults", default="on", choices=["on", "off"], help="dsv2_jax: compile the step "
+                        "with the training's XLA options (training.training_compiler_options), as train.py does; "
+                        "off: with XLA_FLAGS alone")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--skip-jax", action="store_true")
     parser.add_argument("--out", default=None, help="append a JSON line per result here")
     args = parser.parse_args()
 
-    from dsv2_jax.training import add_training_xla_flags, flops_per_token
-    if args.xla_defaults == "on":
-        add_training_xla_flags()  # before JAX starts its backend
+    from dsv2_jax.training import flops_per_token, training_compiler_options
+    compiler_options = training_compiler_options() if args.xla_defaults == "on" else {}
     config = bench_config(args.layers, args.preset)
     fpt = flops_per_token(config, args.seq)
     from dsv2_jax.sharding import parse_mesh
@@ -202,7 +203,7 @@ def main():
         seconds, loss, rows, peak, gpu = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype,
                                                    args.remat, mesh_sizes, args.capacity_factor, args.autotune,
                                                    args.profile, not args.no_scan, args.loss_chunk,
-                                                   args.logits_dtype)
+                                                   args.logits_dtype, compiler_options)
         report(f"dsv2_jax params={args.param_dtype} remat={args.remat}" + (" autotuned" if args.autotune else "")
                + (" unrolled" if args.no_scan else "")
                + (f" loss_chunk={args.loss_chunk}" if args.loss_chunk else "")
@@ -210,7 +211,7 @@ def main():
                + (f" mesh={args.mesh} cf={args.capacity_factor}" if mesh_sizes else "")
                + (" xla_defaults=off" if args.xla_defaults == "off" else ""), seconds, rows,
                {"loss": loss, "peak_gib": peak, **gpu, **kernel_backends(),  # which kernels ran
-                "xla_flags": os.environ.get("XLA_FLAGS", "")})
+                "xla_flags": os.environ.get("XLA_FLAGS", ""), "compiler_options": compiler_options})
     print(f"\nFLOPs/token {fpt:.4g}")
     for r in results:
         print(f"{r['impl']:45s} {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:10.0f} tok/s  "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import time
 from typing import Callable, NamedTuple, Sequence
 
@@ -37,7 +36,7 @@ from .model import layer_runs, split_layers
 from .moe import ExpertStacks, adds_decoded, steps_on_chosen_experts
 from .rope import rope_cos_sin
 from .sharding import (activation_mesh, batch_axes, constrain, current_mesh, logical_to_spec, mesh_size,
-                       param_sharding)
+                       param_sharding, xla_flag)
 
 
 class KVCache(NamedTuple):
@@ -294,14 +293,10 @@ def decode_forward(model, cache: KVCache, tokens):
 
 
 def xla_gemm_fusions_off(environ=None) -> bool:
-    """Whether XLA_FLAGS turns XLA's Triton GEMM fusions off (`--xla_gpu_enable_triton_gemm=false` or `=0`, as
-    `training.TRAINING_XLA_FLAGS` does; the flag's last setting counts)."""
-    on = True
-    for flag in (os.environ if environ is None else environ).get("XLA_FLAGS", "").split():
-        name, _, value = flag.lstrip("-").partition("=")
-        if name == "xla_gpu_enable_triton_gemm":
-            on = value.lower() not in ("false", "0")
-    return not on
+    """Whether XLA_FLAGS turns XLA's Triton GEMM fusions off (`--xla_gpu_enable_triton_gemm=false` or `=0`; the
+    flag's last setting counts). The training step's own compiler option of that name (`training.
+    TRAINING_COMPILER_OPTIONS`) applies to its compilation only, not to the decoding programs."""
+    return (xla_flag("xla_gpu_enable_triton_gemm", environ) or "true").lower() in ("false", "0")
 
 
 def decode_head(model, x):

@@ -16,6 +16,7 @@ Mesh axes have Auto axis types: the model's einsums are partitioned by XLA from 
 from __future__ import annotations
 
 import contextlib
+import os
 import math
 import threading
 
@@ -273,3 +274,14 @@ def constrain(x, axes: tuple):
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes)))
+
+
+def xla_flag(name: str, environ=None) -> str | None:
+    """The value XLA_FLAGS gives XLA's flag `name` (e.g. "xla_gpu_enable_triton_gemm"): its last setting, "true"
+    for a bare `--name`; None where XLA_FLAGS does not set it."""
+    value = None
+    for flag in (os.environ if environ is None else environ).get("XLA_FLAGS", "").split():
+        key, eq, setting = flag.lstrip("-").partition("=")
+        if key == name:
+            value = setting if eq else "true"
+    return value

@@ -24,7 +24,7 @@ from .config import ModelConfig
 from .data import DataConfig, Pipeline
 from .model import REMAT_POLICIES, count_params
 from .moe import RouterOutput
-from .sharding import activation_mesh, batch_sharding, constrain
+from .sharding import activation_mesh, batch_sharding, constrain, xla_flag
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Dense bf16 peak FLOP/s per chip by jax device_kind prefix, for MFU.
@@ -32,26 +32,20 @@ PEAK_FLOPS = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA H800": 989e1
               "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
 
 
-# XLA flags the training step runs faster with on GPUs: XLA's own Triton GEMM fusions off, so those products go to
-# cuBLAS (bench/RESULTS.md §36: 0.9-2.5% less step time in six pairs of processes at 12 × 4096 tokens, V2-Lite
-# widths, for 1.1 GiB more peak memory; no change at 2 × 4096). The CPU backend accepts them too (tested); only the
-# GPU compiler acts on them.
-TRAINING_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
+# XLA options the training step compiles with (`jit_steps`): on GPUs, XLA's own Triton GEMM fusions off, so those
+# products go to cuBLAS (bench/RESULTS.md §36: 0.9-2.5% less step time in six pairs of processes at 12 × 4096
+# tokens, V2-Lite widths, for 1.1 GiB more peak memory; no change at 2 × 4096). They apply to the train and eval
+# steps' compilations only: decoding at batch 1 runs 28% slower without those fusions (§38, §39).
+TRAINING_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
-def add_training_xla_flags(environ=None) -> str:
-    """Appends each of TRAINING_XLA_FLAGS to XLA_FLAGS unless XLA_FLAGS sets that flag already (the user's value
-    wins, e.g. `--xla_gpu_enable_triton_gemm=true`), and returns the new XLA_FLAGS. XLA reads XLA_FLAGS once, when
-    JAX starts its first backend, so call this before anything touches a device; train.py does, first thing."""
-    def name(flag):  # "--xla_x=1", "-xla_x" -> "xla_x"
-        return flag.lstrip("-").split("=")[0]
-
-    environ = os.environ if environ is None else environ
-    flags = environ.get("XLA_FLAGS", "").split()
-    named = {name(f) for f in flags}
-    flags += [f for f in TRAINING_XLA_FLAGS if name(f) not in named]
-    environ["XLA_FLAGS"] = " ".join(flags)
-    return environ["XLA_FLAGS"]
+def training_compiler_options(environ=None, platform: str | None = None) -> dict:
+    """TRAINING_COMPILER_OPTIONS for a compilation on `platform` (default: JAX's default backend): the `xla_gpu_*`
+    ones only on 'gpu', and none that XLA_FLAGS sets (the user's value wins, e.g.
+    `XLA_FLAGS=--xla_gpu_enable_triton_gemm=true`; a compiler option would override XLA_FLAGS)."""
+    platform = platform or jax.default_backend()
+    return {name: value for name, value in TRAINING_COMPILER_OPTIONS.items()
+            if xla_flag(name, environ) is None and (platform == "gpu" or not name.startswith("xla_gpu_"))}
 
 
 # ---------------------------------------------------------------------------------------------------- recipe
@@ -497,9 +491,13 @@ def to_global(batch: dict, mesh) -> dict:
             for k, v in batch.items()}
 
 
-def jit_steps(graphdef, optimizer, settings: StepSettings, mesh, params=None, opt_state=None):
+def jit_steps(graphdef, optimizer, settings: StepSettings, mesh, params=None, opt_state=None,
+              compiler_options: dict | None = None):
     """The jitted train and eval steps; under a mesh, traced inside activation_mesh so activations are constrained,
-    and the new params / optimizer state keep the shardings of the given ones (gradients are reduced into them)."""
+    and the new params / optimizer state keep the shardings of the given ones (gradients are reduced into them).
+    compiler_options: XLA's options for both compilations; None: `training_compiler_options()`."""
+    if compiler_options is None:
+        compiler_options = training_compiler_options()
     train = functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, settings=settings)
     evaluate = functools.partial(eval_step, graphdef=graphdef, settings=settings)
 
@@ -513,8 +511,9 @@ def jit_steps(graphdef, optimizer, settings: StepSettings, mesh, params=None, op
     if mesh is not None and params is not None:
         keep = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
         out_shardings = (keep(params), keep(opt_state), None)
-    train_jit = jax.jit(under_mesh(train), donate_argnums=(0, 1), out_shardings=out_shardings)
-    return train_jit, jax.jit(under_mesh(evaluate))
+    train_jit = jax.jit(under_mesh(train), donate_argnums=(0, 1), out_shardings=out_shardings,
+                        compiler_options=compiler_options)
+    return train_jit, jax.jit(under_mesh(evaluate), compiler_options=compiler_options)
 
 
 def init_train_state(config: ModelConfig, recipe: Recipe, optimizer, mesh):
