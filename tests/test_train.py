@@ -339,7 +339,8 @@ def test_training_compiler_options_keep_the_users_choice_and_reach_both_steps(mo
     settings = StepSettings("none", None, (0.0, 0.0, 0.0), 1, 1)
     monkeypatch.setattr(training, "TRAINING_COMPILER_OPTIONS", {"xla_no_such_option": True})
     step, evaluate = training.jit_steps(graphdef, optimizer, settings, None)
-    for fn, args in ((step, (params, optimizer.init(params), batch)), (evaluate, (params, {k: v[0] for k, v in batch.items()}))):
+    eval_batch = {k: v[0] for k, v in batch.items()}
+    for fn, args in ((step, (params, optimizer.init(params), batch)), (evaluate, (params, eval_batch))):
         with pytest.raises(Exception, match="xla_no_such_option"):
             fn.lower(*args).compile()
     step, _ = training.jit_steps(graphdef, optimizer, settings, None, compiler_options={})  # none at all
