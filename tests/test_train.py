@@ -347,6 +347,31 @@ def test_training_compiler_options_keep_the_users_choice_and_reach_both_steps(mo
     assert np.isfinite(float(step(params, optimizer.init(params), batch)[2]["loss"]))
 
 
+def test_training_steps_compile_without_xla_gemm_fusions_on_gpus():
+    """On a GPU the compiled train and eval steps hold none of XLA's Triton GEMM fusions (TRAINING_COMPILER_OPTIONS),
+    where the same train step compiled without options does."""
+    from dsv2_jax.sharding import xla_flag
+    from dsv2_jax.training import jit_steps
+    if jax.default_backend() != "gpu" or xla_flag("xla_gpu_enable_triton_gemm") is not None:
+        pytest.skip("the option acts on GPU compilations, where XLA_FLAGS does not set it")
+    config = ModelConfig.from_preset("tiny").replace(num_hidden_layers=2, hidden_size=512)
+    graphdef, state = nnx.split(DeepseekV2(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    params = state.to_pure_dict()
+    optimizer = optax.adamw(1e-3)
+    batch = {"tokens": jnp.zeros((1, 4, 256), jnp.int32), "segment_ids": jnp.ones((1, 4, 256), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(256, dtype=jnp.int32), (1, 4, 256))}
+    settings = StepSettings("none", None, (0.0, 0.0, 0.0), 1, 1)
+    args = (params, optimizer.init(params), batch)
+
+    def fusions(fn, *args):
+        return fn.lower(*args).compile().as_text().count('"kind":"__triton_nested_gemm_fusion"')
+
+    step, evaluate = jit_steps(graphdef, optimizer, settings, None)
+    plain, _ = jit_steps(graphdef, optimizer, settings, None, compiler_options={})
+    assert fusions(plain, *args) > 0
+    assert fusions(step, *args) == 0 and fusions(evaluate, params, {k: v[0] for k, v in batch.items()}) == 0
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     from dsv2_jax.training import NonFiniteLoss
     recipe = small_recipe("steps=20", "checkpoint_every=1", "optimizer.lr=1e30", "optimizer.warmup_steps=0",
