@@ -319,6 +319,15 @@ def test_xla_flag_reads_the_last_setting():
     assert xla_flag(name, {"XLA_FLAGS": f"--{name}_any=false"}) is None
 
 
+def tiny_step_inputs(rows: int, seq: int, dtype=jnp.float32, **overrides):
+    """The tiny preset (with overrides) as graphdef and params, and one micro-batch [1, rows, seq] of token 0."""
+    config = ModelConfig.from_preset("tiny").replace(**overrides)
+    graphdef, state = nnx.split(DeepseekV2(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    batch = {"tokens": jnp.zeros((1, rows, seq), jnp.int32), "segment_ids": jnp.ones((1, rows, seq), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (1, rows, seq))}
+    return graphdef, state.to_pure_dict(), batch
+
+
 def test_training_compiler_options_keep_the_users_choice_and_reach_both_steps(monkeypatch):
     from dsv2_jax import training
     options = functools.partial(training.training_compiler_options, platform="gpu")
@@ -330,12 +339,8 @@ def test_training_compiler_options_keep_the_users_choice_and_reach_both_steps(mo
     for platform in ("cpu", "tpu"):  # GPU options for GPU compilations only
         assert training.training_compiler_options({}, platform) == {}
     # the options reach XLA with both compilations: XLA refuses an option it does not know, by name
-    config = ModelConfig.from_preset("tiny").replace(num_hidden_layers=1)
-    graphdef, state = nnx.split(DeepseekV2(config, rngs=nnx.Rngs(0)))
-    params = state.to_pure_dict()
+    graphdef, params, batch = tiny_step_inputs(rows=2, seq=8, num_hidden_layers=1)
     optimizer = optax.sgd(1.0)
-    batch = {"tokens": jnp.zeros((1, 2, 8), jnp.int32), "segment_ids": jnp.ones((1, 2, 8), jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (1, 2, 8))}
     settings = StepSettings("none", None, (0.0, 0.0, 0.0), 1, 1)
     monkeypatch.setattr(training, "TRAINING_COMPILER_OPTIONS", {"xla_no_such_option": True})
     step, evaluate = training.jit_steps(graphdef, optimizer, settings, None)
@@ -354,12 +359,9 @@ def test_training_steps_compile_without_xla_gemm_fusions_on_gpus():
     from dsv2_jax.training import jit_steps
     if jax.default_backend() != "gpu" or xla_flag("xla_gpu_enable_triton_gemm") is not None:
         pytest.skip("the option acts on GPU compilations, where XLA_FLAGS does not set it")
-    config = ModelConfig.from_preset("tiny").replace(num_hidden_layers=2, hidden_size=512)
-    graphdef, state = nnx.split(DeepseekV2(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-    params = state.to_pure_dict()
+    graphdef, params, batch = tiny_step_inputs(rows=4, seq=256, dtype=jnp.bfloat16, num_hidden_layers=2,
+                                               hidden_size=512)
     optimizer = optax.adamw(1e-3)
-    batch = {"tokens": jnp.zeros((1, 4, 256), jnp.int32), "segment_ids": jnp.ones((1, 4, 256), jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(256, dtype=jnp.int32), (1, 4, 256))}
     settings = StepSettings("none", None, (0.0, 0.0, 0.0), 1, 1)
     args = (params, optimizer.init(params), batch)
 
