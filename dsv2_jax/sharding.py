@@ -16,8 +16,8 @@ Mesh axes have Auto axis types: the model's einsums are partitioned by XLA from 
 from __future__ import annotations
 
 import contextlib
-import os
 import math
+import os
 import threading
 
 import jax
