@@ -558,6 +558,10 @@ class TrainCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether save(step) would write a checkpoint (without force)."""
+        return self.manager.should_save(step)
+
     def save(self, step: int, params, opt_state, data_state: dict, config: ModelConfig, force=False) -> bool:
         from .checkpoint import MODEL_CONFIG, PARAMS
 
@@ -642,19 +646,33 @@ def train(recipe: Recipe, workdir: str, *, stop_after: int | None = None, progre
     bar = tqdm(total=recipe.steps, initial=step, disable=not (progress and is_main), dynamic_ncols=True,
                desc="train")
     records, window, t0 = [], [], time.perf_counter()
+
+    def check(checked_step, metrics):
+        loss = float(metrics["loss"])  # waits for that step
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss} at step {checked_step}; stopping. The last good checkpoint "
+                                f"(step {ckpt.latest_step()}) is kept in {workdir}")
+
+    # A step's loss is checked once the next step is queued behind it, so the host prepares and dispatches step
+    # n + 1 while the device runs step n; before a log, an evaluation or a save the step is checked at once, so
+    # nothing after a non-finite loss is logged or saved.
+    unchecked = None
     try:
         while step < last:
             batch = next(data)
             batch = {k: v.reshape(recipe.grad_accum, rows // recipe.grad_accum, -1) for k, v in batch.items()}
             params, opt_state, metrics = train_fn(params, opt_state, to_global(batch, mesh))
             step += 1
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping. The last good checkpoint "
-                                    f"(step {ckpt.latest_step()}) is kept in {workdir}")
+            if unchecked is not None:
+                check(*unchecked)
+            unchecked = (step, metrics)
             window.append(metrics)
             eval_now = step % recipe.eval_every == 0 or step == recipe.steps
-            if step % recipe.log_every == 0 or step == last or eval_now:
+            log_now = step % recipe.log_every == 0 or step == last or eval_now
+            if log_now or ckpt.due(step):
+                check(*unchecked)
+                unchecked = None
+            if log_now:
                 record = _log_record(window, step, schedule, time.perf_counter() - t0, fpt, peak)
                 window = []
                 if eval_now:
@@ -698,9 +716,8 @@ def evaluate(recipe: Recipe, config: ModelConfig, eval_fn, params, mesh) -> dict
     rows = recipe.batch_size // jax.process_count()
     data = Pipeline(recipe.data, rows, "eval", process_index=jax.process_index(), process_count=jax.process_count(),
                     model_config=config)
-    total, count = 0.0, 0.0
-    for _ in range(recipe.eval_batches):
-        nll, n = eval_fn(params, to_global(next(data), mesh))
-        total, count = total + float(nll), count + float(n)
+    # every batch dispatched before the first result is read: one wait, not one per batch
+    sums = jax.device_get([eval_fn(params, to_global(next(data), mesh)) for _ in range(recipe.eval_batches)])
+    total, count = sum(float(nll) for nll, _ in sums), sum(float(n) for _, n in sums)
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}

@@ -375,14 +375,58 @@ def test_training_steps_compile_without_xla_gemm_fusions_on_gpus():
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    """With a log and a save at every step, each step's loss is checked before the next step is dispatched. With
+    neither due (a save every 2 steps, a log every 1000) a loss is checked once the next step is queued: the same
+    step is named, and no checkpoint after it is written."""
     from dsv2_jax.training import NonFiniteLoss
-    recipe = small_recipe("steps=20", "checkpoint_every=1", "optimizer.lr=1e30", "optimizer.warmup_steps=0",
-                          "optimizer.clip_norm=1e30")
-    with pytest.raises(NonFiniteLoss, match=r"at step (\d+)") as info:
-        train(recipe, str(tmp_path), progress=False)
-    bad = int(info.value.args[0].split("at step ")[1].split(";")[0])
-    steps = sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit())
-    assert steps and steps[-1] == bad - 1
+    named = []
+    for every, log_every in ((1, 1), (2, 1000)):
+        workdir = tmp_path / f"every{every}"
+        recipe = small_recipe("steps=20", f"checkpoint_every={every}", f"log_every={log_every}", "optimizer.lr=1e30",
+                              "optimizer.warmup_steps=0", "optimizer.clip_norm=1e30")
+        with pytest.raises(NonFiniteLoss, match=r"at step (\d+)") as info:
+            train(recipe, str(workdir), progress=False)
+        bad = int(info.value.args[0].split("at step ")[1].split(";")[0])
+        steps = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+        assert steps and steps[-1] == (bad - 1) // every * every, (bad, steps)
+        named.append(bad)
+    assert named[0] == named[1] and named[1] % 2 == 1, named  # an odd step: its check came one step late
+
+
+def test_evaluate_is_the_mean_next_token_loss_of_the_held_out_batches(tmp_path):
+    """training.evaluate against log-softmax in float64 over the model's logits for the same held-out batches, with
+    targets written out here: the next token of the same document, none across documents, at a row's end or on
+    padding. Short documents, so rows hold several."""
+    from dsv2_jax.data import Pipeline
+    from dsv2_jax.training import evaluate, jit_steps
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        (tmp_path / f"doc{i}.txt").write_text("".join(rng.choice(list("abcdefgh \n"), rng.integers(5, 40))))
+    recipe = small_recipe("eval_batches=3", "data.eval_fraction=0.5", f"data.sources=[{tmp_path}/*.txt]")
+    config = recipe.model_config()
+    graphdef, state = nnx.split(DeepseekV2(config, dtype=jnp.float32, rngs=nnx.Rngs(1)))
+    params = state.to_pure_dict()
+    _, eval_fn = jit_steps(graphdef, optax.sgd(1.0), StepSettings("none", None, (0.0, 0.0, 0.0), 1, 1), None)
+    got = evaluate(recipe, config, eval_fn, params, None)
+    model = nnx.merge(graphdef, nnx.State(params))
+    data = Pipeline(recipe.data, recipe.batch_size, "eval", model_config=config)
+    nll, count, boundaries = 0.0, 0, 0
+    for _ in range(recipe.eval_batches):
+        batch = next(data)
+        logits = np.asarray(model.forward(jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]),
+                                          jnp.asarray(batch["segment_ids"])).logits, np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        seg = batch["segment_ids"]
+        boundaries += int(np.sum((seg[:, 1:] != seg[:, :-1]) & (seg[:, 1:] > 0)))
+        for r in range(seg.shape[0]):
+            for t in range(seg.shape[1] - 1):
+                if seg[r, t] > 0 and seg[r, t + 1] == seg[r, t]:
+                    nll -= logp[r, t, batch["tokens"][r, t + 1]]
+                    count += 1
+    assert count > 0 and boundaries > 0
+    np.testing.assert_allclose(got["eval_loss"], nll / count, rtol=1e-5)
+    np.testing.assert_allclose(got["eval_perplexity"], np.exp(nll / count), rtol=1e-5)
 
 
 def test_recipe_errors_name_the_key(tmp_path):
