@@ -10,6 +10,7 @@ tokens/s, TFLOP/s and MFU for each. FLOPs per token: 6 × activated non-embeddin
     python bench/train_step.py --batch 12 --remat save_dots --no-scan --logits-dtype bfloat16   # transformers' logits
     python bench/train_step.py --batch 2 --mesh expert=8 --skip-torch     # N GPUs: --batch rows per batch shard
     python bench/train_step.py --batch 12 --remat save_dots --no-scan --xla-defaults off   # XLA_FLAGS as given
+    python bench/train_step.py --batch 2 --remat save_dots --no-scan --back-to-back   # + steps not waited for one by one
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ def bench_config(layers: int, preset: str = "deepseek-v2-lite"):
     return ModelConfig.from_preset(preset).replace(num_hidden_layers=layers, first_k_dense_replace=1)
 
 
-def median_step_seconds(run, steps: int, sync) -> tuple[float, dict]:
+def median_step_seconds(run, steps: int, sync, back_to_back: bool = False) -> tuple[float, dict]:
     """The median of `steps` timed steps after two untimed ones, and the GPU's clocks and power over the timed steps
     (report.gpu_clocks: on an H200 a large training step runs at its power cap, with the SM clock well below
-    its maximum)."""
+    its maximum). back_to_back: then also the mean of `steps` steps dispatched one after another with one wait at
+    the end, as a training loop runs them (the host may work ahead), in the dict as back_to_back_step_s."""
     run()
     run()
     sync()
@@ -48,13 +50,19 @@ def median_step_seconds(run, steps: int, sync) -> tuple[float, dict]:
             run()
             sync()
             times.append(time.perf_counter() - t)
+    if back_to_back:
+        t = time.perf_counter()
+        for _ in range(steps):
+            run()
+        sync()
+        gpu = {**gpu, "back_to_back_step_s": (time.perf_counter() - t) / steps}
     return float(np.median(times)), gpu
 
 
 def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat: str, mesh_sizes: dict,
               capacity_factor: float | None, autotune: bool = False, profile_dir: str | None = None,
               scan_layers: bool = True, loss_chunk: int | None = None, logits_dtype: str = "float32",
-              compiler_options: dict | None = None):
+              compiler_options: dict | None = None, back_to_back: bool = False):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -91,7 +99,7 @@ def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat:
         box["p"], box["o"], box["m"] = step(box["p"], box["o"], data)
 
     with tuned:
-        seconds, gpu = median_step_seconds(run, steps, lambda: jax.block_until_ready(box["m"]["loss"]))
+        seconds, gpu = median_step_seconds(run, steps, lambda: jax.block_until_ready(box["m"]["loss"]), back_to_back)
         loss = float(box["m"]["loss"])  # after the same number of steps as the transformers side
         peak = jax.devices()[0].memory_stats() or {}
         peak = peak.get("peak_bytes_in_use", 0) / 2**30
@@ -101,7 +109,7 @@ def bench_jax(config, batch: int, seq: int, steps: int, param_dtype: str, remat:
     return seconds, loss, rows, peak, gpu
 
 
-def bench_torch(config, batch: int, seq: int, steps: int, experts_impl: str):
+def bench_torch(config, batch: int, seq: int, steps: int, experts_impl: str, back_to_back: bool = False):
     import torch
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
@@ -126,7 +134,7 @@ def bench_torch(config, batch: int, seq: int, steps: int, experts_impl: str):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds, gpu = median_step_seconds(run, steps, torch.cuda.synchronize)
+    seconds, gpu = median_step_seconds(run, steps, torch.cuda.synchronize, back_to_back)
     loss = float(box.pop("loss"))
     peak = torch.cuda.max_memory_allocated() / 2**30
     model = opt = None  # give the memory back before JAX takes its share
@@ -167,6 +175,8 @@ def main():
     parser.add_argument("--xla-defaults", default="on", choices=["on", "off"], help="dsv2_jax: compile the step "
                         "with the training's XLA options (training.training_compiler_options), as train.py does; "
                         "off: with XLA_FLAGS alone")
+    parser.add_argument("--back-to-back", action="store_true", help="also time --steps steps dispatched one after "
+                        "another with one wait at the end (back_to_back_step_s), beside the synced median")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--skip-jax", action="store_true")
     parser.add_argument("--out", default=None, help="append a JSON line per result here")
@@ -192,7 +202,8 @@ def main():
 
     if not args.skip_torch:
         try:
-            seconds, loss, peak, gpu = bench_torch(config, args.batch, args.seq, args.steps, args.experts_impl)
+            seconds, loss, peak, gpu = bench_torch(config, args.batch, args.seq, args.steps, args.experts_impl,
+                                                    args.back_to_back)
             report(f"transformers experts={args.experts_impl}", seconds, args.batch,
                    {"loss": loss, "peak_gib": peak, **gpu})
         except Exception as e:  # e.g. out of memory at this batch
@@ -203,7 +214,7 @@ def main():
         seconds, loss, rows, peak, gpu = bench_jax(config, args.batch, args.seq, args.steps, args.param_dtype,
                                                    args.remat, mesh_sizes, args.capacity_factor, args.autotune,
                                                    args.profile, not args.no_scan, args.loss_chunk,
-                                                   args.logits_dtype, compiler_options)
+                                                   args.logits_dtype, compiler_options, args.back_to_back)
         report(f"dsv2_jax params={args.param_dtype} remat={args.remat}" + (" autotuned" if args.autotune else "")
                + (" unrolled" if args.no_scan else "")
                + (f" loss_chunk={args.loss_chunk}" if args.loss_chunk else "")
@@ -216,7 +227,8 @@ def main():
     for r in results:
         print(f"{r['impl']:45s} {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:10.0f} tok/s  "
               f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  last loss {r['loss']:.3f}  "
-              f"peak {r['peak_gib']:.1f} GiB" + gpu_text(r))
+              f"peak {r['peak_gib']:.1f} GiB" + gpu_text(r)
+              + (f"  back to back {r['back_to_back_step_s'] * 1e3:.1f} ms" if "back_to_back_step_s" in r else ""))
 
 
 if __name__ == "__main__":

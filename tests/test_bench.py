@@ -92,6 +92,21 @@ def test_gpu_clocks_samples_beside_the_block(tmp_path, monkeypatch):
     assert gpu == {} and report.gpu_text(gpu) == ""
 
 
+def test_train_step_times_back_to_back_steps_with_one_wait(monkeypatch):
+    """train_step.median_step_seconds waits after each timed step; with back_to_back it then dispatches `steps`
+    more and waits once, and reports their mean."""
+    train_step = load("train_step")
+    monkeypatch.setenv("PATH", "")  # no nvidia-smi: no clock figures
+    calls = []
+    assert train_step.median_step_seconds(lambda: calls.append("run"), 3, lambda: calls.append("wait"))[1] == {}
+    assert calls == ["run", "run", "wait"] + ["run", "wait"] * 3
+    calls.clear()
+    seconds, extra = train_step.median_step_seconds(lambda: calls.append("run") or time.sleep(0.01), 3,
+                                                    lambda: calls.append("wait"), back_to_back=True)
+    assert calls == ["run", "run", "wait"] + ["run", "wait"] * 3 + ["run"] * 3 + ["wait"]
+    assert seconds >= 0.01 and 0.01 <= extra["back_to_back_step_s"] < 1.0 and list(extra) == ["back_to_back_step_s"]
+
+
 def test_copy_bandwidth_counts_a_loops_reads_and_writes(monkeypatch):
     """bench/decode.copy_bandwidth_jax: each timed call runs COPY_LOOP copies, each reading and writing the array;
     with a clock whose calls take 1, 2 and 4 s the rates are those bytes over each, median, slowest and fastest."""
