@@ -3,7 +3,8 @@ that spans both processes equal the single-process, single-device result.
 
 The expert axis crosses the process boundary (mesh expert=4, tensor=2: process 0 holds experts 0-3, process 1
 experts 4-7), so the MoE all_to_all runs between processes. Each process feeds only its own rows of the batch.
-This file is also the worker: `python tests/test_multihost.py PROCESS_ID PORT OUT_DIR`.
+This file is also the worker: `python tests/test_multihost.py PROCESS_ID PORT OUT_DIR`. And train.py itself as two
+processes: stopped and resumed, it logs what an unbroken two-process run logs.
 """
 
 import os
@@ -130,6 +131,45 @@ def test_two_processes_match_single_device(tmp_path):
         scale = max(np.abs(w).max(), 1e-30)
         err = np.abs(got[key] - w).max() / scale
         assert err <= 1e-5, f"{key}: max error {err:.2e} of max |value|"
+
+
+def run_train_py(workdir, *args) -> list[dict]:
+    """train.py on the tiny recipe in NUM_PROCESSES processes of LOCAL_DEVICES CPU devices each (mesh data=8);
+    returns the logged records."""
+    import json
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+               JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}",
+               JAX_NUM_PROCESSES=str(NUM_PROCESSES))
+    command = [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs", "tiny.yaml"),
+               "--workdir", str(workdir), "--no-progress", "--set", "steps=6", "--set", "log_every=3",
+               "--set", "eval_every=3", "--set", "checkpoint_every=3", "--set", "eval_batches=2",
+               "--set", "mesh={data: 8}", "--set", "data.seq_len=64", "--set", "model_overrides={num_hidden_layers: 2}",
+               *args]
+    procs = [subprocess.Popen(command, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(NUM_PROCESSES)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:]}"
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_train_py_on_two_processes_resumes_as_an_unbroken_run(tmp_path):
+    """The training loop across two processes (each reading its own documents, checkpoints written together, the
+    held-out loss over both): stopped after 3 steps and started again, its logged figures at step 6 equal an
+    unbroken run's."""
+    unbroken = run_train_py(tmp_path / "unbroken")
+    run_train_py(tmp_path / "resumed", "--stop-after", "3")
+    resumed = run_train_py(tmp_path / "resumed")
+    assert [r["step"] for r in unbroken] == [3, 6] and [r["step"] for r in resumed] == [3, 6]
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3", "6"]
+    for key in ("loss", "grad_norm", "eval_loss"):
+        assert np.isfinite(unbroken[1][key]) and resumed[1][key] == unbroken[1][key], key
+    assert unbroken[1]["loss"] < unbroken[0]["loss"]
 
 
 def test_initialize_reports_incomplete_settings(monkeypatch):
