@@ -92,6 +92,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def finish(procs, timeout: float) -> None:
+    """Waits for the processes (killing any still running if the wait fails) and asserts each exited with 0,
+    showing the end of a failed one's output."""
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:]}"
+
+
 def test_two_processes_match_single_device(tmp_path):
     import jax
     from flax import nnx
@@ -104,21 +119,17 @@ def test_two_processes_match_single_device(tmp_path):
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(i), str(port), str(tmp_path)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(NUM_PROCESSES)]
-    logs = []
     try:
         # the single-device reference, computed while the workers start
         graphdef, state = nnx.split(DeepseekV2(config(), rngs=nnx.Rngs(0)))
         ids, targets = batch()
         loss, logits, grads, new_state = jax.jit(lambda s, i, t: train_step(graphdef, s, i, t))(state, ids, targets)
         want = flat(dict(loss=loss, logits=logits, grads=grads, new_state=nnx.to_pure_dict(new_state)))
+    except BaseException:
         for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:] if i < len(logs) else ''}"
+            p.kill()
+        raise
+    finish(procs, timeout=240)
 
     # each process fed its own half of the batch and holds its own half of the experts
     layouts = [np.load(tmp_path / f"layout{i}.npy") for i in range(NUM_PROCESSES)]
@@ -147,14 +158,7 @@ def run_train_py(workdir, *args) -> list[dict]:
                *args]
     procs = [subprocess.Popen(command, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(NUM_PROCESSES)]
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:]}"
+    finish(procs, timeout=300)
     return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
