@@ -246,24 +246,27 @@ def current_mesh() -> Mesh | None:
     return getattr(_state, "mesh", None)
 
 
-def per_shard(fn, in_axes: tuple, out_axes):
+def per_shard(fn, in_axes: tuple, out_axes, unsplit=None):
     """fn, run on each device's shard inside jax.shard_map when a mesh is active (identity otherwise).
 
     For kernels XLA cannot partition (custom calls such as tokamax's flash attention): given batch-sharded operands
     XLA would gather them and run the whole batch on every device. in_axes: logical axes of each argument; out_axes:
-    those of the result. fn must be independent across every axis these map to a mesh axis (batch, heads).
-    Arguments that do not split evenly (e.g. one sequence decoded on a mesh) run fn unsplit.
+    those of the result (or a tuple of them, one per result). fn must be independent across every axis these map to a mesh axis (batch, heads).
+    Arguments that do not split evenly (e.g. one sequence decoded on a mesh) run fn unsplit, or `unsplit` where given
+    (an equivalent that XLA can partition).
     """
     mesh = current_mesh()
     if mesh is None:
         return fn
     in_specs = tuple(logical_to_spec(a) for a in in_axes)
-    mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=logical_to_spec(out_axes), check_vma=False)
+    several = bool(out_axes) and isinstance(out_axes[0], tuple)
+    out_specs = tuple(map(logical_to_spec, out_axes)) if several else logical_to_spec(out_axes)
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
     def run(*args):
         even = all(size % mesh_size(mesh, entry) == 0
                    for x, spec in zip(args, in_specs) for size, entry in zip(x.shape, spec))
-        return mapped(*args) if even else fn(*args)
+        return mapped(*args) if even else (fn if unsplit is None else unsplit)(*args)
 
     return run
 

@@ -19,12 +19,16 @@ import numpy as np
 import optax
 import yaml
 from flax import nnx
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from .config import ModelConfig
 from .data import DataConfig, Pipeline
+from .grouped_matmul import interpreted
 from .model import REMAT_POLICIES, count_params
 from .moe import RouterOutput
-from .sharding import activation_mesh, batch_sharding, constrain, xla_flag
+from .sharding import (activation_mesh, batch_sharding, constrain, current_mesh, logical_to_spec, mesh_size, per_shard,
+                       xla_flag)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Dense bf16 peak FLOP/s per chip by jax device_kind prefix, for MFU.
@@ -257,19 +261,149 @@ def logsumexp_once(x):
     return m + jnp.log(s)
 
 
-def _ce_chunk(x, w, targets, weights, logits_dtype: str = "float32"):
-    """One chunk's logits (the product stored in logits_dtype, then read as float32), and Σ weight · NLL over it."""
+# The loss's kernel (`softmax_rows`) by the logits' dtype: rows a program, vocabulary columns a step of its loops,
+# warps, pipeline stages, and programs (None: one per block of rows; a number: that many, each looping over blocks
+# of rows). One row a program ran fastest on the H200 ([2, 1024, 102400] logits; bench/RESULTS.md §42).
+LOSS_KERNEL_TILES = {"float32": dict(block_r=1, block_v=2048, num_warps=4, num_stages=3, programs=None),
+                     "bfloat16": dict(block_r=1, block_v=4096, num_warps=4, num_stages=3, programs=None)}
+LOSS_KERNEL_CHOICES = ("auto", "pallas", "xla")
+
+
+def _softmax_rows_kernel(logits_ref, targets_ref, weights_ref, lse_ref, *grad_ref, block_r, block_v, programs):
+    """Blocks of block_r rows of the logits: their log-sum-exp in one sweep over the vocabulary in blocks of block_v
+    columns, the running sum rescaled once per block (as flash attention does); then, given grad_ref, a second sweep
+    writes (softmax − onehot(target)) · weight in grad_ref's dtype. Program i takes row block i, or with `programs`
+    the blocks i, i + programs, ... (fewer rows in flight at once, so a row's second sweep can find it in L2)."""
+    blocks = logits_ref.shape[1] // block_v
+
+    def row_block(r):
+        rows = pl.ds(pl.multiple_of(r * block_r, block_r), block_r)
+
+        def block(j):
+            return logits_ref[rows, pl.ds(pl.multiple_of(j * block_v, block_v), block_v)].astype(jnp.float32)
+
+        def stats(j, carry):
+            m, s = carry
+            x = block(j)
+            m_new = jnp.maximum(m, x.max(axis=1))
+            shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all -inf so far: the sum stays 0
+            return m_new, s * jnp.exp(m - shift) + jnp.exp(x - shift[:, None]).sum(axis=1)
+
+        m, s = jax.lax.fori_loop(0, blocks, stats, (jnp.full((block_r,), -jnp.inf, jnp.float32),
+                                                    jnp.zeros((block_r,), jnp.float32)))
+        lse = jnp.where(jnp.isfinite(m), m + jnp.log(s), m)  # ±inf rows: the max, as logsumexp_once gives them
+        lse_ref[rows] = lse
+        if grad_ref:
+            targets, weights = targets_ref[rows], weights_ref[rows]
+
+            def grads(j, _):
+                cols = j * block_v + jax.lax.broadcasted_iota(jnp.int32, (block_r, block_v), 1)
+                p = jnp.exp(block(j) - lse[:, None]) - (cols == targets[:, None]).astype(jnp.float32)
+                grad_ref[0][rows, pl.ds(pl.multiple_of(j * block_v, block_v), block_v)] = (
+                    p * weights[:, None]).astype(grad_ref[0].dtype)
+
+            jax.lax.fori_loop(0, blocks, grads, None)
+
+    i = pl.program_id(0)
+    if programs is None:
+        row_block(i)
+    else:
+        jax.lax.fori_loop(0, pl.cdiv(lse_ref.shape[0] // block_r - i, programs),
+                          lambda k, _: row_block(i + k * programs), None)
+
+
+def _largest_block(n: int, limit: int) -> int:
+    """The largest power of two <= limit dividing n."""
+    block = limit
+    while n % block:
+        block //= 2
+    return block
+
+
+@functools.partial(jax.jit, static_argnames=("grad_dtype", "block_r", "block_v", "num_warps", "num_stages",
+                                             "programs", "interpret"))
+def softmax_rows(logits, targets, weights, grad_dtype=None, *, block_r: int, block_v: int, num_warps: int,
+                 num_stages: int, programs: int | None = None, interpret: bool | None = None):
+    """logits [..., V] (float32 or bf16, read as float32) -> (log-sum-exp float32 [...], and with grad_dtype
+    (softmax − onehot(targets)) · weights in grad_dtype [..., V]), on one Pallas (Triton) kernel: each row read once
+    for its log-sum-exp, once more for the gradient. V must be a multiple of 128 (`loss_kernel`); the blocks are
+    the largest powers of two up to block_r rows and block_v columns that divide the rows and V."""
+    lead, V = logits.shape[:-1], logits.shape[-1]
+    x = logits.reshape(-1, V)
+    R = x.shape[0]
+    block_r, block_v = _largest_block(R, block_r), _largest_block(V, block_v)
+    if block_v < 128:
+        raise ValueError(f"softmax_rows: the vocabulary ({V}) must be a multiple of 128")
+    out_shape = [jax.ShapeDtypeStruct((R,), jnp.float32)]
+    if grad_dtype is not None:
+        out_shape.append(jax.ShapeDtypeStruct((R, V), grad_dtype))
+    if programs is not None:
+        programs = min(programs, R // block_r)
+    out = pl.pallas_call(
+        functools.partial(_softmax_rows_kernel, block_r=block_r, block_v=block_v, programs=programs),
+        out_shape=out_shape,
+        grid=(R // block_r if programs is None else programs,),
+        in_specs=[pl.no_block_spec] * 3, out_specs=[pl.no_block_spec] * len(out_shape),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpreted(interpret), name="softmax_rows",
+    )(x, targets.reshape(R).astype(jnp.int32), weights.reshape(R).astype(jnp.float32))
+    lse = out[0].reshape(lead)
+    return (lse, out[1].reshape(logits.shape)) if grad_dtype is not None else lse
+
+
+def loss_kernel(vocab: int) -> bool:
+    """Whether the cross-entropy's passes over the logits run on `softmax_rows` (else XLA's fusions, reading them
+    through `logsumexp_once`). DSV2_LOSS_KERNEL=auto (on GPU) | pallas | xla. The kernel needs the vocabulary a
+    multiple of 128 and whole on each device (not split over a tensor axis); where it is not, XLA's path runs."""
+    choice = os.environ.get("DSV2_LOSS_KERNEL", "auto")
+    if choice not in LOSS_KERNEL_CHOICES:
+        raise ValueError(f"DSV2_LOSS_KERNEL must be one of {LOSS_KERNEL_CHOICES}, got {choice!r}")
+    mesh = current_mesh()
+    fits = vocab % 128 == 0 and (mesh is None or mesh_size(mesh, logical_to_spec(("vocab",))[0]) == 1)
+    return fits and (choice == "pallas" or (choice == "auto" and jax.default_backend() == "gpu"))
+
+
+def _ce_logits(x, w, logits_dtype: str):
+    """One chunk's head product as stored in logits_dtype."""
     stored = DTYPES[logits_dtype]
-    logits = jnp.einsum("bcd,dv->bcv", x, w, preferred_element_type=stored).astype(jnp.float32)
+    logits = jnp.einsum("bcd,dv->bcv", x, w, preferred_element_type=stored)
     if stored != jnp.float32 and not x.dtype == w.dtype == stored:
         # Operands wider than the stored product: XLA builds it at their width and converts, a round trip its
         # excess-precision rewrites may drop (on GPU they did); keep it. Operands of the stored dtype make a GEMM that
         # writes it itself; there the pin only cost time (~3 ms of a batch-12 step, bench/RESULTS.md §20).
         f = jnp.finfo(stored)
         logits = jax.lax.reduce_precision(logits, exponent_bits=f.nexp, mantissa_bits=f.nmant)
+    return logits
+
+
+def _softmax_passes(logits, targets, weights, grad_dtype=None):
+    """XLA's `softmax_rows`: the log-sum-exp of logits [..., V] read as float32 (`logsumexp_once`) and, with
+    grad_dtype, (softmax − onehot(targets)) · weights in that dtype."""
+    logits = logits.astype(jnp.float32)
     lse = logsumexp_once(logits)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return logits, lse, jnp.sum((lse - picked) * weights)
+    if grad_dtype is None:
+        return lse
+    onehot = jnp.arange(logits.shape[-1]) == targets[..., None]
+    return lse, ((jnp.exp(logits - lse[..., None]) - onehot) * weights[..., None]).astype(grad_dtype)
+
+
+def _ce_chunk(x, w, targets, weights, logits_dtype: str = "float32", grad_dtype=None):
+    """One chunk's Σ weight · NLL (the product stored in logits_dtype, then read as float32) and, with grad_dtype,
+    d logits = (softmax − onehot) · weight in that dtype (else None)."""
+    logits = _ce_logits(x, w, logits_dtype)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)
+    xla = functools.partial(_softmax_passes, grad_dtype=grad_dtype)
+    if loss_kernel(logits.shape[-1]):  # each device's rows on the kernel (XLA's passes where they do not split)
+        rows = ("batch", "seq")
+        tiles = LOSS_KERNEL_TILES[jnp.dtype(logits.dtype).name]
+        passes = per_shard(functools.partial(softmax_rows, grad_dtype=grad_dtype, **tiles),
+                           (rows + ("vocab",), rows, rows), rows if grad_dtype is None else (rows, rows + ("vocab",)),
+                           unsplit=xla)
+    else:
+        passes = xla
+    out = passes(logits, targets, weights)
+    lse, g = (out, None) if grad_dtype is None else out
+    return jnp.sum((lse - picked) * weights), g
 
 
 def _ce_chunks(x, targets, weights, chunk: int):
@@ -302,7 +436,7 @@ def linear_cross_entropy(x, w, targets, weights, chunk: int = 1024, logits_dtype
 
     def body(i, total):
         sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)  # noqa: E731
-        return total + _ce_chunk(sl(x), w, sl(targets), sl(weights), logits_dtype)[2]
+        return total + _ce_chunk(sl(x), w, sl(targets), sl(weights), logits_dtype)[0]
 
     return jax.lax.fori_loop(0, n, body, jnp.float32(0.0))
 
@@ -314,9 +448,7 @@ def _linear_cross_entropy_fwd(x, w, targets, weights, chunk, logits_dtype):
     def chunk_grads(i):
         sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)  # noqa: E731
         x_c, t_c, w_c = sl(x), sl(targets), sl(weights)
-        logits, lse, loss = _ce_chunk(x_c, w, t_c, w_c, logits_dtype)
-        onehot = jnp.arange(logits.shape[-1]) == t_c[..., None]
-        g = ((jnp.exp(logits - lse[..., None]) - onehot) * w_c[..., None]).astype(x.dtype)
+        loss, g = _ce_chunk(x_c, w, t_c, w_c, logits_dtype, x.dtype)
         dx_c = jnp.einsum("bcv,dv->bcd", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
         dw_c = constrain(jnp.einsum("bcd,bcv->dv", x_c, g, preferred_element_type=jnp.float32), ("embed", "vocab"))
         return loss, dx_c, dw_c

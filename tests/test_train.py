@@ -270,6 +270,92 @@ def test_logsumexp_once_equals_a_float64_reference():
     np.testing.assert_allclose(got[finite], want[finite], rtol=2e-6, atol=0)
 
 
+def test_softmax_rows_kernel_equals_a_float64_reference():
+    """The loss's Pallas kernel (interpreted here): each row's log-sum-exp and (softmax − onehot) · weight against
+    numpy in float64, for float32 and bf16 logits, one block of rows a program and fewer programs looping over the
+    blocks (a count that does not divide them), blocks of columns narrower than the vocabulary; rows of mixed
+    magnitudes, all -inf (-inf, as logsumexp_once) and partly -inf."""
+    from dsv2_jax.training import softmax_rows
+    rng = np.random.default_rng(2)
+    R, V = 24, 512
+    x = rng.normal(size=(2, R // 2, V)) * rng.choice([1.0, 30.0], (2, R // 2, 1)) + 50 * rng.normal(size=(2, R // 2, 1))
+    x[0, 3] = -np.inf
+    x[1, 5, :300] = -np.inf
+    targets = rng.integers(0, V, (2, R // 2))
+    targets[1, 5] = 400  # a finite logit
+    weights = rng.random((2, R // 2)) * (rng.random((2, R // 2)) > 0.2)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        logits = jnp.asarray(x, dtype)
+        seen = np.asarray(logits.astype(jnp.float32), np.float64)  # the values the kernel reads
+        m = seen.max(-1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            want = np.where(np.isfinite(m), m + np.log(np.exp(seen - m).sum(-1, keepdims=True)), m)[..., 0]
+            want_g = (np.exp(seen - want[..., None]) - np.eye(V)[targets]) * weights[..., None]
+        for tiles in (dict(block_r=1, block_v=128, programs=None), dict(block_r=4, block_v=256, programs=None),
+                      dict(block_r=1, block_v=4096, programs=5), dict(block_r=2, block_v=128, programs=64)):
+            lse, g = softmax_rows(logits, jnp.asarray(targets, jnp.int32), jnp.asarray(weights, jnp.float32),
+                                  jnp.float32, num_warps=4, num_stages=3, **tiles)
+            assert lse.shape == (2, R // 2) and g.shape == (2, R // 2, V) and g.dtype == jnp.float32
+            lse, g = np.asarray(lse, np.float64), np.asarray(g, np.float64)
+            assert lse[0, 3] == -np.inf, tiles
+            finite = np.isfinite(want)
+            np.testing.assert_allclose(lse[finite], want[finite], rtol=2e-6, atol=0, err_msg=str(tiles))
+            # float32 exp(x - lse): x - lse rounded at the rows' magnitudes (up to a few hundred)
+            np.testing.assert_allclose(g[finite], want_g[finite], rtol=0, atol=1e-5, err_msg=str(tiles))
+            only = softmax_rows(logits, jnp.asarray(targets, jnp.int32), jnp.asarray(weights, jnp.float32),
+                                num_warps=4, num_stages=3, **tiles)  # without the gradient: the same sums
+            np.testing.assert_array_equal(np.asarray(only, np.float64), lse)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        softmax_rows(jnp.zeros((4, 100)), jnp.zeros(4, jnp.int32), jnp.ones(4), block_r=1, block_v=4096,
+                     num_warps=4, num_stages=3)
+
+
+@pytest.mark.parametrize("logits_dtype", ["float32", "bfloat16"])
+def test_linear_cross_entropy_on_the_loss_kernel_equals_xla(monkeypatch, logits_dtype):
+    """DSV2_LOSS_KERNEL=pallas (the GPU's default, interpreted here) against =xla: the same loss and gradients
+    (1e-6 in float32 operands, within bf16 rounding of the bf16 gradients), alone and under an 8-device mesh whose
+    batch axes split the rows (8 rows: the kernel runs per shard; 4: XLA's passes); where the vocabulary is not a
+    multiple of 128 or is split over the tensor axis the kernel is not used; an unknown choice is an error."""
+    from dsv2_jax import make_mesh
+    from dsv2_jax.sharding import activation_mesh
+    from dsv2_jax.training import loss_kernel
+    rng = np.random.default_rng(3)
+    S, D, V = 10, 16, 256
+    eight = jax.device_count() >= 8  # the fake CPU devices (on one GPU: without the mesh)
+    mesh = make_mesh(data=2, fsdp=2, expert=2) if eight else None
+    for dtype, tol, B in ((jnp.float32, 1e-6, 8), (jnp.bfloat16, 2 ** -7, 8), (jnp.float32, 1e-6, 4)):
+        targets = jnp.asarray(rng.integers(0, V, (B, S)), jnp.int32)
+        weights = jnp.asarray(rng.random((B, S)) * (rng.random((B, S)) > 0.3), jnp.float32)
+        x = jnp.asarray(rng.normal(size=(B, S, D)), dtype)
+        w = jnp.asarray(rng.normal(size=(D, V)) / 2, dtype)
+
+        def run(choice, mesh=None):
+            monkeypatch.setenv("DSV2_LOSS_KERNEL", choice)
+            with activation_mesh(mesh):
+                assert loss_kernel(V) == (choice == "pallas")
+                f = jax.jit(jax.value_and_grad(lambda x, w: linear_cross_entropy(x, w, targets, weights, 4,
+                                                                                 logits_dtype), (0, 1)))
+                return jax.device_get(f(x, w))
+
+        want, (want_dx, want_dw) = run("xla")
+        for on in (None, mesh) if eight else (None,):
+            got, (dx, dw) = run("pallas", on)
+            np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"{dtype} {B} {on}")
+            for g, ref in ((dx, want_dx), (dw, want_dw)):
+                g, ref = np.asarray(g, np.float64), np.asarray(ref, np.float64)
+                assert np.abs(g - ref).max() <= tol * np.abs(ref).max(), (dtype, B, on)
+    monkeypatch.setenv("DSV2_LOSS_KERNEL", "pallas")
+    assert not loss_kernel(100)
+    if eight:
+        with activation_mesh(make_mesh(data=2, expert=2, tensor=2)):
+            assert not loss_kernel(V)
+    monkeypatch.setenv("DSV2_LOSS_KERNEL", "triton")
+    with pytest.raises(ValueError, match="DSV2_LOSS_KERNEL"):
+        loss_kernel(V)
+    monkeypatch.setenv("DSV2_LOSS_KERNEL", "auto")
+    assert loss_kernel(V) == (jax.default_backend() == "gpu")
+
+
 def test_schedule_hits_its_step_decays_exactly():
     opt = OptimizerConfig(lr=2.4e-4, warmup_steps=20, decay_at=[0.6, 0.9], decay_factor=0.316)
     lr = learning_rate_schedule(opt, 100)
