@@ -251,9 +251,10 @@ def per_shard(fn, in_axes: tuple, out_axes, unsplit=None):
 
     For kernels XLA cannot partition (custom calls such as tokamax's flash attention): given batch-sharded operands
     XLA would gather them and run the whole batch on every device. in_axes: logical axes of each argument; out_axes:
-    those of the result (or a tuple of them, one per result). fn must be independent across every axis these map to a mesh axis (batch, heads).
-    Arguments that do not split evenly (e.g. one sequence decoded on a mesh) run fn unsplit, or `unsplit` where given
-    (an equivalent that XLA can partition).
+    those of the result (or a tuple of them, one per result). fn must be independent across every axis these map to
+    a mesh axis (batch, heads). Arguments that do not split evenly (e.g. one sequence decoded on a mesh) run fn
+    unsplit, or `unsplit` where given (an equivalent that XLA can partition: the loss's Pallas kernel in interpret
+    mode, unsplit inside a partitioned program on CPU, gave a loss 2e-4 off).
     """
     mesh = current_mesh()
     if mesh is None:
