@@ -262,54 +262,44 @@ def logsumexp_once(x):
 
 
 # The loss's kernel (`softmax_rows`) by the logits' dtype: rows a program, vocabulary columns a step of its loops,
-# warps, pipeline stages, and programs (None: one per block of rows; a number: that many, each looping over blocks
-# of rows). One row a program ran fastest on the H200 ([2, 1024, 102400] logits; bench/RESULTS.md §42).
-LOSS_KERNEL_TILES = {"float32": dict(block_r=1, block_v=2048, num_warps=4, num_stages=3, programs=None),
-                     "bfloat16": dict(block_r=1, block_v=4096, num_warps=4, num_stages=3, programs=None)}
+# warps and pipeline stages. One row a program ran fastest on the H200 ([2, 1024, 102400] logits; bench/RESULTS.md
+# §42).
+LOSS_KERNEL_TILES = {"float32": dict(block_r=1, block_v=2048, num_warps=4, num_stages=3),
+                     "bfloat16": dict(block_r=1, block_v=4096, num_warps=4, num_stages=3)}
 LOSS_KERNEL_CHOICES = ("auto", "pallas", "xla")
 
 
-def _softmax_rows_kernel(logits_ref, targets_ref, weights_ref, lse_ref, *grad_ref, block_r, block_v, programs):
-    """Blocks of block_r rows of the logits: their log-sum-exp in one sweep over the vocabulary in blocks of block_v
-    columns, the running sum rescaled once per block (as flash attention does); then, given grad_ref, a second sweep
-    writes (softmax − onehot(target)) · weight in grad_ref's dtype. Program i takes row block i, or with `programs`
-    the blocks i, i + programs, ... (fewer rows in flight at once, so a row's second sweep can find it in L2)."""
+def _softmax_rows_kernel(logits_ref, targets_ref, weights_ref, lse_ref, *grad_ref, block_r, block_v):
+    """Program i: rows [i·block_r, (i+1)·block_r) of the logits. Their log-sum-exp in one sweep over the vocabulary
+    in blocks of block_v columns, the running sum rescaled once per block (as flash attention does); then, given
+    grad_ref, a second sweep writes (softmax − onehot(target)) · weight in grad_ref's dtype."""
+    rows = pl.ds(pl.program_id(0) * block_r, block_r)
     blocks = logits_ref.shape[1] // block_v
 
-    def row_block(r):
-        rows = pl.ds(pl.multiple_of(r * block_r, block_r), block_r)
+    def block(j):
+        return logits_ref[rows, pl.ds(pl.multiple_of(j * block_v, block_v), block_v)].astype(jnp.float32)
 
-        def block(j):
-            return logits_ref[rows, pl.ds(pl.multiple_of(j * block_v, block_v), block_v)].astype(jnp.float32)
+    def stats(j, carry):
+        m, s = carry
+        x = block(j)
+        m_new = jnp.maximum(m, x.max(axis=1))
+        shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all -inf so far: the sum stays 0
+        return m_new, s * jnp.exp(m - shift) + jnp.exp(x - shift[:, None]).sum(axis=1)
 
-        def stats(j, carry):
-            m, s = carry
-            x = block(j)
-            m_new = jnp.maximum(m, x.max(axis=1))
-            shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all -inf so far: the sum stays 0
-            return m_new, s * jnp.exp(m - shift) + jnp.exp(x - shift[:, None]).sum(axis=1)
+    m, s = jax.lax.fori_loop(0, blocks, stats, (jnp.full((block_r,), -jnp.inf, jnp.float32),
+                                                jnp.zeros((block_r,), jnp.float32)))
+    lse = jnp.where(jnp.isfinite(m), m + jnp.log(s), m)  # ±inf rows: the max, as logsumexp_once gives them
+    lse_ref[rows] = lse
+    if grad_ref:
+        targets, weights = targets_ref[rows], weights_ref[rows]
 
-        m, s = jax.lax.fori_loop(0, blocks, stats, (jnp.full((block_r,), -jnp.inf, jnp.float32),
-                                                    jnp.zeros((block_r,), jnp.float32)))
-        lse = jnp.where(jnp.isfinite(m), m + jnp.log(s), m)  # ±inf rows: the max, as logsumexp_once gives them
-        lse_ref[rows] = lse
-        if grad_ref:
-            targets, weights = targets_ref[rows], weights_ref[rows]
+        def grads(j, _):
+            cols = j * block_v + jax.lax.broadcasted_iota(jnp.int32, (block_r, block_v), 1)
+            p = jnp.exp(block(j) - lse[:, None]) - (cols == targets[:, None]).astype(jnp.float32)
+            grad_ref[0][rows, pl.ds(pl.multiple_of(j * block_v, block_v), block_v)] = (
+                p * weights[:, None]).astype(grad_ref[0].dtype)
 
-            def grads(j, _):
-                cols = j * block_v + jax.lax.broadcasted_iota(jnp.int32, (block_r, block_v), 1)
-                p = jnp.exp(block(j) - lse[:, None]) - (cols == targets[:, None]).astype(jnp.float32)
-                grad_ref[0][rows, pl.ds(pl.multiple_of(j * block_v, block_v), block_v)] = (
-                    p * weights[:, None]).astype(grad_ref[0].dtype)
-
-            jax.lax.fori_loop(0, blocks, grads, None)
-
-    i = pl.program_id(0)
-    if programs is None:
-        row_block(i)
-    else:
-        jax.lax.fori_loop(0, pl.cdiv(lse_ref.shape[0] // block_r - i, programs),
-                          lambda k, _: row_block(i + k * programs), None)
+        jax.lax.fori_loop(0, blocks, grads, None)
 
 
 def _largest_block(n: int, limit: int) -> int:
@@ -321,9 +311,9 @@ def _largest_block(n: int, limit: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("grad_dtype", "block_r", "block_v", "num_warps", "num_stages",
-                                             "programs", "interpret"))
+                                             "interpret"))
 def softmax_rows(logits, targets, weights, grad_dtype=None, *, block_r: int, block_v: int, num_warps: int,
-                 num_stages: int, programs: int | None = None, interpret: bool | None = None):
+                 num_stages: int, interpret: bool | None = None):
     """logits [..., V] (float32 or bf16, read as float32) -> (log-sum-exp float32 [...], and with grad_dtype
     (softmax − onehot(targets)) · weights in grad_dtype [..., V]), on one Pallas (Triton) kernel: each row read once
     for its log-sum-exp, once more for the gradient. V must be a multiple of 128 (`loss_kernel`); the blocks are
@@ -337,12 +327,10 @@ def softmax_rows(logits, targets, weights, grad_dtype=None, *, block_r: int, blo
     out_shape = [jax.ShapeDtypeStruct((R,), jnp.float32)]
     if grad_dtype is not None:
         out_shape.append(jax.ShapeDtypeStruct((R, V), grad_dtype))
-    if programs is not None:
-        programs = min(programs, R // block_r)
     out = pl.pallas_call(
-        functools.partial(_softmax_rows_kernel, block_r=block_r, block_v=block_v, programs=programs),
+        functools.partial(_softmax_rows_kernel, block_r=block_r, block_v=block_v),
         out_shape=out_shape,
-        grid=(R // block_r if programs is None else programs,),
+        grid=(R // block_r,),
         in_specs=[pl.no_block_spec] * 3, out_specs=[pl.no_block_spec] * len(out_shape),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpreted(interpret), name="softmax_rows",
