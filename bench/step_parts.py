@@ -1,10 +1,13 @@
 """Parts of the batch-12 training step outside its big kernels, each timed as the code runs it and in the form it
 replaced (or an alternative), checked against each other: the MoE layer's row gathers, the experts' combine
-backward with the router's scatter, the norm of a layer-stacked gradient, and the input gradient of the experts'
-grouped matmul (rhs transposed). GPU; defaults are batch 12 × 4096 tokens at V2-Lite widths.
+backward with the router's scatter, the norm of a layer-stacked gradient, the input gradient of the experts'
+grouped matmul (rhs transposed), and the loss's passes over one chunk's logits (`training.softmax_rows` against
+XLA's fusions, float32 and bf16 logits). GPU; defaults are batch 12 × 4096 tokens at V2-Lite widths, and for the
+loss 2 × 1024 rows (batch 2, the default loss_chunk) of V2-Lite's 102,400 logits.
 
     python bench/step_parts.py                      # all parts
     python bench/step_parts.py --parts norm transposed
+    python bench/step_parts.py --parts loss --loss-tiles 1,2048,4,3 1,4096,4,3 8,2048,4,3   # + these kernel tiles
 """
 
 from __future__ import annotations
@@ -43,9 +46,13 @@ def timed(name, f, *args, calls=20, ref=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["gather", "combine", "norm", "transposed"],
-                        choices=["gather", "combine", "norm", "transposed"])
+    parser.add_argument("--parts", nargs="+", default=["gather", "combine", "norm", "transposed", "loss"],
+                        choices=["gather", "combine", "norm", "transposed", "loss"])
     parser.add_argument("--tokens", type=int, default=12 * 4096)
+    parser.add_argument("--loss-rows", type=int, default=2 * 1024, help="the loss's chunk: batch × loss_chunk rows")
+    parser.add_argument("--vocab", type=int, default=102400)
+    parser.add_argument("--loss-tiles", nargs="*", default=[], metavar="ROWS,COLUMNS,WARPS,STAGES",
+                        help="softmax_rows tiles to time beside the code's (training.LOSS_KERNEL_TILES)")
     args = parser.parse_args(argv)
 
     import jax
@@ -55,6 +62,7 @@ def main(argv=None):
 
     from dsv2_jax import grouped_matmul as gm
     from dsv2_jax import moe
+    from dsv2_jax import training
     from dsv2_jax.training import global_norm
 
     T, K, D, E, I = args.tokens, 6, 2048, 64, 1408  # noqa: E741
@@ -139,6 +147,25 @@ def main(argv=None):
                                       max_concurrent_steps=stages, grid_block_n=grid_n, transpose_rhs=True)
                 timed(f"jax's ragged_dot_mgpu, transpose_rhs, {bm}x{bn}x64, {stages} stages, grid_block_n {grid_n}",
                       lambda a, b, g: f(a, b, group_sizes=g), lhs, rhs, group_sizes, ref=ref)
+
+    if "loss" in args.parts:
+        R, V = args.loss_rows, args.vocab
+        targets = jax.random.randint(keys[0], (R,), 0, V)
+        row_weights = jax.random.uniform(keys[1], (R,))
+        for name in ("float32", "bfloat16"):
+            print(f"the loss's passes over [{R}, {V}] {name} logits: log-sum-exp, then d logits in bf16")
+            logits = (4 * jax.random.normal(keys[2], (R, V), jnp.float32)).astype(name)
+            ref = timed("XLA's fusions (training._softmax_passes)", lambda x, t, w: training._softmax_passes(
+                x, t, w, jnp.bfloat16), logits, targets, row_weights)
+            tiles = [training.LOSS_KERNEL_TILES[name]] + [
+                dict(zip(("block_r", "block_v", "num_warps", "num_stages"), map(int, t.split(","))))
+                for t in args.loss_tiles]
+            for i, tile in enumerate(tiles):
+                label = "training.softmax_rows (the code's)" if i == 0 else "softmax_rows"
+                timed(f"{label}, {tile['block_r']} rows x {tile['block_v']} columns, {tile['num_warps']} warps, "
+                      f"{tile['num_stages']} stages", functools.partial(
+                          training.softmax_rows, grad_dtype=jnp.bfloat16, **tile), logits, targets, row_weights,
+                      ref=ref)
 
 
 if __name__ == "__main__":

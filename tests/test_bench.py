@@ -213,6 +213,17 @@ def test_step_parts_checks_each_form_against_the_code(capsys):
     assert len(diffs) == 2 and max(diffs) < 1e-5, out
 
 
+def test_step_parts_checks_the_loss_kernel_against_xla(capsys):
+    """bench/step_parts.py --parts loss on CPU (the kernel interpreted): the code's tiles and one more give XLA's
+    log-sum-exp and bf16 d logits, for float32 and bf16 logits (within one bf16 step of values below 1)."""
+    import re
+
+    load("step_parts").main(["--parts", "loss", "--loss-rows", "8", "--vocab", "256", "--loss-tiles", "4,128,4,3"])
+    out = capsys.readouterr().out
+    diffs = [float(d) for d in re.findall(r"max \|difference\| (\S+)", out)]
+    assert len(diffs) == 4 and max(diffs) <= 2 ** -8, out
+
+
 def test_decode_projections_sweep_checks_each_config():
     """bench/decode_projections.py on the tiny model (CPU, the kernels in Pallas's interpreter): every product of the
     decoding step at its default tiles, then a sweep's first configs, each product equal to a float32 product of the
