@@ -23,8 +23,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def timed(name, f, *args, calls=20, ref=None):
-    """Median ms of `calls` jitted calls; with ref, the largest difference from it."""
+def timed(name, f, *args, calls=20, ref=None, per_wait=1):
+    """Median ms of `calls` jitted calls (per_wait > 1: of rounds of that many calls dispatched back to back, one
+    wait each, per call: for parts of well under a millisecond, where a wait per call adds the host's round trip);
+    with ref, the largest difference from it."""
     import jax
     import jax.numpy as jnp
 
@@ -33,8 +35,10 @@ def timed(name, f, *args, calls=20, ref=None):
     times = []
     for _ in range(calls):
         t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
+        for _ in range(per_wait):
+            result = f(*args)
+        jax.block_until_ready(result)
+        times.append((time.perf_counter() - t) / per_wait)
     check = ""
     if ref is not None:
         diffs = [float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
@@ -156,7 +160,7 @@ def main(argv=None):
             print(f"the loss's passes over [{R}, {V}] {name} logits: log-sum-exp, then d logits in bf16")
             logits = (4 * jax.random.normal(keys[2], (R, V), jnp.float32)).astype(name)
             ref = timed("XLA's fusions (training._softmax_passes)", lambda x, t, w: training._softmax_passes(
-                x, t, w, jnp.bfloat16), logits, targets, row_weights)
+                x, t, w, jnp.bfloat16), logits, targets, row_weights, per_wait=10)
             tiles = [training.LOSS_KERNEL_TILES[name]] + [
                 dict(zip(("block_r", "block_v", "num_warps", "num_stages"), map(int, t.split(","))))
                 for t in args.loss_tiles]
@@ -165,7 +169,7 @@ def main(argv=None):
                 timed(f"{label}, {tile['block_r']} rows x {tile['block_v']} columns, {tile['num_warps']} warps, "
                       f"{tile['num_stages']} stages", functools.partial(
                           training.softmax_rows, grad_dtype=jnp.bfloat16, **tile), logits, targets, row_weights,
-                      ref=ref)
+                      ref=ref, per_wait=10)
 
 
 if __name__ == "__main__":
