@@ -313,8 +313,9 @@ def test_softmax_rows_kernel_equals_a_float64_reference():
 def test_linear_cross_entropy_on_the_loss_kernel_equals_xla(monkeypatch, logits_dtype):
     """DSV2_LOSS_KERNEL=pallas (the GPU's default, interpreted here) against =xla: the same loss and gradients
     (1e-6 in float32 operands, within bf16 rounding of the bf16 gradients), alone and under an 8-device mesh whose
-    batch axes split the rows (8 rows: the kernel runs per shard; 4: XLA's passes); where the vocabulary is not a
-    multiple of 128 or is split over the tensor axis the kernel is not used; an unknown choice is an error."""
+    batch axes split the rows (8 rows: the kernel runs per shard; 4: XLA's passes, as the programs show); where the
+    vocabulary is not a multiple of 128 or is split over the tensor axis the kernel is not used; an unknown choice
+    is an error."""
     from dsv2_jax import make_mesh
     from dsv2_jax.sharding import activation_mesh
     from dsv2_jax.training import loss_kernel
@@ -334,11 +335,13 @@ def test_linear_cross_entropy_on_the_loss_kernel_equals_xla(monkeypatch, logits_
                 assert loss_kernel(V) == (choice == "pallas")
                 f = jax.jit(jax.value_and_grad(lambda x, w: linear_cross_entropy(x, w, targets, weights, 4,
                                                                                  logits_dtype), (0, 1)))
-                return jax.device_get(f(x, w))
+                return jax.device_get(f(x, w)), "pallas_call" in str(jax.make_jaxpr(f)(x, w))
 
-        want, (want_dx, want_dw) = run("xla")
+        (want, (want_dx, want_dw)), kernel = run("xla")
+        assert not kernel
         for on in (None, mesh) if eight else (None,):
-            got, (dx, dw) = run("pallas", on)
+            (got, (dx, dw)), kernel = run("pallas", on)
+            assert kernel == (on is None or B == 8), (B, on)
             np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"{dtype} {B} {on}")
             for g, ref in ((dx, want_dx), (dw, want_dw)):
                 g, ref = np.asarray(g, np.float64), np.asarray(ref, np.float64)
