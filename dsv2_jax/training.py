@@ -24,7 +24,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from .config import ModelConfig
 from .data import DataConfig, Pipeline
-from .grouped_matmul import interpreted
+from .grouped_matmul import _env_choice, interpreted
 from .model import REMAT_POLICIES, count_params
 from .moe import RouterOutput
 from .sharding import (activation_mesh, batch_sharding, constrain, current_mesh, logical_to_spec, mesh_size, per_shard,
@@ -343,9 +343,7 @@ def loss_kernel(vocab: int) -> bool:
     """Whether the cross-entropy's passes over the logits run on `softmax_rows` (else XLA's fusions, reading them
     through `logsumexp_once`). DSV2_LOSS_KERNEL=auto (on GPU) | pallas | xla. The kernel needs the vocabulary a
     multiple of 128 and whole on each device (not split over a tensor axis); where it is not, XLA's path runs."""
-    choice = os.environ.get("DSV2_LOSS_KERNEL", "auto")
-    if choice not in LOSS_KERNEL_CHOICES:
-        raise ValueError(f"DSV2_LOSS_KERNEL must be one of {LOSS_KERNEL_CHOICES}, got {choice!r}")
+    choice = _env_choice("DSV2_LOSS_KERNEL", LOSS_KERNEL_CHOICES)
     mesh = current_mesh()
     fits = vocab % 128 == 0 and (mesh is None or mesh_size(mesh, logical_to_spec(("vocab",))[0]) == 1)
     return fits and (choice == "pallas" or (choice == "auto" and jax.default_backend() == "gpu"))
