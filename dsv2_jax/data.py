@@ -150,7 +150,12 @@ class Pipeline:
         if model_config is not None and self.tokenizer.vocab_size > model_config.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
                              f"{model_config.vocab_size}")
-        docs = Documents(cfg, self.tokenizer.eos_id)
+        bos_id, eos_id = self.tokenizer.bos_id, self.tokenizer.eos_id
+        if cfg.format == "tokens" and model_config is not None:  # ids made by the model's tokenizer, not data.tokenizer
+            bos_id, eos_id = model_config.bos_token_id, model_config.eos_token_id
+            eos_id = eos_id[0] if isinstance(eos_id, (tuple, list)) else eos_id
+        vocab = model_config.vocab_size if model_config is not None else None
+        docs = Documents(cfg, eos_id)
         train, held_out = split_indices(len(docs), cfg.eval_fraction, cfg.seed)
         indices = {"train": train, "eval": held_out}[split]
         if len(indices) < process_count:
@@ -166,9 +171,13 @@ class Pipeline:
         def tokenize(i):
             doc = docs.read(int(i))
             ids = doc if isinstance(doc, np.ndarray) else tokenizer.encode(doc)
-            pieces = ([[tokenizer.bos_id]] if tokenizer.bos_id is not None else []) + [ids]
-            if tokenizer.eos_id is not None and not (len(ids) and ids[-1] == tokenizer.eos_id):
-                pieces.append([tokenizer.eos_id])
+            if isinstance(doc, np.ndarray) and vocab and len(ids) and not 0 <= ids.min() <= ids.max() < vocab:
+                path, a, _ = docs.records[int(i)]
+                raise ValueError(f"{path}: the document at token {a} has ids in [{ids.min()}, {ids.max()}], outside "
+                                 f"the model's vocabulary [0, {vocab})")
+            pieces = ([[bos_id]] if bos_id is not None else []) + [ids]
+            if eos_id is not None and not (len(ids) and ids[-1] == eos_id):
+                pieces.append([eos_id])
             return {"tokens": np.concatenate([np.asarray(p, np.int32) for p in pieces])}
 
         packed = ConcatThenSplitIterDataset(ds.map(tokenize).to_iter_dataset(),
@@ -182,11 +191,25 @@ class Pipeline:
     def __next__(self) -> dict:
         return next(self._iterator)
 
+    def restart(self) -> None:
+        """Back to the split's first batch (a new iterator over the same documents; nothing is read again)."""
+        self._iterator = iter(self.dataset)
+
     def state(self) -> dict:
         return json.loads(json.dumps(self._iterator.get_state()))
 
     def restore(self, state: dict) -> None:
-        self._iterator.set_state(state)
+        self._iterator.set_state(_slices_as_tuples(state))
+
+
+def _slices_as_tuples(state):
+    """A `state()` (JSON types) as grain wrote it: its packing's remainder slices are tuples. As JSON lists, an
+    empty slice [-1, -1] no longer equals grain's (-1, -1), and a restore at a row that ended a document would
+    take the next document for a remainder and skip it."""
+    if not isinstance(state, dict):
+        return state
+    return {k: ({f: tuple(sl) for f, sl in v.items()} if k == "remainder_slices" else _slices_as_tuples(v))
+            for k, v in state.items()}
 
 
 def _rename(batch: dict) -> dict:

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from dsv2_jax import ModelConfig
 from dsv2_jax.data import DataConfig, Pipeline, split_indices, stdlib_sources
 from dsv2_jax.tokenizer import ByteTokenizer
 
@@ -98,6 +99,22 @@ def test_iterator_state_restores_the_exact_position(tmp_path):
             np.testing.assert_array_equal(x[k], y[k])
 
 
+def test_state_at_a_row_that_ends_a_document_restores_exactly(tmp_path):
+    """Documents of one row each (BOS + 6 bytes + EOS = 8 tokens): every saved state has no remainder."""
+    for i in range(10):
+        (tmp_path / f"d{i}.txt").write_text("abcde" + "ABCDEFGHIJ"[i])
+    cfg = DataConfig(sources=[str(tmp_path / "*.txt")], seq_len=8, eval_fraction=0.0)
+    for skip in (0, 1, 3):  # 0: the state before the first batch
+        a = Pipeline(cfg, 2)
+        for _ in range(skip):
+            next(a)
+        state = json.loads(json.dumps(a.state()))  # as the checkpoint stores it
+        want = [next(a)["tokens"] for _ in range(3)]
+        b = Pipeline(cfg, 2)
+        b.restore(state)
+        np.testing.assert_array_equal(np.stack(want), np.stack([next(b)["tokens"] for _ in range(3)]))
+
+
 def test_jsonl_and_token_arrays(tmp_path):
     lines = [json.dumps({"text": f"line {i}", "id": i}) for i in range(6)]
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
@@ -111,6 +128,19 @@ def test_jsonl_and_token_arrays(tmp_path):
     rows = list(Pipeline(cfg, 1, repeat=False))
     docs = sorted(tuple(d) for d in unpack(rows))
     assert (ByteTokenizer.bos_id, 1, 2, 3, eos) in docs
+    # with a model, token arrays are that model's ids: its BOS and EOS, not data.tokenizer's (bytes by default)
+    config = ModelConfig.from_preset("tiny").replace(vocab_size=1000, bos_token_id=900, eos_token_id=901)
+    np.save(tmp_path / "m.npy", np.array([1, 2, 3, 901, 4, 5, 257, 6, 901], np.int32))
+    cfg = DataConfig(sources=[str(tmp_path / "m.npy")], format="tokens", seq_len=6, eval_fraction=0.0)
+    stream = [int(t) for b in Pipeline(cfg, 1, repeat=False, model_config=config)
+              for t, seg in zip(b["tokens"].ravel(), b["segment_ids"].ravel()) if seg]
+    docs = sorted(" ".join(map(str, stream)).replace("901 900", "901|900").split("|"))
+    assert docs == ["900 1 2 3 901", "900 4 5 257 6 901"]
+    # ids outside the model's vocabulary: an error naming the file and the ids, not a NaN loss later
+    np.save(tmp_path / "bad.npy", np.array([1, 2, 1000, 901, -1, 4], np.int32))
+    cfg = DataConfig(sources=[str(tmp_path / "bad.npy")], format="tokens", seq_len=6, eval_fraction=0.0)
+    with pytest.raises(ValueError, match=r"bad.npy.*\[1, 1000\].*vocabulary \[0, 1000\)"):
+        list(Pipeline(cfg, 1, repeat=False, model_config=config))
 
 
 def test_bad_sources_are_named(tmp_path):
