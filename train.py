@@ -10,7 +10,10 @@ RECIPE_KEYS = """recipe keys (override any with --set key=value; YAML values, do
   seed, steps        initialisation seed; total optimizer steps (the schedule is laid out over them)
   batch_size         global rows per step; grad_accum splits them into micro-batches
   remat              none | full | save_dots
+  scan_layers        true: layers under lax.scan (default); false: unrolled (faster steps, longer compiles)
   capacity_factor    null (dropless) or the paper's device-level capacity factor, e.g. 1.0
+  loss_chunk         sequence positions per chunk of the cross-entropy (default 1024)
+  logits_dtype       float32 (default) | bfloat16: the head's product as stored before the log-softmax
   data.sources       list of files/globs (empty: the Python standard library's sources); data.format text|jsonl|tokens
   data.text_field    JSONL field; data.tokenizer: byte | tokenizer.json path; data.seq_len; data.eval_fraction; data.seed
   optimizer.*        lr, warmup_steps, schedule (step|cosine), decay_at, decay_factor, min_lr_ratio, b1, b2, eps,
@@ -45,7 +48,7 @@ def main(argv=None):
         parser.error(str(e))
     try:
         records = train(recipe, args.workdir, stop_after=args.stop_after, progress=not args.no_progress)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, ValueError, FileNotFoundError) as e:  # bad data, mesh or workdir: named in the message
         print(f"error: {e}", file=sys.stderr)
         return 1
     if records:

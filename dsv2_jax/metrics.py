@@ -18,10 +18,20 @@ METRICS_FILE = "metrics.jsonl"
 class MetricsWriter:
     """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and scalars to TensorBoard (WORKDIR/tb)."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, after_step: int | None = None):
+        """after_step: the step a resumed run starts after; records of later steps (logged by a run that went on
+        past its last checkpoint) are dropped, so each step is in the file once."""
         self.enabled = enabled
         self.path = os.path.join(workdir, METRICS_FILE)
         self._tb = None
+        if enabled and after_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = f.readlines()
+            kept = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= after_step]
+            if len(kept) != len(lines):
+                with open(self.path + ".tmp", "w") as f:
+                    f.writelines(kept)
+                os.replace(self.path + ".tmp", self.path)
         if enabled:
             try:
                 from tensorboardX import SummaryWriter

@@ -152,7 +152,7 @@ class DeepseekV2(nnx.Module):
             if router is not None:
                 routers.append(router)
         router = jax.tree.map(lambda *a: jnp.concatenate(a), *routers) if routers else None
-        dropped = jnp.float32(0.0) if router is None else 1.0 - jnp.mean(router.kept.astype(jnp.float32))
+        dropped = jnp.float32(0.0) if router is None else jnp.mean(1.0 - router.kept.astype(jnp.float32))
         if not logits:
             return ForwardOutput(None, router, dropped, self.norm(x))
         return ForwardOutput(self.head(x), router, dropped)

@@ -23,12 +23,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .config import ModelConfig
-from .data import DataConfig, Pipeline
+from .data import FORMATS, DataConfig, Pipeline
 from .grouped_matmul import _env_choice, interpreted
 from .model import REMAT_POLICIES, count_params
 from .moe import RouterOutput
-from .sharding import (activation_mesh, batch_sharding, constrain, current_mesh, logical_to_spec, mesh_size, per_shard,
-                       xla_flag)
+from .sharding import (MESH_AXES, activation_mesh, batch_sharding, constrain, current_mesh, logical_to_spec,
+                       mesh_size, per_shard, xla_flag)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Dense bf16 peak FLOP/s per chip by jax device_kind prefix, for MFU.
@@ -113,26 +113,85 @@ class Recipe:
         return config.replace(**self.model_overrides) if self.model_overrides else config
 
     def validate(self):
+        """Every key's type and range, so that a bad value is an error naming its key before anything runs."""
         def fail(field, msg):
             raise ValueError(f"recipe {field}: {msg}")
 
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def check(field, value, ok: bool, what: str):
+            if not ok:
+                fail(field, f"must be {what}, got {value!r}")
+
         for name in ("dtype", "param_dtype", "logits_dtype"):
-            if getattr(self, name) not in DTYPES:
-                fail(name, f"must be one of {list(DTYPES)}, got {getattr(self, name)!r}")
-        if self.remat not in REMAT_POLICIES:
-            fail("remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_every",
-                     "loss_chunk"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                fail(name, f"must be a positive integer, got {getattr(self, name)!r}")
+            check(name, getattr(self, name), getattr(self, name) in DTYPES, f"one of {list(DTYPES)}")
+        check("remat", self.remat, self.remat in REMAT_POLICIES, f"one of {list(REMAT_POLICIES)}")
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "eval_every", "eval_batches", "loss_chunk"):
+            value = getattr(self, name)
+            check(name, value, integer(value) and value > 0, "a positive integer")
+        check("seed", self.seed, integer(self.seed), "an integer")
         if self.batch_size % self.grad_accum:
             fail("grad_accum", f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
-        if self.optimizer.schedule not in ("step", "cosine"):
-            fail("optimizer.schedule", f"must be 'step' or 'cosine', got {self.optimizer.schedule!r}")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            fail("capacity_factor", f"must be > 0 or null, got {self.capacity_factor}")
-        if not isinstance(self.scan_layers, bool):
-            fail("scan_layers", f"must be true or false, got {self.scan_layers!r}")
+        check("scan_layers", self.scan_layers, isinstance(self.scan_layers, bool), "true or false")
+        check("capacity_factor", self.capacity_factor,
+              self.capacity_factor is None or (number(self.capacity_factor) and self.capacity_factor > 0),
+              "a number > 0 or null")
+        check("peak_tflops", self.peak_tflops,
+              self.peak_tflops is None or (number(self.peak_tflops) and self.peak_tflops > 0), "a number > 0 or null")
+        check("mesh", self.mesh, isinstance(self.mesh, dict), f"a mapping of {MESH_AXES} to sizes")
+        for axis, size in self.mesh.items():
+            check("mesh", axis, axis in MESH_AXES, f"one of the axes {MESH_AXES}")
+            check(f"mesh.{axis}", size, integer(size) and (size > 0 or size == -1), "a positive integer or -1")
+
+        d = self.data
+        check("data.sources", d.sources, isinstance(d.sources, list) and all(isinstance(x, str) for x in d.sources),
+              "a list of files or globs")
+        check("data.format", d.format, d.format in FORMATS, f"one of {list(FORMATS)}")
+        for name in ("text_field", "tokenizer"):
+            check(f"data.{name}", getattr(d, name), isinstance(getattr(d, name), str), "a string")
+        check("data.seq_len", d.seq_len, integer(d.seq_len) and d.seq_len > 1, "an integer > 1")
+        check("data.eval_fraction", d.eval_fraction, number(d.eval_fraction) and 0 <= d.eval_fraction < 1,
+              "a number in [0, 1)")
+        check("data.seed", d.seed, integer(d.seed), "an integer")
+
+        o = self.optimizer
+        check("optimizer.schedule", o.schedule, o.schedule in ("step", "cosine"), "'step' or 'cosine'")
+        check("optimizer.warmup_steps", o.warmup_steps, integer(o.warmup_steps) and o.warmup_steps >= 0,
+              "an integer >= 0")
+        for name in ("lr", "min_lr_ratio", "eps", "weight_decay"):
+            check(f"optimizer.{name}", getattr(o, name), number(getattr(o, name)) and getattr(o, name) >= 0,
+                  "a number >= 0")
+        for name in ("decay_factor", "clip_norm"):
+            check(f"optimizer.{name}", getattr(o, name), number(getattr(o, name)) and getattr(o, name) > 0,
+                  "a number > 0")
+        for name in ("b1", "b2"):
+            check(f"optimizer.{name}", getattr(o, name), number(getattr(o, name)) and 0 <= getattr(o, name) < 1,
+                  "a number in [0, 1)")
+        check("optimizer.decay_at", o.decay_at, isinstance(o.decay_at, list) and all(
+            number(f) and 0 < f <= 1 for f in o.decay_at), "a list of fractions of the steps in (0, 1]")
+
+        b = self.balance
+        for name in ("alpha1", "alpha2", "alpha3"):
+            check(f"balance.{name}", getattr(b, name), number(getattr(b, name)) and getattr(b, name) >= 0,
+                  "a number >= 0")
+        for name in ("device_groups", "device_limit"):
+            value = getattr(b, name)
+            check(f"balance.{name}", value, value is None or (integer(value) and value > 0),
+                  "a positive integer or null")
+
+        check("model_overrides", self.model_overrides, isinstance(self.model_overrides, dict), "a mapping")
+        unknown = sorted(set(self.model_overrides) - {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"})
+        if unknown:
+            fail("model_overrides", f"unknown model config field(s) {unknown}")
+        try:
+            self.model_config()
+        except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+            fail("model" if not self.model_overrides else "model / model_overrides", str(e))
 
 
 def _build(cls, values: dict, where: str):
@@ -145,7 +204,11 @@ def _build(cls, values: dict, where: str):
     for k, v in values.items():
         sub = {"data": DataConfig, "optimizer": OptimizerConfig, "balance": BalanceConfig}.get(k) if cls is Recipe else None
         if sub:
+            if v is not None and not isinstance(v, dict):
+                raise ValueError(f"recipe {where}{k}: expected a mapping of its keys, got {v!r}")
             v = _build(sub, v or {}, f"{where}{k}.")
+        elif cls is DataConfig and k == "sources" and isinstance(v, str):
+            v = [v]  # one file or glob
         elif isinstance(getattr(defaults, k), float) and isinstance(v, (str, int)) and not isinstance(v, bool):
             try:  # YAML reads 5e-3 (no dot) as a string
                 v = float(v)
@@ -173,8 +236,10 @@ def load_recipe(path: str | None, overrides: list[str] = ()) -> Recipe:
             raise ValueError(f"override {item!r} is not of the form key=value")
         node = values
         *parents, last = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parents[:i + 1])} is not a mapping of keys")
         node[last] = yaml.safe_load(raw)
     recipe = _build(Recipe, values, "")
     recipe.validate()
@@ -188,7 +253,10 @@ def learning_rate_schedule(opt: OptimizerConfig, steps: int) -> optax.Schedule:
     if opt.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, opt.lr, warmup, max(steps, warmup + 1),
                                                   end_value=opt.lr * opt.min_lr_ratio)
-    boundaries = {int(round(f * steps)) - warmup: opt.decay_factor for f in opt.decay_at}
+    boundaries = {}  # a fraction given twice decays twice there
+    for f in opt.decay_at:
+        b = int(round(f * steps)) - warmup
+        boundaries[b] = boundaries.get(b, 1.0) * opt.decay_factor
     return optax.join_schedules(
         [optax.linear_schedule(0.0, opt.lr, warmup), optax.piecewise_constant_schedule(opt.lr, boundaries)], [warmup])
 
@@ -674,23 +742,26 @@ class TrainCheckpoints:
         from .checkpoint import CHECKPOINTS
 
         self.ocp = ocp
+        self.every = every
         self.manager = ocp.CheckpointManager(
             os.path.abspath(os.path.join(workdir, CHECKPOINTS)),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
-                                                 enable_async_checkpointing=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def due(self, step: int) -> bool:
-        """Whether save(step) would write a checkpoint (without force)."""
-        return self.manager.should_save(step)
+        """Whether save(step) would write a checkpoint (without force): every `every` steps. (orbax's own
+        interval would also save the first step of a run.)"""
+        return step % self.every == 0 and step != self.manager.latest_step()
 
     def save(self, step: int, params, opt_state, data_state: dict, config: ModelConfig, force=False) -> bool:
         from .checkpoint import MODEL_CONFIG, PARAMS
 
+        if not (self.due(step) or (force and step != self.manager.latest_step())):
+            return False
         a = self.ocp.args
-        return self.manager.save(step, force=force, args=a.Composite(**{
+        return self.manager.save(step, force=True, args=a.Composite(**{
             PARAMS: a.StandardSave(params), "opt_state": a.StandardSave(opt_state),
             "data": a.JsonSave(data_state), "train_state": a.JsonSave({"step": step}),
             MODEL_CONFIG: a.JsonSave(config.to_hf_dict())}))
@@ -728,6 +799,19 @@ def build_mesh(recipe: Recipe):
     return make_mesh(**sizes)
 
 
+def check_same_model(workdir: str, config: ModelConfig) -> None:
+    """A workdir's latest checkpoint holds the model the recipe describes; else an error naming what differs."""
+    from .checkpoint import find_step_dir, read_config
+
+    stored = read_config(find_step_dir(workdir)).to_hf_dict()
+    wanted = config.to_hf_dict()
+    differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    if differ:
+        raise ValueError(f"{workdir} holds a checkpoint of another model: " + ", ".join(
+            f"{k} {stored.get(k)!r} there, {wanted.get(k)!r} in the recipe" for k in differ)
+            + "; use a new workdir, or the recipe of that run")
+
+
 def train(recipe: Recipe, workdir: str, *, stop_after: int | None = None, progress: bool = True) -> list[dict]:
     """Trains (or resumes) in workdir. Returns the logged records of this invocation.
 
@@ -746,8 +830,14 @@ def train(recipe: Recipe, workdir: str, *, stop_after: int | None = None, progre
         raise ValueError(f"batch_size={recipe.batch_size} must divide into grad_accum={recipe.grad_accum} × "
                          f"{n_proc} processes")
     rows = recipe.batch_size // n_proc  # per process, all micro-batches
+    if mesh is not None:
+        shards = mesh_size(mesh, logical_to_spec(("batch",))[0])
+        if (recipe.batch_size // recipe.grad_accum) % shards:
+            raise ValueError(f"batch_size={recipe.batch_size} / grad_accum={recipe.grad_accum} rows a micro-batch "
+                             f"do not split over the mesh's {shards} batch shards (data × fsdp × expert)")
     data = Pipeline(recipe.data, rows, "train", process_index=jax.process_index(), process_count=n_proc,
                     model_config=config)
+    eval_data = None if recipe.data.eval_fraction <= 0 else EvalData(recipe, config)
     optimizer = make_optimizer(recipe.optimizer, recipe.steps, recipe.scan_layers)
     schedule = learning_rate_schedule(recipe.optimizer, recipe.steps)
     graphdef, params, opt_state = init_train_state(config, recipe, optimizer, mesh)
@@ -759,11 +849,12 @@ def train(recipe: Recipe, workdir: str, *, stop_after: int | None = None, progre
     ckpt = TrainCheckpoints(workdir, recipe.checkpoint_every, recipe.keep_checkpoints)
     step = 0
     if ckpt.latest_step() is not None:
+        check_same_model(workdir, config)
         params, opt_state, data_state, step = ckpt.restore(ckpt.latest_step(), params, opt_state)
         data.restore(data_state)
         if is_main:
             print(f"resumed from {workdir} at step {step}")
-    writer = MetricsWriter(workdir, enabled=is_main)
+    writer = MetricsWriter(workdir, enabled=is_main, after_step=step)
     fpt = flops_per_token(config, recipe.data.seq_len)
     peak = peak_flops(recipe)
     last = recipe.steps if stop_after is None else min(recipe.steps, step + stop_after)
@@ -774,8 +865,10 @@ def train(recipe: Recipe, workdir: str, *, stop_after: int | None = None, progre
     def check(checked_step, metrics):
         loss = float(metrics["loss"])  # waits for that step
         if not math.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss} at step {checked_step}; stopping. The last good checkpoint "
-                                f"(step {ckpt.latest_step()}) is kept in {workdir}")
+            kept = ckpt.latest_step()
+            raise NonFiniteLoss(f"loss is {loss} at step {checked_step}; stopping. " + (
+                f"The last good checkpoint (step {kept}) is kept in {workdir}" if kept is not None else
+                f"No checkpoint was saved before it in {workdir}"))
 
     # A step's loss is checked once the next step is queued behind it, so the host prepares and dispatches step
     # n + 1 while the device runs step n; before a log, an evaluation or a save the step is checked at once, so
@@ -800,7 +893,7 @@ def train(recipe: Recipe, workdir: str, *, stop_after: int | None = None, progre
                 record = _log_record(window, step, schedule, time.perf_counter() - t0, fpt, peak)
                 window = []
                 if eval_now:
-                    record.update(evaluate(recipe, config, eval_fn, params, mesh))
+                    record.update(evaluate(recipe, config, eval_fn, params, mesh, eval_data))
                 t0 = time.perf_counter()
                 writer.write(record)
                 records.append(record)
@@ -833,15 +926,34 @@ def _log_record(window: list[dict], step: int, schedule, seconds: float, fpt: fl
     return record
 
 
-def evaluate(recipe: Recipe, config: ModelConfig, eval_fn, params, mesh) -> dict:
-    """Mean next-token loss and perplexity over the first eval_batches batches of the held-out split."""
+class EvalData:
+    """The held-out split's batches of the same rows as the train step's micro-batches, built once: `batches()`
+    yields the first `eval_batches` × grad_accum of them, from the split's start each time."""
+
+    def __init__(self, recipe: Recipe, config: ModelConfig):
+        self.count = recipe.eval_batches * recipe.grad_accum
+        rows = recipe.batch_size // jax.process_count() // recipe.grad_accum
+        try:
+            self.pipeline = Pipeline(recipe.data, rows, "eval", process_index=jax.process_index(),
+                                     process_count=jax.process_count(), model_config=config)
+        except ValueError as e:
+            raise ValueError(f"{e} (data.eval_fraction={recipe.data.eval_fraction}; set data.eval_fraction=0 to "
+                             "train without a held-out loss)") from None
+
+    def batches(self):
+        self.pipeline.restart()
+        for _ in range(self.count):
+            yield next(self.pipeline)
+
+
+def evaluate(recipe: Recipe, config: ModelConfig, eval_fn, params, mesh, data: EvalData | None = None) -> dict:
+    """Mean next-token loss and perplexity over the first eval_batches batches of the held-out split, each in
+    grad_accum micro-batches as the train step takes them."""
     if recipe.data.eval_fraction <= 0:
         return {}
-    rows = recipe.batch_size // jax.process_count()
-    data = Pipeline(recipe.data, rows, "eval", process_index=jax.process_index(), process_count=jax.process_count(),
-                    model_config=config)
+    data = data or EvalData(recipe, config)
     # every batch dispatched before the first result is read: one wait, not one per batch
-    sums = jax.device_get([eval_fn(params, to_global(next(data), mesh)) for _ in range(recipe.eval_batches)])
+    sums = jax.device_get([eval_fn(params, to_global(batch, mesh)) for batch in data.batches()])
     total, count = sum(float(nll) for nll, _ in sums), sum(float(n) for _, n in sums)
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}

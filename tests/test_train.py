@@ -1,8 +1,11 @@
 """Training: loss falls, exact resume, kill during save, balance losses, accumulation, schedule, NaN stop."""
 
 import functools
+import importlib.util
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,12 +65,24 @@ def test_loss_falls_well_below_start(tmp_path, monkeypatch):
 
 
 def test_stop_and_resume_equals_unbroken_run(tmp_path):
-    recipe = small_recipe("steps=8")
+    recipe = small_recipe("steps=8", "keep_checkpoints=5")
     unbroken = train(recipe, str(tmp_path / "a"), progress=False)
+    assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["3", "6", "8"]  # every 3 steps and the end
     first = train(recipe, str(tmp_path / "b"), stop_after=5, progress=False)
     second = train(recipe, str(tmp_path / "b"), progress=False)
     assert [r["step"] for r in first + second] == list(range(1, 9))
     assert [r["loss"] for r in first + second] == [r["loss"] for r in unbroken]  # bit-exact
+    # A run that went on past its last checkpoint (steps 7-8 logged, then lost): resumed from step 6, each step
+    # is in metrics.jsonl once, with the resumed run's values.
+    shutil.rmtree(tmp_path / "a" / "checkpoints" / "8")
+    again = train(recipe, str(tmp_path / "a"), progress=False)
+    lines = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["step"] for r in again] == [7, 8] and [r["step"] for r in lines] == list(range(1, 9))
+    assert [r["loss"] for r in lines] == [r["loss"] for r in unbroken]
+    # another model in the same workdir: an error naming what differs, before anything is restored
+    with pytest.raises(ValueError, match="another model: num_hidden_layers 2 there, 1 in the recipe"):
+        train(small_recipe("steps=9", "keep_checkpoints=5", "model_overrides={num_hidden_layers: 1}"), str(tmp_path / "a"),
+              progress=False)
 
 
 def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path):
@@ -365,6 +380,8 @@ def test_schedule_hits_its_step_decays_exactly():
     assert float(lr(20)) == pytest.approx(2.4e-4) and float(lr(59)) == pytest.approx(2.4e-4)
     assert float(lr(60)) == pytest.approx(2.4e-4 * 0.316) and float(lr(89)) == pytest.approx(2.4e-4 * 0.316)
     assert float(lr(90)) == pytest.approx(2.4e-4 * 0.316 ** 2) and float(lr(99)) == pytest.approx(2.4e-4 * 0.316 ** 2)
+    twice = learning_rate_schedule(OptimizerConfig(lr=1.0, warmup_steps=0, decay_at=[0.5, 0.5], decay_factor=0.5), 10)
+    assert float(twice(4)) == 1.0 and float(twice(5)) == 0.25  # a fraction given twice decays twice
     cos = learning_rate_schedule(OptimizerConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1), 110)
     assert float(cos(10)) == pytest.approx(1.0) and float(cos(110)) == pytest.approx(0.1)
 
@@ -493,7 +510,7 @@ def test_evaluate_is_the_mean_next_token_loss_of_the_held_out_batches(tmp_path):
     targets written out here: the next token of the same document, none across documents, at a row's end or on
     padding. Short documents, so rows hold several."""
     from dsv2_jax.data import Pipeline
-    from dsv2_jax.training import evaluate, jit_steps
+    from dsv2_jax.training import EvalData, evaluate, jit_steps
     rng = np.random.default_rng(0)
     for i in range(40):
         (tmp_path / f"doc{i}.txt").write_text("".join(rng.choice(list("abcdefgh \n"), rng.integers(5, 40))))
@@ -522,6 +539,17 @@ def test_evaluate_is_the_mean_next_token_loss_of_the_held_out_batches(tmp_path):
     assert count > 0 and boundaries > 0
     np.testing.assert_allclose(got["eval_loss"], nll / count, rtol=1e-5)
     np.testing.assert_allclose(got["eval_perplexity"], np.exp(nll / count), rtol=1e-5)
+    # in the train step's micro-batches (grad_accum rows at a time): the same batches, the same loss
+    accum = small_recipe("eval_batches=3", "data.eval_fraction=0.5", f"data.sources=[{tmp_path}/*.txt]", "grad_accum=2")
+    data = EvalData(accum, config)
+    assert len(list(data.batches())) == 6 and len(list(data.batches())) == 6  # from the split's start each time
+    np.testing.assert_allclose(evaluate(accum, config, eval_fn, params, None, data)["eval_loss"], got["eval_loss"],
+                               rtol=1e-6)
+    # a held-out split with no document is an error when the run starts, naming the setting
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.txt").write_text("abc")
+    with pytest.raises(ValueError, match="eval split has 0 documents.*data.eval_fraction=0.05"):
+        EvalData(small_recipe(f"data.sources=[{tmp_path}/one/a.txt]"), config)
 
 
 def test_recipe_errors_name_the_key(tmp_path):
@@ -539,6 +567,29 @@ def test_recipe_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="logits_dtype"):
         load_recipe(TINY_YAML, ["logits_dtype=float16"])
     assert load_recipe(TINY_YAML, ["logits_dtype=bfloat16"]).logits_dtype == "bfloat16"
+    for override, key in [("data.seq_len=abc", "data.seq_len"), ("mesh.foo=2", "mesh"), ("mesh.data=0", "mesh.data"),
+                          ("model_overrides.num_hidden_layerz=2", "model_overrides"), ("seed=abc", "seed"),
+                          ("optimizer.lr.x=1", "optimizer.lr"), ("optimizer.decay_at=0.5", "optimizer.decay_at"),
+                          ("optimizer.decay_at=[60]", "optimizer.decay_at"), ("capacity_factor=abc", "capacity_factor"),
+                          ("eval_batches=0", "eval_batches"), ("keep_checkpoints=0", "keep_checkpoints"),
+                          ("optimizer.clip_norm=0", "optimizer.clip_norm"), ("data=3", "data"),
+                          ("balance.device_limit=1.5", "balance.device_limit"), ("model=nonexistent", "model"),
+                          ("model_overrides.hidden_size=abc", "model_overrides"), ("data.format=csv", "data.format")]:
+        with pytest.raises(ValueError, match=re.escape(key)):
+            load_recipe(TINY_YAML, [override])
+    assert load_recipe(TINY_YAML, ["data.sources=a.txt"]).data.sources == ["a.txt"]  # one file, not its letters
+
+
+def test_train_help_lists_every_recipe_key():
+    import dataclasses
+    from dsv2_jax.data import DataConfig
+    from dsv2_jax.training import BalanceConfig, Recipe
+    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    for cls, prefix in [(Recipe, ""), (DataConfig, "data."), (OptimizerConfig, ""), (BalanceConfig, "")]:
+        for f in dataclasses.fields(cls):
+            assert re.search(rf"(?<![\w.]){re.escape(prefix + f.name)}(?!\w)", cli.RECIPE_KEYS), prefix + f.name
 
 
 def test_step_settings_scan_layers_unrolls_the_layers():
