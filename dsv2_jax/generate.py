@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import time
 from typing import Callable, NamedTuple, Sequence
 
@@ -336,12 +337,14 @@ class Sampler(NamedTuple):
 
 
 def check_sampling(temperature, top_k, top_p, vocab_size: int) -> None:
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+    """Python or NumPy numbers (not bools) in range, or a clear error naming the setting."""
+    real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))  # noqa: E731
+    if not real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool)
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, (bool, np.bool_))
                               or not 1 <= top_k <= vocab_size):
         raise ValueError(f"top_k must be an integer in [1, vocab_size={vocab_size}] or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if top_p is not None and (not real(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
 
 
@@ -349,7 +352,9 @@ def sample_logits(logits, keys, temperature: float = 0.0, top_k: int | None = No
     """One token per row of logits [B, V] (float32), row b drawn with keys[b]. int32 [B].
 
     temperature 0: argmax. Otherwise softmax(logits / temperature) restricted to the top_k highest logits and
-    then to the smallest set of highest-probability tokens whose mass reaches top_p.
+    then to the smallest set of highest-probability tokens whose mass reaches top_p (counted in order of
+    probability, ties by token id, as transformers' TopPLogitsWarper counts them: of tied tokens at the cut,
+    only as many as the mass needs are kept).
     """
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -358,11 +363,12 @@ def sample_logits(logits, keys, temperature: float = 0.0, top_k: int | None = No
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p is not None and top_p < 1:
-        desc = -jnp.sort(-logits, axis=-1)
-        probs = jax.nn.softmax(desc, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        threshold = jnp.min(jnp.where(mass_before < top_p, desc, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+        order = jnp.argsort(-logits, axis=-1, stable=True)
+        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+        kept_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p  # the mass before a token is short of top_p
+        rows = jnp.arange(logits.shape[0])[:, None]
+        kept = jnp.zeros(logits.shape, bool).at[rows, order].set(kept_sorted)
+        logits = jnp.where(kept, logits, -jnp.inf)
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
@@ -461,6 +467,8 @@ def _put_cache(cache: KVCache, where) -> KVCache:
 
 def check_prompts(prompts, vocab_size: int) -> list[list[int]]:
     """Prompts as lists of ints in [0, vocab_size); a clear error for an empty batch, empty prompt or bad id."""
+    if isinstance(prompts, np.ndarray) or isinstance(prompts, jax.Array):
+        prompts = list(np.asarray(prompts)) if np.ndim(prompts) == 2 else prompts  # rows of equal length
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of token-id lists")
     out = []
@@ -585,7 +593,8 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_
     done = _put(np.arange(B) >= n, where, ("batch",))
     out = _put(jnp.zeros((B, N), jnp.int32), where, ("batch", "seq"))
     carry = DecodeState(cache, logits, done, out, _put(jnp.int32(0), where, ()))
-    sampler = Sampler(float(temperature), top_k, top_p, eos, 0)
+    sampler = Sampler(float(temperature), None if top_k is None else int(top_k), None if top_p is None else
+                      float(top_p), eos, 0)
     key = jax.random.key(seed)
     if on_tokens is None:
         carry = _decode_loop(graphdef, state, carry, jnp.int32(max_new_tokens), key, mesh=mesh, sampler=sampler)

@@ -678,6 +678,31 @@ def test_top_k_top_p_stay_in_the_allowed_set(top_k, top_p):
         assert abs(np.mean(draws == token) - p) < 0.03, (token, p)
 
 
+def test_top_p_keeps_as_many_tied_tokens_as_the_mass_needs():
+    """Five tied highest logits and top_p 0.5: transformers' TopPLogitsWarper keeps three of them (each holds ~0.2
+    of the mass); so does sample_logits, the lowest ids among the tied ones."""
+    import torch
+    from transformers.generation.logits_process import TopPLogitsWarper
+    logits = np.full(16, -3.0, np.float32)
+    logits[[2, 5, 7, 11, 13]] = 4.0
+    want = TopPLogitsWarper(0.5)(None, torch.tensor(logits[None]))
+    n, keys = 2000, jax.random.split(jax.random.key(1), 2000)
+    draws = np.asarray(jax.jit(gen.sample_logits, static_argnums=(2, 3, 4))(
+        jnp.broadcast_to(jnp.asarray(logits), (n, 16)), keys, 1.0, None, 0.5))
+    assert int(torch.isfinite(want).sum()) == 3 and set(draws.tolist()) == {2, 5, 7}
+
+
+def test_numpy_prompts_and_settings(tiny):
+    """A 2-D array of prompts and NumPy numbers for the settings, as a list and Python numbers give."""
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    want = dsv2_jax.generate(tiny, prompts, 3, temperature=0.7, top_k=5, top_p=0.9, seed=2)
+    got = dsv2_jax.generate(tiny, np.array(prompts, np.int32), 3, temperature=np.float32(0.7), top_k=np.int64(5),
+                            top_p=np.float64(0.9), seed=2)
+    assert got == want
+    with pytest.raises(ValueError, match="temperature"):
+        dsv2_jax.generate(tiny, prompts, 3, temperature=True)
+
+
 # ---------------------------------------------------------------------------------------------- sharding
 def test_sharded_generation_equals_single_device(tmp_path):
     """8 fake devices: batch over data × expert (3 prompts padded to 4 rows), heads and MLP over tensor."""
