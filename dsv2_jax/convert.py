@@ -311,7 +311,8 @@ def _abstract_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ..
 def hf_to_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype=None, force: bool = False,
                      progress: bool = False) -> str:
     """Converts an HF folder (config.json + safetensors or pytorch_model*.bin) into a step directory at `out`
-    that `dsv2_jax.load` reads. dtype: 'float32' / 'bfloat16' / 'float16' (default: the source's)."""
+    that `dsv2_jax.load` reads. dtype: 'float32' / 'bfloat16' / 'float16' for every parameter (default: each
+    parameter its source tensors' own)."""
     hf_dir = os.fspath(hf_dir)
     out = os.fspath(out)
     if os.path.lexists(out) and not force:
@@ -321,14 +322,19 @@ def hf_to_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype=No
     shapes = _abstract_shapes(config)
     expected = hf_tensors(config, shapes)
     check_hf_tensors(expected, weights.names(), weights.shape)
-    target = parse_dtype(dtype) or weights.dtype(expected[0].name)
-    if target not in DTYPES.values():
-        raise ValueError(f"source dtype {target} is not supported; pass dtype (--dtype) float32/bfloat16/float16")
     sources = BlockReader(config, shapes, weights.read).by_param  # our param -> {(layer, expert): (tensor, part)}
-    pieces = {path: list(_pieces(weights, path, sources[path], shapes, target)) for path in shapes}
-    total = sum(math.prod(s) for s in shapes.values()) * target.itemsize
+    # Each parameter keeps its tensors' dtype (the widest, should its layers differ): transformers saves the
+    # router (mlp.gate) in float32 beside bf16 weights.
+    targets = {path: parse_dtype(dtype) or np.result_type(*{weights.dtype(t.name) for t, _ in sources[path].values()})
+               for path in shapes}
+    for path, target in targets.items():
+        if target not in DTYPES.values():
+            raise ValueError(f"source dtype {target} of {'/'.join(path)} is not supported; pass dtype (--dtype) "
+                             "float32/bfloat16/float16")
+    pieces = {path: list(_pieces(weights, path, sources[path], shapes, targets[path])) for path in shapes}
+    total = sum(math.prod(s) * targets[p].itemsize for p, s in shapes.items())
     bar = Progress(total, sum(map(len, pieces.values())), "hf -> checkpoint", progress, unit="pieces")
-    params = {p: _piece_array(shapes[p], target, pieces[p]) for p in shapes}
+    params = {p: _piece_array(shapes[p], targets[p], pieces[p]) for p in shapes}
     try:
         with checkpoint.staged_output(out, force) as staging:
             checkpoint.save_params_in_pieces(staging, checkpoint._nest(params), config, on_piece=bar.update)
@@ -398,8 +404,8 @@ def hf_config_dict(config: ModelConfig, dtype: np.dtype) -> dict:
 def checkpoint_to_hf(ckpt: str | os.PathLike, out_hf: str | os.PathLike, dtype=None,
                      max_shard_size="5GB", force: bool = False, progress: bool = False) -> str:
     """Exports a checkpoint (step dir, CheckpointManager dir or train workdir; see checkpoint.find_step_dir) to
-    an HF folder: safetensors shards of at most max_shard_size + index + config.json. dtype: default the
-    checkpoint's (float32 for train.py checkpoints)."""
+    an HF folder: safetensors shards of at most max_shard_size + index + config.json. dtype: for every tensor;
+    default each tensor its parameter's stored dtype (float32 for train.py checkpoints)."""
     out_hf = os.fspath(out_hf)
     if os.path.lexists(out_hf) and not force:
         raise FileExistsError(f"output {out_hf!r} already exists; pass --force to overwrite it")
@@ -409,25 +415,26 @@ def checkpoint_to_hf(ckpt: str | os.PathLike, out_hf: str | os.PathLike, dtype=N
     shapes = _abstract_shapes(config)
     stored = checkpoint.StoredParams(step)
     checkpoint.check_params(config, shapes, stored.meta, os.fspath(step / checkpoint.PARAMS))
-    target = parse_dtype(dtype) or stored.dtype(("embed_tokens", "embedding"))
+    target = parse_dtype(dtype)
     tensors = hf_tensors(config, shapes)
-    entries = [(t.name, t.shape, target) for t in tensors]
+    entries = [(t.name, t.shape, target or np.result_type(*(stored.dtype(((t.stack,) if t.stack else ()) + p)
+                                                            for p in t.spec.parts))) for t in tensors]
     shards = plan_shards(entries, max_bytes)
     n = len(shards)
     files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    total = sum(math.prod(s) for _, s, _ in entries) * target.itemsize
+    total = sum(math.prod(s) * d.itemsize for _, s, d in entries)
     bar = Progress(total, len(tensors), "checkpoint -> hf", progress)
 
-    def blocks(t: Tensor):
-        for block in _hf_tensor_blocks(stored, t):
-            block = block.astype(target, copy=False)
+    def blocks(i: int):
+        for block in _hf_tensor_blocks(stored, tensors[i]):
+            block = block.astype(entries[i][2], copy=False)
             bar.update(block.nbytes, tensors=0)
             yield block
         bar.update(0)
 
     def arrays(indices):
         for i in indices:
-            yield blocks(tensors[i])
+            yield blocks(i)
 
     try:
         with checkpoint.staged_output(out_hf, force) as staging:
@@ -440,7 +447,7 @@ def checkpoint_to_hf(ckpt: str | os.PathLike, out_hf: str | os.PathLike, dtype=N
                 with open(os.path.join(staging, INDEX_FILE), "w") as f:
                     json.dump(index, f, indent=2)
             with open(os.path.join(staging, "config.json"), "w") as f:
-                json.dump(hf_config_dict(config, target), f, indent=2)
+                json.dump(hf_config_dict(config, target or stored.dtype(("embed_tokens", "embedding"))), f, indent=2)
     finally:
         bar.close()
     return out_hf

@@ -116,6 +116,28 @@ def test_dtype_option_casts(tmp_path):
     assert_same_tensors(tensors_of(tmp_path / "out32"), {k: v.astype(np.float32) for k, v in want.items()})
 
 
+def test_mixed_dtypes_keep_each_tensors_own(tmp_path):
+    """transformers keeps the router (mlp.gate) in float32 beside bf16 weights when it loads and saves a model:
+    each parameter keeps its source dtype both ways, so the round trip stays bit-exact."""
+    hf = random_hf_model(seed=11).to(torch.bfloat16)
+    for name, module in hf.named_modules():
+        if name.endswith("mlp.gate"):
+            module.float()
+    save_hf_model(hf, tmp_path / "hf")
+    want = tensors_of(tmp_path / "hf")
+    assert {str(v.dtype) for k, v in want.items() if k.endswith("mlp.gate.weight")} == {"float32"}
+    convert.hf_to_checkpoint(tmp_path / "hf", tmp_path / "ckpt")
+    stored = checkpoint.StoredParams(tmp_path / "ckpt")
+    assert stored.dtype(("moe_layers", "mlp", "router")) == np.float32
+    assert stored.dtype(("moe_layers", "mlp", "up_proj")) == ml_dtypes.bfloat16
+    convert.checkpoint_to_hf(tmp_path / "ckpt", tmp_path / "out")
+    assert_same_tensors(tensors_of(tmp_path / "out"), want)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    router = dsv2_jax.load(tmp_path / "ckpt", dtype=jnp.float32).moe_layers.mlp.router[...]
+    first_moe = next(k for k in sorted(want) if k.endswith("mlp.gate.weight") and ".layers.1." in k)
+    np.testing.assert_array_equal(np.asarray(router[0]).T, want[first_moe])
+
+
 def test_bin_input_equals_safetensors_input(tmp_path):
     hf = random_hf_model(seed=4)
     save_hf_model(hf, tmp_path / "hf")
