@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 EPILOG = """\
@@ -62,21 +63,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; leave accelerators alone
     from dsv2_jax import convert
 
     progress = not args.no_progress
+    # A TERM signal (a job scheduler's stop) unwinds like Ctrl-C, so the staging folder is removed.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.hf is not None:
             out = convert.hf_to_checkpoint(args.hf, args.out, args.dtype, args.force, progress)
         else:
             out = convert.checkpoint_to_hf(args.ckpt, args.out_hf, args.dtype, args.max_shard_size, args.force,
                                            progress)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError, PermissionError) as e:
         print(f"convert_weights.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("convert_weights.py: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"wrote {out}")
     return 0
 

@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import shutil
+import threading
 from typing import Callable, Iterator
 
 import jax
@@ -126,14 +127,21 @@ def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[str]:
     """Yields a fresh path to write the output to; renames it to `out` only when the block succeeds.
 
     The staging folder is a hidden sibling of `out`, removed on any error or interrupt, so a failed run
-    leaves nothing that looks like a checkpoint. An existing `out` is an error unless `force`.
+    leaves nothing that looks like a checkpoint. One left by a run that could not clean up (killed, or a
+    writer thread still busy at exit) is removed by the next run writing `out`, once its process is gone.
+    An existing `out` is an error unless `force`.
     """
     out = os.path.abspath(os.fspath(out))
     if os.path.lexists(out) and not force:
         raise FileExistsError(f"output {out!r} already exists; pass force=True (--force) to overwrite it")
     parent, name = os.path.split(out)
     os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{name}.partial-{os.getpid()}")
+    prefix = f".{name}.partial-"
+    for entry in os.listdir(parent):
+        pid = entry[len(prefix):]
+        if entry.startswith(prefix) and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    staging = os.path.join(parent, f"{prefix}{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
@@ -147,6 +155,16 @@ def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[str]:
         os.rename(target, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------- streaming writes
@@ -178,16 +196,35 @@ class PieceArrayHandler(jax_array_handlers.ArrayHandler):
     def __init__(self, on_piece: Callable[[int], None] | None = None):
         super().__init__(array_metadata_store=array_metadata_store.Store())
         self._on_piece = on_piece or (lambda nbytes: None)
+        self._futures: list = []
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stops the writes in flight (after their current piece) and waits for them: the save was interrupted,
+        and nothing may be written into its folder once it is removed."""
+        self._cancelled.set()
+        for future in self._futures:
+            try:
+                future.result()
+            except BaseException:  # noqa: BLE001 -- the write's own error, or the cancellation's
+                pass
 
     async def serialize(self, values, infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
         # Like ArrayHandler, write in the commit future: the directories exist once its signals arrive.
-        return [ocp.future.CommitFutureAwaitingContractedSignals(
-            self._write(values, infos, args), name="piece_array_handler")]
+        future = ocp.future.CommitFutureAwaitingContractedSignals(
+            self._write(values, infos, args), name="piece_array_handler")
+        self._futures.append(future)
+        return [future]
+
+    def _check(self):
+        if self._cancelled.is_set():
+            raise RuntimeError("the save was interrupted")
 
     async def _write(self, values, infos, args):
         metadatas = []
         for value, info, arg in zip(values, infos, args):
+            self._check()
             await info.await_path_creation()
             spec = ts_utils.build_array_write_spec(
                 info=info, arg=arg, global_shape=tuple(value.shape), local_shape=tuple(value.chunk),
@@ -196,6 +233,7 @@ class PieceArrayHandler(jax_array_handlers.ArrayHandler):
             array = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
             txn, pending = ts.Transaction(), 0
             for index, block in value.pieces():
+                self._check()
                 await array.with_transaction(txn)[index].write(block)
                 pending += block.nbytes
                 self._on_piece(block.nbytes)
@@ -213,14 +251,19 @@ class PieceArrayHandler(jax_array_handlers.ArrayHandler):
 def save_params_in_pieces(step_dir: str | os.PathLike, params: dict, config: ModelConfig,
                           on_piece: Callable[[int], None] | None = None) -> None:
     """Writes a step directory whose params are PieceArray leaves (a nested dict like `to_pure_dict()`)."""
+    pieces = PieceArrayHandler(on_piece)
     registry = type_handler_registry.create_type_handler_registry(
-        *type_handler_registry._DEFAULT_TYPE_HANDLERS, (PieceArray, PieceArrayHandler(on_piece)))
+        *type_handler_registry._DEFAULT_TYPE_HANDLERS, (PieceArray, pieces))
     handler = ocp.CompositeCheckpointHandler(
         **{PARAMS: ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
            MODEL_CONFIG: ocp.JsonCheckpointHandler()})
-    with ocp.Checkpointer(handler) as ckptr:
-        ckptr.save(epath.Path(os.fspath(step_dir)), ocp.args.Composite(
-            **{PARAMS: ocp.args.PyTreeSave(params), MODEL_CONFIG: ocp.args.JsonSave(config.to_hf_dict())}))
+    try:
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(epath.Path(os.fspath(step_dir)), ocp.args.Composite(
+                **{PARAMS: ocp.args.PyTreeSave(params), MODEL_CONFIG: ocp.args.JsonSave(config.to_hf_dict())}))
+    except BaseException:  # an error or an interrupt (Ctrl-C, SIGTERM): stop the writer threads first
+        pieces.cancel()
+        raise
 
 
 class StoredParams:

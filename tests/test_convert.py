@@ -290,6 +290,35 @@ def test_failure_midway_leaves_nothing_and_existing_output_needs_force(hf_dir, t
     assert_nothing_left(tmp_path, ["ckpt", "out"])
 
 
+def test_terminated_run_leaves_nothing_and_stale_staging_is_removed(hf_dir, tmp_path, monkeypatch):
+    """SIGTERM midway (as a job scheduler stops a job) unwinds like Ctrl-C: exit 130, no output, no staging
+    folder. A staging folder left by a run whose process is gone (SIGKILL) goes with the next run's start; a
+    running process's stays."""
+    import signal
+    import subprocess
+    calls, real_read = [], convert.SafetensorsFolder.read
+
+    def terminated_read(self, name):
+        calls.append(name)
+        if len(calls) == 30:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_read(self, name)
+
+    monkeypatch.setattr(convert.SafetensorsFolder, "read", terminated_read)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert convert_weights.main(["--hf", str(hf_dir), "--out", str(tmp_path / "ckpt"), "--no-progress"]) == 130
+    assert signal.getsignal(signal.SIGTERM) is handler and len(calls) >= 30
+    assert_nothing_left(tmp_path, [])
+    monkeypatch.undo()
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / f".ckpt.partial-{gone.pid}" / "ckpt").mkdir(parents=True)
+    (tmp_path / f".ckpt.partial-{os.getppid()}").mkdir()  # a live process's (this test's parent)
+    convert.hf_to_checkpoint(hf_dir, tmp_path / "ckpt")
+    assert_nothing_left(tmp_path, ["ckpt", f".ckpt.partial-{os.getppid()}"])
+
+
 def test_checkpoint_not_matching_its_config_and_no_checkpoint(tmp_path):
     model = dsv2_jax.DeepseekV2(dsv2_jax.ModelConfig.from_preset("tiny"), rngs=nnx.Rngs(0))
     dsv2_jax.save(model, tmp_path / "step")
