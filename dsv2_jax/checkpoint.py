@@ -49,6 +49,25 @@ CHECKPOINTS = "checkpoints"  # a train workdir's CheckpointManager directory
 WRITE_BATCH_BYTES = 32 << 20
 
 
+# Parameters are stored in chunks of one layer of a stack (and one expert of an expert stack), of at most this
+# many bytes: reading one Hugging Face tensor back (export, `StoredParams`) then decodes only its own chunks.
+# orbax alone splits an array's widest axes first, into chunks that hold every layer and every expert.
+STORAGE_CHUNK_BYTES = 32 << 20
+
+
+def storage_args(config: ModelConfig) -> dict:
+    """ocp.SaveArgs for each parameter of a `config` model, nested like its params' pure dict (see above)."""
+    from .model import abstract_model
+    from .weights import iter_params
+
+    def args(var):
+        axes = tuple(var.get_metadata()["axes"])
+        return ocp.SaveArgs(chunk_byte_size=STORAGE_CHUNK_BYTES,
+                            shard_axes=tuple(i for i, a in enumerate(axes) if a in ("layers", "experts")))
+
+    return _nest({path: args(var) for path, var in iter_params(nnx.state(abstract_model(config), nnx.Param))})
+
+
 # ---------------------------------------------------------------------- finding checkpoints
 def _is_step_dir(path: epath.Path) -> bool:
     return (path / PARAMS / "_METADATA").exists() and (path / MODEL_CONFIG).is_dir()
@@ -304,7 +323,7 @@ def save(model, path: str | os.PathLike, force: bool = False) -> None:
             **{PARAMS: ocp.StandardCheckpointHandler(), MODEL_CONFIG: ocp.JsonCheckpointHandler()})
         with ocp.Checkpointer(handler) as ckptr:
             ckptr.save(epath.Path(target), ocp.args.Composite(
-                **{PARAMS: ocp.args.StandardSave(_param_tree(model)),
+                **{PARAMS: ocp.args.StandardSave(_param_tree(model), save_args=storage_args(model.config)),
                    MODEL_CONFIG: ocp.args.JsonSave(model.config.to_hf_dict())}))
 
 

@@ -743,6 +743,7 @@ class TrainCheckpoints:
 
         self.ocp = ocp
         self.every = every
+        self._save_args = None  # the params' storage_args, made at the first save
         self.manager = ocp.CheckpointManager(
             os.path.abspath(os.path.join(workdir, CHECKPOINTS)),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True))
@@ -756,13 +757,15 @@ class TrainCheckpoints:
         return step % self.every == 0 and step != self.manager.latest_step()
 
     def save(self, step: int, params, opt_state, data_state: dict, config: ModelConfig, force=False) -> bool:
-        from .checkpoint import MODEL_CONFIG, PARAMS
+        from .checkpoint import MODEL_CONFIG, PARAMS, storage_args
 
         if not (self.due(step) or (force and step != self.manager.latest_step())):
             return False
+        if self._save_args is None:
+            self._save_args = storage_args(config)
         a = self.ocp.args
         return self.manager.save(step, force=True, args=a.Composite(**{
-            PARAMS: a.StandardSave(params), "opt_state": a.StandardSave(opt_state),
+            PARAMS: a.StandardSave(params, save_args=self._save_args), "opt_state": a.StandardSave(opt_state),
             "data": a.JsonSave(data_state), "train_state": a.JsonSave({"step": step}),
             MODEL_CONFIG: a.JsonSave(config.to_hf_dict())}))
 

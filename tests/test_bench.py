@@ -314,3 +314,11 @@ def test_mosaic_kernels_experts_pair_in_the_interpreter():
     rows = load("mosaic_kernels").main(["experts", "--cpu"])
     assert [r["check"] for r in rows] == ["layer 0", "layer 1"]
     assert all(r["row_form_rel_err_vs_chosen_experts_mlp"] < 1e-6 for r in rows), rows
+
+
+def test_export_chunks_compares_the_two_layouts(capsys):
+    """bench/export_chunks.py at a small size: both checkpoints export the same bytes (checked inside), the
+    storage_args one a layer and an expert a chunk, orbax's default every layer and expert in one."""
+    load("export_chunks").main(["--layers", "3", "--experts", "4", "--width", "64", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "| storage_args | (1, 1, 64, 64) |" in out and "| orbax default | (2, 4, 64, 64) |" in out, out

@@ -62,6 +62,14 @@ def test_loss_falls_well_below_start(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)  # the workdir by a relative path, as on the command line
     model = dsv2_jax.load(tmp_path.name, dtype=jnp.float32)
     assert model.config.num_hidden_layers == 2 and np.isfinite(np.asarray(model(jnp.zeros((1, 4), jnp.int32)))).all()
+    # stored a layer (and an expert) a chunk, so an export reads each tensor from its own chunks
+    from dsv2_jax.checkpoint import StoredParams, find_step_dir
+    stored = StoredParams(find_step_dir(tmp_path.name))
+    for path, lead in [(("moe_layers", "mlp", "up_proj"), 2), (("moe_layers", "attn", "k_b_proj"), 1),
+                       (("dense_layers", "mlp", "down_proj"), 1)]:
+        stored.read(path, (0,))
+        chunk, shape = stored._open[path].chunk_layout.read_chunk.shape, stored.meta[path].shape
+        assert chunk[:lead] == (1,) * lead and chunk[lead:] == tuple(shape[lead:]), (path, chunk)
 
 
 def test_stop_and_resume_equals_unbroken_run(tmp_path):
