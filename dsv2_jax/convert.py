@@ -174,7 +174,12 @@ def _safetensors_header(path: str, index_name: str) -> dict[str, tuple[int, tupl
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        code, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        try:
+            code, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            shape, begin, end = tuple(int(d) for d in shape), int(begin), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r} (a safetensors entry "
+                             "holds dtype, shape and data_offsets)") from None
         if code not in ST_CODES:
             raise ValueError(f"{path}: tensor {name!r} has dtype {code}; supported: {sorted(ST_CODES)}")
         dtype = ST_CODES[code]

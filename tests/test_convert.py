@@ -258,7 +258,18 @@ def test_config_weights_disagreement_and_truncated_file(hf_dir, tmp_path):
     os.remove(tmp_path / "trunc" / shards[0])
     with pytest.raises(FileNotFoundError, match=shards[0]):
         convert.hf_to_checkpoint(tmp_path / "trunc", tmp_path / "ckpt")
-    assert_nothing_left(tmp_path, ["cfg", "trunc"])
+    shutil.copytree(hf_dir, tmp_path / "header")  # an entry without data_offsets
+    victim = tmp_path / "header" / shards[-1]
+    data = victim.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    del header[name]["data_offsets"]
+    raw = json.dumps(header).encode()
+    victim.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    with pytest.raises(ValueError, match=f"{shards[-1]}: tensor '{name}' has a malformed header entry"):
+        convert.hf_to_checkpoint(tmp_path / "header", tmp_path / "ckpt")
+    assert_nothing_left(tmp_path, ["cfg", "trunc", "header"])
 
 
 def test_failure_midway_leaves_nothing_and_existing_output_needs_force(hf_dir, tmp_path, monkeypatch):
