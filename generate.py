@@ -121,6 +121,11 @@ class Streamer:
 
 def main(argv=None):
     parser, args = parse_args(argv)
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        parser.error("--top-k / --top-p restrict sampling, and --temperature 0 (the default) is greedy: "
+                     "give --temperature > 0")
+    if args.bos and args.prompt_ids:
+        parser.error("--bos prepends the BOS id to text prompts; with --prompt-ids put it in the ids")
     import jax.numpy as jnp
 
     import dsv2_jax

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -778,6 +779,15 @@ def test_cli_byte_level_from_a_checkpoint(tmp_path, tiny, capsys):
               "--ignore-eos"])
     tokens = dsv2_jax.generate(tiny, [list(b"def f(")], 7)[0]
     assert capsys.readouterr().out == ByteTokenizer().decode(tokens) + "\n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "x", "--top-p", "0.9"], "--temperature 0 \\(the default\\) is greedy"),
+    (["--prompt-ids", "1 2", "--bos"], "with --prompt-ids put it in the ids")])
+def test_cli_refuses_options_that_would_do_nothing(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_cli().main(["--ckpt", "unused"] + args)
+    assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
 
 
 def test_cli_needs_a_tokenizer_for_text(tmp_path, capsys):
