@@ -802,17 +802,22 @@ def build_mesh(recipe: Recipe):
     return make_mesh(**sizes)
 
 
-def check_same_model(workdir: str, config: ModelConfig) -> None:
-    """A workdir's latest checkpoint holds the model the recipe describes; else an error naming what differs."""
+def check_same_model(workdir: str, config: ModelConfig) -> list[str]:
+    """The model config fields in which the recipe differs from a workdir's latest checkpoint. An error naming
+    them where the parameters' shapes differ too (another model); otherwise (e.g. a longer context or other
+    rope settings) the run may go on with the recipe's."""
     from .checkpoint import find_step_dir, read_config
+    from .model import abstract_model
+    from .weights import param_shapes
 
-    stored = read_config(find_step_dir(workdir)).to_hf_dict()
-    wanted = config.to_hf_dict()
-    differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-    if differ:
-        raise ValueError(f"{workdir} holds a checkpoint of another model: " + ", ".join(
-            f"{k} {stored.get(k)!r} there, {wanted.get(k)!r} in the recipe" for k in differ)
-            + "; use a new workdir, or the recipe of that run")
+    stored_config = read_config(find_step_dir(workdir))
+    stored, wanted = stored_config.to_hf_dict(), config.to_hf_dict()
+    differ = [f"{k} {stored.get(k)!r} there, {wanted.get(k)!r} in the recipe"
+              for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
+    if differ and param_shapes(abstract_model(stored_config)) != param_shapes(abstract_model(config)):
+        raise ValueError(f"{workdir} holds a checkpoint of another model: {', '.join(differ)}; use a new workdir, "
+                         "or the recipe of that run")
+    return differ
 
 
 def train(recipe: Recipe, workdir: str, *, stop_after: int | None = None, progress: bool = True) -> list[dict]:
@@ -852,11 +857,12 @@ def train(recipe: Recipe, workdir: str, *, stop_after: int | None = None, progre
     ckpt = TrainCheckpoints(workdir, recipe.checkpoint_every, recipe.keep_checkpoints)
     step = 0
     if ckpt.latest_step() is not None:
-        check_same_model(workdir, config)
+        changed = check_same_model(workdir, config)
         params, opt_state, data_state, step = ckpt.restore(ckpt.latest_step(), params, opt_state)
         data.restore(data_state)
         if is_main:
-            print(f"resumed from {workdir} at step {step}")
+            print(f"resumed from {workdir} at step {step}" + (f"; model settings changed: {', '.join(changed)}"
+                                                              if changed else ""))
     writer = MetricsWriter(workdir, enabled=is_main, after_step=step)
     fpt = flops_per_token(config, recipe.data.seq_len)
     peak = peak_flops(recipe)
@@ -940,6 +946,8 @@ class EvalData:
             self.pipeline = Pipeline(recipe.data, rows, "eval", process_index=jax.process_index(),
                                      process_count=jax.process_count(), model_config=config)
         except ValueError as e:
+            if "eval split" not in str(e):
+                raise
             raise ValueError(f"{e} (data.eval_fraction={recipe.data.eval_fraction}; set data.eval_fraction=0 to "
                              "train without a held-out loss)") from None
 

@@ -91,6 +91,10 @@ def test_stop_and_resume_equals_unbroken_run(tmp_path):
     with pytest.raises(ValueError, match="another model: num_hidden_layers 2 there, 1 in the recipe"):
         train(small_recipe("steps=9", "keep_checkpoints=5", "model_overrides={num_hidden_layers: 1}"), str(tmp_path / "a"),
               progress=False)
+    # a setting that leaves the parameters' shapes (a longer context) goes on from the checkpoint
+    longer = small_recipe("steps=9", "keep_checkpoints=5",
+                          "model_overrides={num_hidden_layers: 2, max_position_embeddings: 8192}")
+    assert [r["step"] for r in train(longer, str(tmp_path / "a"), progress=False)] == [9]
 
 
 def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path):
