@@ -6,6 +6,7 @@ Both expose encode(text) -> list[int], decode(ids) -> str, bos_id, eos_id, pad_i
 from __future__ import annotations
 
 import os
+import warnings
 
 
 class ByteTokenizer:
@@ -32,6 +33,13 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id = bos_id, eos_id
         self.pad_id = pad_id if pad_id is not None else eos_id
+        special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        odd = [f"{what} {i} ({self._tok.id_to_token(i)!r})" for what, i in (("bos", bos_id), ("eos", eos_id))
+               if i is not None and i not in special]
+        if odd:
+            warnings.warn(f"{path}: the model's {' and '.join(odd)} {'is' if len(odd) == 1 else 'are'} not special "
+                          "tokens of this tokenizer, yet documents are marked with them (set bos_token_id / "
+                          "eos_token_id in the model config)", stacklevel=2)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

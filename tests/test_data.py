@@ -156,3 +156,22 @@ def test_bad_sources_are_named(tmp_path):
 def test_default_corpus_is_the_standard_library():
     files = stdlib_sources()
     assert len(files) > 500 and any(f.endswith("os.py") for f in files)
+
+
+def test_model_ids_that_are_not_the_tokenizers_special_tokens_warn(tmp_path):
+    """A tokenizer.json whose special tokens are 0/1, with a model config whose BOS/EOS are 256/257 (ordinary
+    tokens there): documents would be marked with ordinary tokens, so loading it says so."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from dsv2_jax.tokenizer import load_tokenizer
+    tok = Tokenizer(models.WordLevel({"<bos>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, 300)}}, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<bos>", "<eos>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    tiny = ModelConfig.from_preset("tiny")
+    with pytest.warns(UserWarning, match=r"bos 256 \('w256'\) and eos 257 \('w257'\) are not special tokens"):
+        load_tokenizer(str(tmp_path), tiny)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_tokenizer(str(tmp_path), tiny.replace(bos_token_id=0, eos_token_id=1)).eos_id == 1
