@@ -336,11 +336,13 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, param_dtype=None, mesh=Non
     reads only its own slices; without a mesh, parameters go to the default device.
     """
     from .model import abstract_model
-    from .sharding import param_sharding
+    from .sharding import check_config, param_sharding
     from .weights import iter_params, param_shapes
 
     step = find_step_dir(path)
     config = read_config(step)
+    if mesh is not None:
+        check_config(config, mesh)  # make_mesh's axes, Auto types, sizes that divide
     param_dtype = param_dtype or dtype
     model = abstract_model(config, dtype, param_dtype)
     graphdef, state = nnx.split(model)

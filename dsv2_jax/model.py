@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from . import grouped_matmul
@@ -49,6 +50,24 @@ class DecoderLayer(nnx.Module):
         else:
             y, router = self.mlp(h), None
         return constrain(x + y, ("batch", "seq", "embed")), router
+
+
+def check_inputs(config: ModelConfig, input_ids, positions=None, segment_ids=None) -> None:
+    """A clear error for ids that are not [batch, seq] integers, positions / segment_ids of another shape, or
+    (where the ids are concrete, not traced) an id outside [0, vocab_size)."""
+    shape = np.shape(input_ids)
+    if len(shape) != 2 or not jnp.issubdtype(jnp.result_type(input_ids), jnp.integer):
+        raise ValueError(f"input_ids must be integers of shape [batch, seq], got {jnp.result_type(input_ids)}"
+                         f"{list(shape)}")
+    for name, x in (("positions", positions), ("segment_ids", segment_ids)):
+        if x is not None and np.shape(x) != shape:
+            raise ValueError(f"{name} must have input_ids' shape {list(shape)}, got {list(np.shape(x))}")
+    if not isinstance(input_ids, jax.core.Tracer) and getattr(input_ids, "is_fully_addressable", True) \
+            and np.size(input_ids):
+        ids = np.asarray(input_ids)
+        if ids.min() < 0 or ids.max() >= config.vocab_size:
+            bad = ids[(ids < 0) | (ids >= config.vocab_size)]
+            raise ValueError(f"input_ids hold {int(bad[0])}, outside the vocabulary [0, {config.vocab_size})")
 
 
 def stacked_layers(make, n: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -120,6 +139,9 @@ class DeepseekV2(nnx.Module):
                                  c.initializer_range)
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
+        """Logits [B, S, V] float32 of int ids [B, S]. Concrete inputs (not traced) are checked: their shapes, and
+        ids in [0, vocab_size) (jnp.take would give NaN logits for an id past the end, the last row for -1)."""
+        check_inputs(self.config, input_ids, positions, segment_ids)
         return self.forward(input_ids, positions, segment_ids).logits
 
     def forward(self, input_ids, positions=None, segment_ids=None, *, remat: str = "none",

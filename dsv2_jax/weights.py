@@ -230,9 +230,11 @@ def from_hf(hf_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtype=None, mes
     """
     from .convert import open_hf_weights
     from .model import abstract_model
-    from .sharding import param_sharding
+    from .sharding import check_config, param_sharding
 
     config = ModelConfig.from_hf(hf_dir)
+    if mesh is not None:
+        check_config(config, mesh)  # make_mesh's axes, Auto types, sizes that divide
     param_dtype = param_dtype or dtype
     model = abstract_model(config, dtype, param_dtype)
     graphdef, state = nnx.split(model)

@@ -71,6 +71,39 @@ def test_config_and_mesh_errors_name_the_field():
         dsv2_jax.abstract_model(CONFIG).forward(jnp.zeros((1, 4), jnp.int32), capacity_factor=0.0)
 
 
+def test_loading_onto_a_mesh_checks_it_first(tmp_path):
+    """dsv2_jax.load / from_hf with a mesh that lacks make_mesh's axes or has Explicit ones: the error init_model
+    gives, before anything is read (it was a KeyError, or a ShardingTypeError at the first forward)."""
+    from hf_models import random_hf_model, save_hf_model
+    save_hf_model(random_hf_model(seed=3), tmp_path / "hf")
+    dsv2_jax.save(DeepseekV2(CONFIG, rngs=nnx.Rngs(0)), tmp_path / "ckpt")
+    wrong_axes = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    explicit = jax.make_mesh((1, 2, 4, 1), sharding.MESH_AXES, axis_types=(AxisType.Explicit,) * 4)
+    for mesh, message in [(wrong_axes, r"missing \['fsdp', 'expert', 'tensor'\]"), (explicit, "not of AxisType.Auto")]:
+        with pytest.raises(ValueError, match=message):
+            dsv2_jax.from_hf(tmp_path / "hf", mesh=mesh)
+        with pytest.raises(ValueError, match=message):
+            dsv2_jax.load(tmp_path / "ckpt", mesh=mesh)
+
+
+def test_calling_the_model_checks_its_inputs():
+    """model(...) with concrete ids: an id outside the vocabulary (jnp.take gives NaN logits past the end and the
+    last row for -1), ids not [batch, seq] integers, positions of another shape: errors naming them. Traced calls
+    (under jit) are not checked."""
+    model = DeepseekV2(CONFIG, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    V = CONFIG.vocab_size
+    for ids, kw, message in [(jnp.array([[1, V]]), {}, f"hold {V}, outside the vocabulary"),
+                             (jnp.array([[-1, 2]]), {}, "hold -1, outside"),
+                             (jnp.array([1, 2]), {}, r"shape \[batch, seq\], got int32\[2\]"),
+                             (jnp.array([[1.0, 2.0]]), {}, "must be integers"),
+                             (jnp.array([[1, 2]]), {"positions": jnp.zeros((1, 3), jnp.int32)}, "positions must")]:
+        with pytest.raises(ValueError, match=message):
+            model(ids, **kw)
+    ok = jnp.array([[1, V - 1]])
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda i: model(i))(ok)), np.asarray(model(ok)), rtol=1e-6,
+                               atol=1e-6)
+
+
 # ---------------------------------------------------------------------- parameters really split
 def expected_shard_shapes(mesh_shape):
     """Shard shapes by the table: params over fsdp, routed experts over expert, heads/MLP width/vocab over tensor."""
