@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import shutil
+import socket
 import threading
 from typing import Callable, Iterator
 
@@ -147,7 +148,8 @@ def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[str]:
 
     The staging folder is a hidden sibling of `out`, removed on any error or interrupt, so a failed run
     leaves nothing that looks like a checkpoint. One left by a run that could not clean up (killed, or a
-    writer thread still busy at exit) is removed by the next run writing `out`, once its process is gone.
+    writer thread still busy at exit) is removed by the next run on the same host writing `out`, once its
+    process is gone.
     An existing `out` is an error unless `force`.
     """
     out = os.path.abspath(os.fspath(out))
@@ -155,7 +157,7 @@ def staged_output(out: str | os.PathLike, force: bool = False) -> Iterator[str]:
         raise FileExistsError(f"output {out!r} already exists; pass force=True (--force) to overwrite it")
     parent, name = os.path.split(out)
     os.makedirs(parent, exist_ok=True)
-    prefix = f".{name}.partial-"
+    prefix = f".{name}.partial-{socket.gethostname()}-"  # this host's: another's PIDs cannot be checked here
     for entry in os.listdir(parent):
         pid = entry[len(prefix):]
         if entry.startswith(prefix) and pid.isdigit() and not _process_alive(int(pid)):

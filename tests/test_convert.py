@@ -303,9 +303,10 @@ def test_failure_midway_leaves_nothing_and_existing_output_needs_force(hf_dir, t
 
 def test_terminated_run_leaves_nothing_and_stale_staging_is_removed(hf_dir, tmp_path, monkeypatch):
     """SIGTERM midway (as a job scheduler stops a job) unwinds like Ctrl-C: exit 130, no output, no staging
-    folder. A staging folder left by a run whose process is gone (SIGKILL) goes with the next run's start; a
-    running process's stays."""
+    folder. A staging folder left by a run on this host whose process is gone (SIGKILL) goes with the next run's
+    start; a running process's stays, and so does another host's."""
     import signal
+    import socket
     import subprocess
     calls, real_read = [], convert.SafetensorsFolder.read
 
@@ -324,10 +325,14 @@ def test_terminated_run_leaves_nothing_and_stale_staging_is_removed(hf_dir, tmp_
 
     gone = subprocess.Popen(["true"])
     gone.wait()
-    (tmp_path / f".ckpt.partial-{gone.pid}" / "ckpt").mkdir(parents=True)
-    (tmp_path / f".ckpt.partial-{os.getppid()}").mkdir()  # a live process's (this test's parent)
+    host = socket.gethostname()
+    (tmp_path / f".ckpt.partial-{host}-{gone.pid}" / "ckpt").mkdir(parents=True)
+    live = [f".ckpt.partial-{host}-{os.getppid()}",  # a live process's (this test's parent)
+            f".ckpt.partial-otherhost-{gone.pid}"]  # another host's: its process cannot be checked from here
+    for name in live:
+        (tmp_path / name).mkdir()
     convert.hf_to_checkpoint(hf_dir, tmp_path / "ckpt")
-    assert_nothing_left(tmp_path, ["ckpt", f".ckpt.partial-{os.getppid()}"])
+    assert_nothing_left(tmp_path, ["ckpt"] + live)
 
 
 def test_saved_models_store_a_layer_and_an_expert_a_chunk(tmp_path):
