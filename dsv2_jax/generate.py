@@ -36,8 +36,8 @@ from .layers import rms_norm_rows, rms_norm_rows_fits, rms_norm_rows_takes_route
 from .model import layer_runs, split_layers
 from .moe import ExpertStacks, adds_decoded, steps_on_chosen_experts
 from .rope import rope_cos_sin
-from .sharding import (activation_mesh, batch_axes, constrain, current_mesh, logical_to_spec, mesh_size,
-                       param_sharding, xla_flag)
+from .sharding import (activation_mesh, batch_shards, constrain, current_mesh, logical_to_spec, param_sharding,
+                       xla_flag)
 
 
 class KVCache(NamedTuple):
@@ -426,13 +426,6 @@ def _decode_loop(graphdef, state, carry: DecodeState, limit, key, *, mesh=None, 
 def _bucket(n: int, minimum: int = 16) -> int:
     """Shape bucket: the next power of two >= n (at least `minimum`)."""
     return max(minimum, 1 << (max(int(n), 1) - 1).bit_length())
-
-
-def batch_shards(mesh) -> int:
-    """How many ways the batch axis is split on `mesh` (1 without a mesh)."""
-    if mesh is None:
-        return 1
-    return mesh_size(mesh, batch_axes())
 
 
 def _split(model, mesh):

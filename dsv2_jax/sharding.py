@@ -146,6 +146,13 @@ def batch_axes() -> tuple[str, ...]:
     return spec_axes(logical_to_spec(("batch",))[0])
 
 
+def batch_shards(mesh: Mesh | None) -> int:
+    """How many ways the batch axis is split on `mesh` (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    return mesh_size(mesh, batch_axes())
+
+
 def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
     """The sharding of a data array [*leading dims, rows, seq, ...]: rows split over the batch axes, the sequence by
     the 'seq' rule, everything else (e.g. a leading micro-batch axis) whole."""

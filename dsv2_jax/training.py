@@ -27,8 +27,8 @@ from .data import FORMATS, DataConfig, Pipeline
 from .grouped_matmul import _env_choice, interpreted
 from .model import REMAT_POLICIES, count_params
 from .moe import RouterOutput
-from .sharding import (MESH_AXES, activation_mesh, batch_sharding, constrain, current_mesh, logical_to_spec,
-                       mesh_size, per_shard, xla_flag)
+from .sharding import (MESH_AXES, activation_mesh, batch_sharding, batch_shards, constrain, current_mesh,
+                       logical_to_spec, mesh_size, per_shard, xla_flag)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Dense bf16 peak FLOP/s per chip by jax device_kind prefix, for MFU.
@@ -838,11 +838,9 @@ def train(recipe: Recipe, workdir: str, *, stop_after: int | None = None, progre
         raise ValueError(f"batch_size={recipe.batch_size} must divide into grad_accum={recipe.grad_accum} × "
                          f"{n_proc} processes")
     rows = recipe.batch_size // n_proc  # per process, all micro-batches
-    if mesh is not None:
-        shards = mesh_size(mesh, logical_to_spec(("batch",))[0])
-        if (recipe.batch_size // recipe.grad_accum) % shards:
-            raise ValueError(f"batch_size={recipe.batch_size} / grad_accum={recipe.grad_accum} rows a micro-batch "
-                             f"do not split over the mesh's {shards} batch shards (data × fsdp × expert)")
+    if (recipe.batch_size // recipe.grad_accum) % (shards := batch_shards(mesh)):
+        raise ValueError(f"batch_size={recipe.batch_size} / grad_accum={recipe.grad_accum} rows a micro-batch "
+                         f"do not split over the mesh's {shards} batch shards (data × fsdp × expert)")
     data = Pipeline(recipe.data, rows, "train", process_index=jax.process_index(), process_count=n_proc,
                     model_config=config)
     eval_data = None if recipe.data.eval_fraction <= 0 else EvalData(recipe, config)
